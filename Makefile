@@ -1,0 +1,29 @@
+# genlab: every target does its own set-up, so a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test notebooks clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# The main job on the embedded default data (procedural `shapes`, no download needed).
+demo: install
+	$(VENV)/bin/genlab train model=ddpm data=shapes preset=cpu
+
+test: install
+	$(PY) -m pytest -q
+
+# Writes the student versions of the notebooks (solutions replaced by `raise NotImplementedError`).
+notebooks: install
+	$(VENV)/bin/genlab notebooks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,140 @@
+"""Typed configuration: dataclass schemas for each config section, YAML in ``conf/`` for values.
+
+Hydra composes the YAML (``conf/train.yaml`` + the ``data``, ``model``, ``preset`` groups);
+:func:`validate` then merges every section with its schema so a typo or a bad value fails at
+start-up with a message naming the key, instead of deep inside training:
+
+- ``trainer`` -> :class:`TrainerConfig` (here);
+- ``data``    -> the dataset class's ``Config`` (``lab_utils.data.DATASETS[cfg.data.name]``);
+- ``model``   -> the lab class's ``Config`` (the class named by ``cfg.model._target_``).
+
+Schemas check their own values in ``__post_init__`` (raising ``ValueError``).
+Notebooks and tests get configs through :func:`compose`, never by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_MODULE = "genlab_conf"  # `conf/` is installed as this package (see pyproject.toml)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 2000  # optimisation steps (a GAN step = n_critic critic updates + 1 generator update)
+    batch_size: int = 64
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast is used on CUDA only)
+    grad_clip: Optional[float] = 1.0  # max global grad norm per optimiser; null disables
+    warmup_steps: int = 0  # linear LR warm-up from 0 over this many steps
+    ema_decay: float = 0.999  # 0 disables the EMA copy
+    ema_start: int = 0  # steps before the EMA starts tracking (copies weights until then)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3  # how many step_*.pt files to keep beside last.pt
+    log_every: int = 10  # metrics.jsonl rows (averaged over the interval)
+    sample_every: int = 500  # sample grids (0 disables; a final grid is always written)
+    sample_seed: int = 0  # the same seed at every grid so progress is comparable
+    num_sample_prompts: int = 8
+    samples_per_prompt: int = 4
+    sample_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # passed to Lab.sample
+    num_workers: int = 0
+    tensorboard: bool = False
+    progress: bool = True  # progress bar on stderr
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
+                  "num_sample_prompts", "samples_per_prompt")
+        _non_negative(self, "warmup_steps", "ema_start", "sample_every", "num_workers")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"trainer.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"trainer.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"trainer.grad_clip must be positive or null, got {self.grad_clip}")
+        if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
+            raise ValueError(f"trainer.device must be auto, cpu, mps or cuda[:N], got {self.device!r}")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(obj, name)}")
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(obj, name)}")
+
+
+def check_section(section: DictConfig, schema: type, where: str) -> DictConfig:
+    """Merge ``section`` onto ``schema`` (types, unknown keys) and run the schema's own checks."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), section)
+        OmegaConf.to_object(merged)  # instantiates the dataclass: runs __post_init__ checks
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad value in `{where}`: {err.msg if hasattr(err, 'msg') else err}".strip()
+                          + f"\n  (see the schema {schema.__module__}.{schema.__qualname__})") from None
+    except ValueError as err:
+        raise ConfigError(f"bad value in `{where}`: {err}") from None
+    return merged
+
+
+def lab_class(model_cfg: DictConfig) -> type:
+    """The Lab class named by ``model._target_``."""
+    target = model_cfg.get("_target_")
+    if not target:
+        raise ConfigError("`model._target_` is missing: a model config must name its Lab class")
+    try:
+        return get_class(target)
+    except Exception as err:  # hydra raises ImportError / ValueError with a long chain
+        raise ConfigError(f"`model._target_={target}` cannot be imported: {err}") from None
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Type-check and range-check a composed training config; returns it with defaults filled."""
+    from lab_utils.data import dataset_class  # local import: data imports config
+
+    out = cfg.copy()
+    OmegaConf.set_struct(out, False)
+    if "trainer" in out:
+        out.trainer = check_section(out.trainer, TrainerConfig, "trainer")
+    if "data" in out:
+        out.data = check_section(out.data, dataset_class(out.data.get("name")).Config, "data")
+    if "model" in out:
+        out.model = check_section(out.model, lab_class(out.model).Config, "model")
+    if "seed" in out and not isinstance(out.seed, int):
+        raise ConfigError(f"`seed` must be an integer, got {out.seed!r}")
+    OmegaConf.set_struct(out, True)
+    return out
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "train", check: bool = True) -> DictConfig:
+    """Compose a config the way the ``genlab`` command does (for notebooks and tests).
+
+    >>> cfg = compose(["model=ddpm", "data=shapes", "preset=smoke"])
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    return validate(cfg) if check else cfg
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain dicts/lists (what checkpoints and config.yaml store)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

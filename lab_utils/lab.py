@@ -1,0 +1,102 @@
+"""The contract between a model family and the model-agnostic harness.
+
+A family (``labs/<family>/``) subclasses :class:`Lab`. The trainer only ever calls the
+methods defined here, so a GAN with two optimisers and several critic steps, a VAE and a
+diffusion model all train through the same loop without special cases:
+
+- ``configure_optimizers()`` returns *named* optimisers (``{"model": ...}`` or
+  ``{"generator": ..., "critic": ...}``);
+- ``training_step(batch, ctx)`` does one step of the family's algorithm. It calls
+  ``ctx.optimize(name, loss)`` once per parameter update (backward, gradient clipping,
+  optimiser and LR-schedule step are the trainer's job) and ``ctx.next_batch()`` when it
+  needs fresh data for another update (critic steps). It returns named scalar losses for
+  logging;
+- ``ema_modules()`` names the submodules whose exponential moving average is kept and used
+  for sampling;
+- ``sample(prompts, generator=..., **options)`` returns images in [-1, 1].
+
+A lab is rebuilt from a checkpoint alone: ``Lab(cfg.model, DataInfo)`` where both come from
+the checkpoint (see ``lab_utils.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DataInfo:
+    """What a model needs to know about its dataset, saved with every checkpoint.
+
+    Plain Python types only, so it survives ``torch.load(weights_only=True)``.
+    """
+
+    name: str  # dataset name, e.g. "shapes"
+    channels: int  # C of the (C, H, W) images
+    image_size: int  # H == W
+    attributes: dict[str, list[str]]  # attribute -> value names, e.g. {"colour": ["red", ...]}
+    vocab: list[str]  # the tokenizer's vocabulary, special tokens first
+    prompts: list[str] = field(default_factory=list)  # fixed prompts for sample grids
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> "DataInfo":
+        return cls(**state)
+
+
+class StepContext(Protocol):
+    """What the trainer hands to ``Lab.training_step`` (implemented in ``lab_utils.trainer``)."""
+
+    step: int  # number of completed training steps before this one
+    device: torch.device
+
+    def optimize(self, name: str, loss: torch.Tensor) -> torch.Tensor:
+        """Backward ``loss``, clip, step optimiser ``name`` and its LR schedule, zero its grads.
+
+        Returns the gradient norm before clipping (a 0-dim tensor).
+        """
+
+    def next_batch(self) -> dict[str, Any]:
+        """Another batch from the same data stream (already on ``device``)."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision context the forward pass should run in."""
+
+
+class Lab(nn.Module):
+    """Base class of every model family. Subclasses set ``Config`` and implement the methods."""
+
+    Config: ClassVar[type]  # the dataclass schema of ``cfg.model``
+
+    def __init__(self, cfg: Any, data_info: DataInfo):
+        super().__init__()
+        self.cfg = cfg
+        self.data_info = data_info
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def ema_modules(self) -> list[str]:
+        """Names of submodules (``self.<name>``) whose EMA weights are used for sampling."""
+        return []
+
+    @torch.no_grad()
+    def sample(
+        self, prompts: list[str], generator: torch.Generator | None = None, **options: Any
+    ) -> torch.Tensor:
+        """Images for ``prompts``, shape (len(prompts), C, H, W), values in [-1, 1]."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
