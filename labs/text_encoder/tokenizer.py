@@ -1,0 +1,158 @@
+"""A word-level tokenizer for short captions ("a small red circle at the top left").
+
+The captions of the lab's datasets use a few dozen words, so a vocabulary of whole
+lower-cased words is enough and keeps every token readable. A prompt becomes
+
+    [CLS] w_1 w_2 ... w_n        (at most ``max_length`` tokens, [CLS] included)
+
+and a batch of prompts is right-padded with [PAD] to its longest member, with a boolean
+mask that is True on real tokens. The empty prompt is just ``[CLS]``: it is the
+"unconditional" prompt that classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+_WORD_PATTERN = re.compile(r"[a-z0-9]+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words of ``text``: maximal runs of ``[a-z0-9]``, everything else splits.
+
+    >>> words("A small, RED circle!")
+    ['a', 'small', 'red', 'circle']
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"expected a str, got {type(text).__name__}: {text!r}")
+    return _WORD_PATTERN.findall(text.lower())
+
+
+class TokenBatch(NamedTuple):
+    """A padded batch of token ids. Unpacks as ``ids, mask = tokenizer(prompts)``."""
+
+    ids: torch.Tensor  # (B, L) long, [PAD] after the end of each prompt
+    mask: torch.Tensor  # (B, L) bool, True on real tokens ([CLS] included)
+
+    def to(self, device: torch.device | str | None) -> "TokenBatch":
+        return TokenBatch(self.ids.to(device), self.mask.to(device))
+
+
+class Tokenizer:
+    """Maps captions to token ids and back, over a fixed word vocabulary.
+
+    ``vocab`` is the full list of tokens: the special tokens ``SPECIALS`` first, in that
+    order, then the words (see :meth:`build_vocab`). Token id ``i`` is ``vocab[i]``.
+    """
+
+    PAD, UNK, CLS = "[PAD]", "[UNK]", "[CLS]"
+    SPECIALS: tuple[str, ...] = (PAD, UNK, CLS)
+    PAD_ID, UNK_ID, CLS_ID = 0, 1, 2
+
+    def __init__(self, vocab: Sequence[str], max_length: int):
+        vocab = list(vocab)
+        n_special = len(self.SPECIALS)
+        if tuple(vocab[:n_special]) != self.SPECIALS:
+            raise ValueError(
+                f"vocab must start with the special tokens {list(self.SPECIALS)} in this order, "
+                f"got {vocab[:n_special]}"
+            )
+        for token in vocab:
+            if not isinstance(token, str):
+                raise ValueError(f"vocab entries must be str, got {type(token).__name__}: {token!r}")
+        duplicates = sorted(token for token, count in Counter(vocab).items() if count > 1)
+        if duplicates:
+            raise ValueError(f"vocab has duplicate tokens: {duplicates}")
+        # a vocabulary word that `words` can never produce could never be encoded
+        unreachable = [token for token in vocab[n_special:] if words(token) != [token]]
+        if unreachable:
+            raise ValueError(
+                f"vocab words must be lower-case runs of [a-z0-9] (what `words` yields), "
+                f"got {unreachable}"
+            )
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int ([CLS] included), got {max_length!r}")
+        self.vocab: list[str] = vocab
+        self.max_length = max_length
+        self.token_to_id: dict[str, int] = {token: index for index, token in enumerate(vocab)}
+
+    @classmethod
+    def build_vocab(cls, captions: Iterable[str], min_count: int = 1) -> list[str]:
+        """Special tokens, then the sorted words that occur at least ``min_count`` times."""
+        if min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {min_count}")
+        counts = Counter(word for caption in captions for word in words(caption))
+        return list(cls.SPECIALS) + sorted(word for word, count in counts.items() if count >= min_count)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        """``[CLS]`` then one id per word (unknown words -> ``[UNK]``), at most ``max_length`` ids."""
+        ids = [self.CLS_ID] + [self.token_to_id.get(word, self.UNK_ID) for word in words(text)]
+        if len(ids) > self.max_length:
+            warnings.warn(
+                f"prompt {text!r} has {len(ids)} tokens ([CLS] included), more than "
+                f"max_length={self.max_length}; it was truncated to {self.max_length} tokens",
+                stacklevel=2,
+            )
+            ids = ids[: self.max_length]
+        return ids
+
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
+        """Words of ``ids`` joined by spaces; ``[PAD]`` and ``[CLS]`` are dropped."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.flatten().tolist()
+        out = []
+        for index in ids:
+            index = int(index)
+            if not 0 <= index < self.vocab_size:
+                raise ValueError(f"token id {index} is outside the vocabulary [0, {self.vocab_size})")
+            if index not in (self.PAD_ID, self.CLS_ID):
+                out.append(self.vocab[index])
+        return " ".join(out)
+
+    def __call__(
+        self, texts: str | Sequence[str], device: torch.device | str | None = None
+    ) -> TokenBatch:
+        """Encode a prompt or a list of prompts into a padded :class:`TokenBatch` of shape (B, L).
+
+        L is the length of the longest encoded prompt (so at least 1 and at most ``max_length``).
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, (list, tuple)):
+            raise TypeError(f"expected a str or a list of str, got {type(texts).__name__}")
+        bad = [text for text in texts if not isinstance(text, str)]
+        if bad:
+            raise TypeError(f"every prompt must be a str, got {[type(b).__name__ for b in bad]}")
+        if not texts:
+            raise ValueError("cannot tokenize an empty list of prompts")
+        encoded = [self.encode(text) for text in texts]
+        length = max(len(ids) for ids in encoded)
+        ids = torch.full((len(encoded), length), self.PAD_ID, dtype=torch.long)  # (B, L)
+        for row, sequence in enumerate(encoded):
+            ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask = ids != self.PAD_ID  # (B, L), True on [CLS] and words; [PAD] never occurs in a prompt
+        return TokenBatch(ids.to(device), mask.to(device))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python types only, so it can be saved in a checkpoint and loaded with weights_only."""
+        return {"vocab": list(self.vocab), "max_length": self.max_length}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "Tokenizer":
+        return cls(vocab=state["vocab"], max_length=state["max_length"])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, max_length={self.max_length})"
