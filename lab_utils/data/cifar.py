@@ -1,0 +1,96 @@
+"""``cifar10``: 60k colour 32 x 32 photos in 10 classes, read from the python-pickle batches.
+
+torchvision's layout is ``<root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``.
+Each batch is a pickled dict with ``data``, a (10000, 3072) uint8 array whose rows are
+
+    [R plane (32 x 32, row-major) | G plane | B plane]     -> reshape to (N, 3, 32, 32)
+
+and ``labels``, a list of class ids. torchvision's own ``CIFAR10`` checks MD5 sums of every
+file, so it is only used here to download (``data.download=true``).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lab_utils.data.base import ClassCaptionedDataset, CorruptData, DataConfig, cache_root, find_or_download
+
+BATCH_FOLDER = "cifar-10-batches-py"  # torchvision's folder name inside root
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled CIFAR batch -> (N, 3, 32, 32) uint8 images and (N,) int64 labels.
+
+    The files were written by Python 2, so keys are bytes (``encoding="bytes"``); batches
+    pickled by Python 3 (with str keys) are accepted too. Only open files you trust: pickle
+    can run code.
+    """
+    try:
+        with open(path, "rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+        batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        labels = np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, KeyError, TypeError, ValueError) as err:
+        raise CorruptData(f"{path}: not a CIFAR batch ({type(err).__name__}: {err})") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise CorruptData(f"{path}: expected data (N, 3072) and N labels, "
+                          f"got data {data.shape} and {len(labels)} labels")
+    return data.reshape(-1, 3, 32, 32), labels  # (N, 3072) -> (N, C, H, W): R, G, B planes
+
+
+class CIFAR10Dataset(ClassCaptionedDataset):
+    """Krizhevsky's CIFAR-10: 50k train + 10k test colour 32 x 32 photos."""
+
+    name = "cifar10"
+    channels = 3
+    attributes = {"class": ["airplane", "automobile", "bird", "cat", "deer",
+                            "dog", "frog", "horse", "ship", "truck"]}
+    templates = (
+        "a photo of a {name}",
+        "a picture of a {name}",
+        "a {name}",
+        "a small photo of a {name}",
+        "a blurry photo of a {name}",
+        "an image of a {name}",
+    )
+    num_train_batches = 5  # data_batch_1 .. data_batch_5
+
+    @dataclass
+    class Config(DataConfig):
+        name: str = "cifar10"
+
+    def __init__(self, cfg: Any, split: str = "train"):
+        super().__init__(cfg, split)
+        cfg = self.cfg  # the checked dataclass
+        files = ([f"data_batch_{k}" for k in range(1, self.num_train_batches + 1)]
+                 if split == "train" else ["test_batch"])
+        root = Path(cfg.root).expanduser() if cfg.root else cache_root(self.name)
+
+        def download() -> None:
+            import torchvision
+
+            torchvision.datasets.CIFAR10(str(root), train=split == "train", download=True)
+
+        folder = find_or_download(
+            f"CIFAR-10 ({split} split)", [root / BATCH_FOLDER, root],
+            has_files=lambda folder: all((folder / name).is_file() for name in files),
+            download=download if cfg.download else None,
+            ways=[f"set data.root=/path/to/folder holding {BATCH_FOLDER}/ (torchvision's layout)",
+                  f"set data.download=true to let torchvision download it into {root}"],
+            wanted=", ".join(files),
+        )
+        batches = [read_batch(folder / name) for name in files]
+        images = torch.from_numpy(np.concatenate([images for images, _ in batches]))  # (N, 3, 32, 32)
+        labels = torch.from_numpy(np.concatenate([labels for _, labels in batches]))  # (N,)
+        num_classes = len(self.attributes["class"])
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+            raise CorruptData(f"{folder}: labels outside 0..{num_classes - 1}")
+        self.source = folder
+        self._set_data(images, labels.unsqueeze(1))  # (N, 3, 32, 32), (N, 1)
