@@ -1,0 +1,409 @@
+"""Exercise checks: compare a student's function (or layer) with the reference on fixed inputs.
+
+A notebook exercise is a code cell in which the student writes a function, followed by a
+cell that checks it::
+
+    def attention(q, k, v, mask=None):
+        # BEGIN SOLUTION
+        ...
+        # END SOLUTION
+
+    check_attention(attention)   # -> "✅ attention: passed (5 cases)" or "❌ attention: ..."
+
+The checks run the student's code and the reference on the same :class:`Case` inputs (each
+on its own copy, so a function that works in place cannot corrupt the reference), with the
+same random seed (so functions that sample noise can be checked too), compare the results
+recursively and print **one line**: a pass, or what differed (which case, which field, the
+shapes, the largest error) and a hint. A stub that still raises ``NotImplementedError``
+gets "not implemented yet". The check returns ``True``/``False``.
+
+With ``GENLAB_STRICT_CHECKS=1`` a failed check raises :class:`ExerciseFailed` after
+printing, so running the *solution* notebooks in the test suite fails when a solution (or a
+reference it is compared with) is broken. ``GENLAB_SMOKE=1`` asks notebooks for tiny,
+fast settings (:func:`smoke_mode`).
+
+Topic-specific checks (``check_attention`` ...) live in submodules such as
+:mod:`lab_utils.exercises.text`; they are thin wrappers that fix the cases and hints.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import numbers
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Case",
+    "ExerciseFailed",
+    "check_function",
+    "check_module",
+    "check_value",
+    "compare",
+    "smoke_mode",
+    "strict_mode",
+]
+
+_TRUTHY = {"1", "true", "yes", "on"}
+NOT_IMPLEMENTED = "not implemented yet — fill in the cell above and run this check again"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUTHY
+
+
+def smoke_mode() -> bool:
+    """True when ``GENLAB_SMOKE`` is 1/true/yes: notebooks use tiny datasets, models and step counts."""
+    return _env_flag("GENLAB_SMOKE")
+
+
+def strict_mode() -> bool:
+    """True when ``GENLAB_STRICT_CHECKS`` is 1/true/yes: a failed check raises :class:`ExerciseFailed`."""
+    return _env_flag("GENLAB_STRICT_CHECKS")
+
+
+class ExerciseFailed(AssertionError):
+    """Raised by a failed check in strict mode (``GENLAB_STRICT_CHECKS=1``)."""
+
+
+@dataclass
+class Case:
+    """One set of inputs: the function is called as ``fn(*args, **kwargs)``.
+
+    ``label`` says what the case exercises ("with a key-padding mask"); it appears in messages.
+    """
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    label: str = ""
+
+    def describe(self, index: int, total: int) -> str:
+        return f"case {index + 1}/{total}" + (f" ({self.label})" if self.label else "")
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating"
+    return "integer"
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(obj, "_fields")
+
+
+def _fields(obj: Any) -> list[str] | None:
+    """Field names of a dataclass instance or a NamedTuple, else None."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [f.name for f in dataclasses.fields(obj)]
+    if _is_namedtuple(obj):
+        return list(obj._fields)
+    return None
+
+
+def _type_name(obj: Any) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a {obj.dtype} tensor of shape {_shape(obj)}"
+    if obj is None:
+        return "None"
+    kind = type(obj).__name__
+    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+
+
+def _compare_tensors(got: torch.Tensor, expected: torch.Tensor, where: str, atol: float, rtol: float) -> str | None:
+    if _shape(got) != _shape(expected):
+        return f"{where}: shape mismatch — got {_shape(got)}, expected {_shape(expected)}"
+    if _kind(got.dtype) != _kind(expected.dtype):
+        return f"{where}: dtype — got {got.dtype}, expected a {_kind(expected.dtype)} tensor like {expected.dtype}"
+    got = got.detach().cpu()
+    expected = expected.detach().cpu()
+    if got.numel() == 0:
+        return None
+    if _kind(expected.dtype) in ("bool", "integer"):
+        differ = got != expected  # exact
+        if differ.any():
+            first = tuple(int(i) for i in differ.nonzero()[0])
+            return (f"{where}: {int(differ.sum())} of {got.numel()} entries differ "
+                    f"(first at index {first}: got {got[first].item()}, expected {expected[first].item()})")
+        return None
+    got_c = got.to(torch.complex128 if got.is_complex() else torch.float64)
+    exp_c = expected.to(got_c.dtype)
+    bad_nan = torch.isnan(got_c) & ~torch.isnan(exp_c)
+    if bad_nan.any():
+        first = tuple(int(i) for i in bad_nan.nonzero()[0])
+        return f"{where}: contains NaN at {int(bad_nan.sum())} of {got.numel()} positions (first at index {first})"
+    bad_inf = torch.isinf(got_c) & ~torch.isinf(exp_c)
+    if bad_inf.any():
+        first = tuple(int(i) for i in bad_inf.nonzero()[0])
+        return f"{where}: contains inf at {int(bad_inf.sum())} of {got.numel()} positions (first at index {first})"
+    if torch.allclose(got_c, exp_c, atol=atol, rtol=rtol, equal_nan=True):
+        return None
+    error = (got_c - exp_c).abs().nan_to_num(nan=0.0, posinf=math.inf)
+    flat = int(error.argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), error.shape))
+    g, e = got_c[index].item(), exp_c[index].item()
+    return (f"{where}: values differ — max abs error {error.max().item():.3g} at index {index} "
+            f"(got {g:.6g}, expected {e:.6g}; tolerance atol={atol:g}, rtol={rtol:g})")
+
+
+def compare(got: Any, expected: Any, where: str = "output", *, atol: float = 1e-5, rtol: float = 1e-4) -> str | None:
+    """Recursively compare ``got`` with ``expected``; ``None`` if they match, else what differed.
+
+    Tensors: shape, dtype kind (bool / integer / floating / complex) and ``allclose``;
+    numbers: ``isclose``; tuples and lists item by item; dicts key by key; dataclasses and
+    NamedTuples field by field (by name); anything else with ``==``.
+    """
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            return f"{where}: got {_type_name(got)}, expected {_type_name(expected)}"
+        return _compare_tensors(got, expected, where, atol, rtol)
+
+    if isinstance(expected, numbers.Number) and not isinstance(expected, torch.Tensor):
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()  # a 0-dim tensor where a number is expected is fine
+        exact = isinstance(expected, (bool, numbers.Integral)) or isinstance(got, bool)
+        if exact or not isinstance(got, numbers.Real) or not isinstance(expected, numbers.Real):
+            return None if got == expected else f"{where}: got {got!r}, expected {expected!r}"
+        got, expected = float(got), float(expected)
+        if math.isnan(expected) and math.isnan(got):
+            return None
+        if not math.isclose(got, expected, rel_tol=rtol, abs_tol=atol):
+            return f"{where}: got {got:.6g}, expected {expected:.6g} (abs error {abs(got - expected):.3g})"
+        return None
+
+    names = _fields(expected)
+    if names is not None:
+        if isinstance(got, tuple) and not _is_namedtuple(got) and _is_namedtuple(expected):
+            if len(got) != len(names):
+                return f"{where}: got a tuple of {len(got)} items, expected {len(names)} ({', '.join(names)})"
+            got = type(expected)(*got)  # a plain tuple in the right order is fine
+        for name in names:
+            if not hasattr(got, name):
+                return f"{where}: got {_type_name(got)} without the field `{name}` (expected {type(expected).__name__})"
+            message = compare(getattr(got, name), getattr(expected, name), f"{where}.{name}", atol=atol, rtol=rtol)
+            if message:
+                return message
+        return None
+
+    if isinstance(expected, Mapping):
+        if not isinstance(got, Mapping):
+            return f"{where}: got {_type_name(got)}, expected a dict with keys {sorted(map(str, expected))}"
+        missing = [key for key in expected if key not in got]
+        extra = [key for key in got if key not in expected]
+        if missing or extra:
+            return f"{where}: keys differ — missing {missing}, unexpected {extra}"
+        for key in expected:
+            message = compare(got[key], expected[key], f"{where}[{key!r}]", atol=atol, rtol=rtol)
+            if message:
+                return message
+        return None
+
+    if isinstance(expected, (tuple, list)):
+        if not isinstance(got, (tuple, list)):
+            return f"{where}: got {_type_name(got)}, expected a {type(expected).__name__} of {len(expected)} items"
+        if len(got) != len(expected):
+            return f"{where}: got {len(got)} items, expected {len(expected)}"
+        for index, (g, e) in enumerate(zip(got, expected)):
+            message = compare(g, e, f"{where}[{index}]", atol=atol, rtol=rtol)
+            if message:
+                return message
+        return None
+
+    try:
+        equal = bool(got == expected)
+    except Exception:  # noqa: BLE001 - objects whose == is not a bool
+        equal = got is expected
+    return None if equal else f"{where}: got {got!r}, expected {expected!r}"
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _copy(obj: Any) -> Any:
+    """A deep copy in which tensors are detached clones (keeping ``requires_grad`` on float leaves)."""
+    if isinstance(obj, torch.Tensor):
+        out = obj.detach().clone()
+        if obj.requires_grad and (out.is_floating_point() or out.is_complex()):
+            out.requires_grad_(True)
+        return out
+    if isinstance(obj, nn.Module):
+        return copy.deepcopy(obj)
+    if _is_namedtuple(obj):
+        return type(obj)(*(_copy(item) for item in obj))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _copy(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                                          if f.init})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy(item) for item in obj)
+    if isinstance(obj, dict):
+        return type(obj)((key, _copy(value)) for key, value in obj.items())
+    try:
+        return copy.deepcopy(obj)
+    except Exception:  # noqa: BLE001 - uncopyable objects (generators...) are shared
+        return obj
+
+
+def _call(fn: Callable, case: Case, seed: int | None) -> Any:
+    """``fn(*args, **kwargs)`` on copies of the case's inputs, under a fixed seed if given."""
+    args, kwargs = _copy(tuple(case.args)), _copy(dict(case.kwargs))
+    if seed is None:
+        return fn(*args, **kwargs)
+    with torch.random.fork_rng(devices=[]):  # the notebook's own random stream is left untouched
+        torch.manual_seed(seed)
+        return fn(*args, **kwargs)
+
+
+def _report(name: str, ok: bool, detail: str, hint: str = "") -> bool:
+    if ok:
+        print(f"✅ {name}: {detail}")
+        return True
+    line = f"❌ {name}: {detail}"
+    if hint:
+        line += f" — hint: {hint}"
+    print(line)
+    if strict_mode():
+        raise ExerciseFailed(line)
+    return False
+
+
+def _diagnose(got: Any, case: Case, known_mistakes: Sequence[tuple[Callable, str]], seed: int | None,
+              atol: float, rtol: float) -> str | None:
+    """The message of the first known mistake whose output matches the student's, if any."""
+    for mistaken_fn, message in known_mistakes:
+        try:
+            if compare(got, _call(mistaken_fn, case, seed), atol=atol, rtol=rtol) is None:
+                return message
+        except Exception:  # noqa: BLE001 - a mistake model that does not apply to this case
+            continue
+    return None
+
+
+def check_function(
+    student_fn: Callable,
+    reference_fn: Callable,
+    cases: Sequence[Case],
+    *,
+    name: str,
+    hint: str = "",
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    seed: int | None = 0,
+    known_mistakes: Sequence[tuple[Callable, str]] = (),
+) -> bool:
+    """Check ``student_fn`` against ``reference_fn`` on every case; print one line; return pass/fail.
+
+    Both functions get their own copy of each case's inputs and the same ``torch`` seed
+    (``seed=None`` leaves the random state alone). ``known_mistakes`` are ``(fn, message)``
+    pairs: when the student's output matches ``fn``'s (say, attention without the
+    $1/\\sqrt{d_k}$), ``message`` replaces the generic ``hint``.
+    A failure raises :class:`ExerciseFailed` when ``GENLAB_STRICT_CHECKS=1``.
+    """
+    if not callable(student_fn):
+        return _report(name, False, f"expected a function, got {_type_name(student_fn)}", hint)
+    if not cases:
+        raise ValueError(f"check {name!r} has no cases")
+    total = len(cases)
+    for index, case in enumerate(cases):
+        expected = _call(reference_fn, case, seed)  # a failure here is a bug in the lab, not the student's
+        where = case.describe(index, total)
+        try:
+            got = _call(student_fn, case, seed)
+        except NotImplementedError:
+            return _report(name, False, NOT_IMPLEMENTED)
+        except Exception as err:  # noqa: BLE001 - any student error becomes a message
+            return _report(name, False, f"{where} raised {type(err).__name__}: {err}", hint)
+        message = compare(got, expected, atol=atol, rtol=rtol)
+        if message:
+            specific = _diagnose(got, case, known_mistakes, seed, atol, rtol)
+            return _report(name, False, f"{where}: {message}", specific or hint)
+    return _report(name, True, f"passed ({total} case{'s' if total != 1 else ''})")
+
+
+def check_value(got: Any, expected: Any, *, name: str, hint: str = "", atol: float = 1e-5,
+                rtol: float = 1e-4) -> bool:
+    """Check a value the student computed (a number, a tensor, a tuple ...) against the expected one."""
+    message = compare(got, expected, atol=atol, rtol=rtol)
+    if message:
+        return _report(name, False, message, hint)
+    return _report(name, True, "passed")
+
+
+def check_module(
+    student_cls: Callable[..., nn.Module],
+    reference_cls: Callable[..., nn.Module],
+    init: Case,
+    cases: Sequence[Case],
+    *,
+    name: str,
+    hint: str = "",
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    seed: int | None = 0,
+) -> bool:
+    """Check a student's layer class against the reference layer.
+
+    Both are built with ``init`` (``cls(*init.args, **init.kwargs)``); the reference's
+    weights are then loaded into the student's layer, so the student must use the same
+    submodule/parameter names and shapes as the exercise asks (a mismatch is reported by
+    name). Both run in ``eval()`` mode (no dropout) on every case, each on its own copy of
+    the inputs and under the same seed; outputs are compared as in :func:`check_function`.
+    """
+    def build(cls: Callable[..., nn.Module]) -> nn.Module:
+        return _call(cls, init, seed)
+
+    reference = build(reference_cls).eval()
+    try:
+        student = build(student_cls)
+    except NotImplementedError:
+        return _report(name, False, NOT_IMPLEMENTED)
+    except Exception as err:  # noqa: BLE001
+        return _report(name, False, f"building the layer raised {type(err).__name__}: {err}", hint)
+    if not isinstance(student, nn.Module):
+        return _report(name, False, f"expected an nn.Module, got {_type_name(student)}", hint)
+    student.eval()
+
+    ref_state, stu_state = reference.state_dict(), student.state_dict()
+    missing = [key for key in ref_state if key not in stu_state]
+    extra = [key for key in stu_state if key not in ref_state]
+    if missing or extra:
+        return _report(name, False, f"parameter names differ — missing {missing}, unexpected {extra}", hint)
+    for key, value in ref_state.items():
+        if _shape(stu_state[key]) != _shape(value):
+            return _report(name, False, f"parameter `{key}`: shape {_shape(stu_state[key])}, expected {_shape(value)}",
+                           hint)
+    student.load_state_dict(ref_state)
+
+    total = len(cases)
+    if not cases:
+        raise ValueError(f"check {name!r} has no cases")
+    for index, case in enumerate(cases):
+        where = case.describe(index, total)
+        with torch.no_grad():
+            expected = _call(reference, case, seed)
+            try:
+                got = _call(student, case, seed)
+            except NotImplementedError:
+                return _report(name, False, NOT_IMPLEMENTED)
+            except Exception as err:  # noqa: BLE001
+                return _report(name, False, f"{where} raised {type(err).__name__}: {err}", hint)
+        message = compare(got, expected, atol=atol, rtol=rtol)
+        if message:
+            return _report(name, False, f"{where}: {message}", hint)
+    return _report(name, True, f"passed ({total} case{'s' if total != 1 else ''})")
