@@ -65,6 +65,16 @@ class TrainerConfig:
             raise ValueError(f"trainer.device must be auto, cpu, mps or cuda[:N], got {self.device!r}")
 
 
+def register_schemas() -> None:
+    """Make ``trainer: default`` in ``conf/train.yaml`` the typed :class:`TrainerConfig`."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="trainer", name="default", node=TrainerConfig)
+
+
+register_schemas()
+
+
 def _positive(obj: Any, *names: str) -> None:
     for name in names:
         if getattr(obj, name) <= 0:

@@ -1,0 +1,184 @@
+"""Checkpoints: atomic writes, safe loads, and rebuilding a lab from a checkpoint alone.
+
+A checkpoint is a plain dict that ``torch.load(weights_only=True)`` accepts (tensors, numbers,
+strings, lists, dicts): the resolved config, the ``DataInfo`` (vocabulary included), the model,
+EMA, optimiser and LR-schedule states, the trainer's counters and the RNG state. Because the
+config travels with the weights, ``load_lab(path)`` rebuilds the model with nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lab_utils.config import check_section, lab_class
+from lab_utils.lab import DataInfo, Lab
+
+FORMAT = "genlab-checkpoint"
+FORMAT_VERSION = 1
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or belongs to another model."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file from a run directory, its ``checkpoints/`` folder, or a file path."""
+    path = Path(path).expanduser()
+    candidates = [path] if path.suffix == ".pt" else [path / "checkpoints" / "last.pt", path / "last.pt"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    if not path.exists():
+        raise CheckpointError(f"no such run directory or checkpoint: {path}")
+    raise CheckpointError(
+        f"{path} holds no checkpoint (looked for {', '.join(str(c) for c in candidates)}); "
+        "a run writes checkpoints/last.pt every trainer.checkpoint_every steps and at the end"
+    )
+
+
+def atomic_save(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A kill at any moment leaves either the old file or the new one, never a partial file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def atomic_link(source: Path, target: Path) -> None:
+    """Make ``target`` the same file as ``source`` (hard link; copy where links are unsupported)."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(source, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on some platforms (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep: int) -> Path:
+    """Write ``checkpoints/step_<N>.pt`` and point ``last.pt`` at it; keep the newest ``keep``."""
+    folder = checkpoint_dir(run_dir)
+    path = folder / f"step_{step:08d}.pt"
+    atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, path)
+    atomic_link(path, folder / "last.pt")
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The ``step_*.pt`` files of a run, oldest first."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.iterdir() if STEP_FILE.match(p.name)]
+    return sorted(files, key=lambda p: int(STEP_FILE.match(p.name).group(1)))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and sanity-check a checkpoint (``weights_only=True``: no code runs on load)."""
+    path = resolve_checkpoint(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, garbage bytes, pickled code, ...
+        others = [p.name for p in list_checkpoints(path.parent.parent) if p != path]
+        hint = f" Older checkpoints in the same folder: {', '.join(others)}." if others else ""
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})."
+            f" It may be corrupt or truncated, or not written by genlab.{hint}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a PyTorch file but not a genlab checkpoint (no '{FORMAT}' marker)")
+    if state.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer genlab (format {state['format_version']} > {FORMAT_VERSION}); upgrade genlab"
+        )
+    return state
+
+
+@dataclass
+class LoadedLab:
+    lab: Lab
+    cfg: DictConfig  # the run's resolved config
+    state: dict[str, Any]  # the raw checkpoint
+    path: Path
+
+
+def build_lab(cfg: DictConfig, data_info: DataInfo) -> Lab:
+    """Instantiate the lab named by ``cfg.model._target_`` (validating ``cfg.model``)."""
+    cls = lab_class(cfg.model)
+    model_cfg = check_section(cfg.model, cls.Config, "model")
+    return cls(model_cfg, data_info)
+
+
+def load_state_into(lab: Lab, weights: dict[str, torch.Tensor], path: Path, model_name: str) -> None:
+    try:
+        lab.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"the weights in {path} do not fit the {model_name!r} model built from its config "
+            f"(was it written by another model or an edited config?): {str(err).splitlines()[0][:300]}"
+        ) from None
+
+
+def load_lab(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    ema: bool = True,
+    expect_model: str | None = None,
+) -> LoadedLab:
+    """Rebuild a lab from a checkpoint alone, with its EMA weights when ``ema`` and available."""
+    path = resolve_checkpoint(path)
+    state = load_checkpoint(path)
+    cfg = OmegaConf.create(state["config"])
+    name = cfg.model.get("name", "?")
+    if expect_model is not None and name != expect_model:
+        raise CheckpointError(f"{path} belongs to model {name!r}, not {expect_model!r}")
+    lab = build_lab(cfg, DataInfo.from_dict(state["data_info"]))
+    load_state_into(lab, state["model"], path, name)
+    if ema and state.get("ema"):
+        from lab_utils.ema import EMA
+
+        EMA.copy_weights(state["ema"], lab)
+    lab.to(device).eval()
+    return LoadedLab(lab=lab, cfg=cfg, state=state, path=path)

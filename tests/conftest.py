@@ -1,0 +1,35 @@
+"""Shared test set-up: a private dataset cache, the tests folder importable, and few threads."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+sys.path.insert(0, str(TESTS))  # `tiny_lab` (the harness's test model) is importable by tests and subprocesses
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Generated datasets go to a cache private to this test session (subprocesses inherit it)."""
+    previous = os.environ.get("GENLAB_CACHE")
+    os.environ["GENLAB_CACHE"] = str(tmp_path_factory.mktemp("genlab_cache"))
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    yield
+    if previous is None:
+        os.environ.pop("GENLAB_CACHE", None)
+    else:
+        os.environ["GENLAB_CACHE"] = previous
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a `genlab`/python subprocess: the tests folder on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.update(extra)
+    return env

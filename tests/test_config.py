@@ -1,0 +1,92 @@
+"""Every config composes and validates; bad values fail with messages that name the key."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO
+from lab_utils.config import ConfigError, compose
+
+CONF = REPO / "conf"
+DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (CONF / "preset").glob("*.yaml"))
+
+
+def test_groups_are_there():
+    assert {"shapes", "fashion_mnist", "mnist", "cifar10"} <= set(DATA)
+    assert {"smoke", "cpu", "gpu"} <= set(PRESETS)
+    assert MODELS, "at least one model family"
+
+
+@pytest.mark.parametrize("data,model,preset", list(itertools.product(DATA, MODELS, PRESETS)))
+def test_every_combination_composes_and_validates(data, model, preset):
+    cfg = compose([f"data={data}", f"model={model}", f"preset={preset}"])
+    assert cfg.data.name == data and cfg.model.name == model and cfg.preset_name == preset
+    assert cfg.trainer.steps > 0 and cfg.trainer.batch_size > 0
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_presets_order_their_budgets():
+    steps = {p: compose([f"preset={p}"]).trainer.steps for p in ("smoke", "cpu", "gpu")}
+    assert steps["smoke"] < steps["cpu"] < steps["gpu"]
+
+
+def test_command_line_overrides_win_over_presets():
+    cfg = compose(["preset=cpu", "trainer.steps=7", "trainer.batch_size=3"])
+    assert (cfg.trainer.steps, cfg.trainer.batch_size) == (7, 3)
+
+
+@pytest.mark.parametrize("name", ["sample", "dataview"])
+def test_other_primary_configs_compose(name):
+    cfg = compose(["run=somewhere"] if name == "sample" else [], config_name=name, check=False)
+    assert cfg is not None
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.steps=0", "steps must be positive"),
+    ("trainer.precision=fp8", "trainer.precision must be 'fp32' or 'bf16'"),
+    ("trainer.ema_decay=1.5", "ema_decay must be in"),
+    ("trainer.device=tpu", "trainer.device must be"),
+    ("data.image_size=3", "image_size"),
+    ("data.held_out=[blu triangle]", "blu"),
+    ("seed=abc", "seed"),
+])
+def test_bad_values_fail_with_clear_messages(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose(["preset=smoke", override])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.batch_size=abc", "batch_size"),
+    ("trainer.no_such_key=1", "no_such_key"),
+    ("data=no_such_dataset", "no_such_dataset"),
+])
+def test_bad_keys_and_types_fail_at_composition(override, message):
+    with pytest.raises(Exception, match=message):
+        compose(["preset=smoke", override])
+
+
+def test_unknown_model_target_is_a_config_error():
+    cfg = compose(["preset=smoke"], check=False)
+    OmegaConf.set_struct(cfg, False)
+    cfg.model._target_ = "labs.nowhere.Lab"
+    from lab_utils.config import validate
+
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        validate(cfg)
+
+
+def test_pyproject_lists_every_package():
+    """The package list is written by hand (conf/ is mapped to genlab_conf): it must stay complete."""
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for top in ("labs", "lab_utils")
+             for p in (REPO / top).rglob("__init__.py")}
+    assert found <= listed, f"add to pyproject.toml: {sorted(found - listed)}"
+    assert "genlab_conf" in listed

@@ -1,0 +1,361 @@
+"""The diffusion lab: known values of the scheduler, samplers, guidance, the UNet's conditioning,
+a tiny model that overfits, and an end-to-end train -> `genlab sample` run."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from lab_utils.config import ConfigError, compose
+from lab_utils.lab import DataInfo
+from labs.diffusion import (
+    CrossAttention, DDPMConfig, DiffusionLab, NoiseScheduler, SchedulerConfig, UNet, UNetConfig, attention,
+    classifier_free_guidance, cosine_betas, ddim_sample,
+)
+from labs.text_encoder import TextEncoderConfig
+
+torch.set_num_threads(2)
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "a", "small", "large", "red", "green", "blue", "circle", "square",
+         "triangle", "at", "the", "top", "bottom", "left", "right", "center"]
+
+
+def data_info(channels: int = 3, size: int = 16) -> DataInfo:
+    return DataInfo(name="fake", channels=channels, image_size=size, attributes={}, vocab=VOCAB,
+                    prompts=["a red circle", "a small blue square at the top left"])
+
+
+def tiny_config(**changes) -> DDPMConfig:
+    cfg = DDPMConfig(
+        scheduler=SchedulerConfig(num_train_timesteps=100),
+        unet=UNetConfig(base_channels=16, channel_mults=[1, 2], self_attention_levels=[1],
+                        cross_attention_levels=[0, 1], heads=2, groups=4, emb_mult=2),
+        text=TextEncoderConfig(dim=16, depth=1, heads=2, max_length=24),
+    )
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def randomize_zero_inits(module: torch.nn.Module, seed: int = 0) -> None:
+    """Zero-initialised output layers make a fresh UNet ignore its inputs; give them small weights."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.abs().sum() == 0:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+def tiny_lab(seed: int = 0, **changes) -> DiffusionLab:
+    torch.manual_seed(seed)
+    lab = DiffusionLab(tiny_config(**changes), data_info())
+    randomize_zero_inits(lab, seed)
+    return lab.eval()
+
+
+def linear(T: int, start: float, end: float) -> NoiseScheduler:
+    return NoiseScheduler(SchedulerConfig(num_train_timesteps=T, beta_schedule="linear", beta_start=start,
+                                          beta_end=end))
+
+
+# ------------------------------------------------------------------------------ scheduler
+def test_linear_schedule_hand_computed_values():
+    s = linear(3, 0.1, 0.3)  # betas 0.1, 0.2, 0.3
+    assert torch.allclose(s.betas, torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+    # alpha_bar = 0.9, 0.9 * 0.8, 0.9 * 0.8 * 0.7
+    assert torch.allclose(s.alpha_bar, torch.tensor([0.9, 0.72, 0.504], dtype=torch.float64))
+    # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t, with alpha_bar_{-1} = 1
+    expected = torch.tensor([0.0, 0.1 / 0.28 * 0.2, 0.28 / 0.496 * 0.3], dtype=torch.float64)
+    assert torch.allclose(s.posterior_variance, expected)
+
+
+def test_ho_schedule_alpha_bar_at_a_few_t():
+    s = linear(1000, 1e-4, 0.02)
+    for t in (0, 1, 10, 500, 999):
+        betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(t + 1)]
+        assert s.alpha_bar[t].item() == pytest.approx(math.prod(1 - b for b in betas), rel=1e-9)
+    assert s.alpha_bar[-1].item() == pytest.approx(4.04e-5, rel=0.02)  # Ho et al.'s x_T is almost pure noise
+
+
+def test_cosine_schedule_follows_its_closed_form():
+    T, s_off = 1000, 0.008
+    s = NoiseScheduler(SchedulerConfig(num_train_timesteps=T, beta_schedule="cosine", cosine_s=s_off))
+    f = lambda t: math.cos((t / T + s_off) / (1 + s_off) * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 100, 500, 900):
+        assert s.alpha_bar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
+    assert cosine_betas(T).max().item() == pytest.approx(0.999)  # clipped near t = T
+
+
+def test_add_noise_matches_closed_form_statistics():
+    s = linear(1000, 1e-4, 0.02)
+    torch.manual_seed(0)
+    x0 = torch.full((1, 1, 1, 1), 0.7).expand(200_000, 1, 1, 1)
+    for t in (0, 250, 999):
+        xt = s.add_noise(x0, torch.randn_like(x0), torch.full((len(x0),), t))
+        alpha_bar = s.alpha_bar[t].item()
+        assert xt.mean().item() == pytest.approx(math.sqrt(alpha_bar) * 0.7, abs=5e-3)  # sqrt(alpha_bar) x0
+        assert xt.var().item() == pytest.approx(1 - alpha_bar, rel=1e-2, abs=1e-4)  # (1 - alpha_bar) I
+
+
+def test_eps_v_x0_conversions_invert_each_other():
+    s = NoiseScheduler(SchedulerConfig())
+    torch.manual_seed(0)
+    x0, eps = torch.rand(6, 3, 4, 4) * 2 - 1, torch.randn(6, 3, 4, 4)
+    t = torch.tensor([0, 10, 200, 500, 800, 990])
+    xt = s.add_noise(x0, eps, t)
+    v = s.velocity(x0, eps, t)
+    assert torch.allclose(s.x0_from_eps(xt, eps, t), x0, atol=1e-3)
+    assert torch.allclose(s.eps_from_x0(xt, x0, t), eps, atol=1e-3)
+    assert torch.allclose(s.x0_from_v(xt, v, t), x0, atol=1e-5)
+    assert torch.allclose(s.eps_from_v(xt, v, t), eps, atol=1e-5)
+    # v^2 + ... : the (x0, eps) -> (xt, v) map is a rotation, so it preserves norms
+    assert torch.allclose(xt**2 + v**2, x0**2 + eps**2, atol=1e-4)
+
+
+def test_posterior_mean_is_ho_eq_11_for_the_true_x0():
+    s = linear(100, 1e-4, 0.05)
+    torch.manual_seed(0)
+    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = 40
+    xt = s.add_noise(x0, eps, t)
+    mean, variance = s.posterior_mean_variance(x0, xt, t)
+    beta, alpha, alpha_bar = s.betas[t].item(), s.alphas[t].item(), s.alpha_bar[t].item()
+    eq_11 = (xt - beta / math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha)
+    assert torch.allclose(mean, eq_11, atol=1e-5)
+    assert variance.item() == pytest.approx(s.posterior_variance[t].item(), rel=1e-6)
+
+
+def test_inference_timesteps():
+    s = NoiseScheduler(SchedulerConfig(num_train_timesteps=1000))
+    assert s.inference_timesteps(1000).tolist() == list(range(999, -1, -1))
+    ts = s.inference_timesteps(50)
+    assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0 and (ts[:-1] > ts[1:]).all()
+    with pytest.raises(ValueError, match="steps must be in"):
+        s.inference_timesteps(1001)
+
+
+# ------------------------------------------------------------------------------ sampler steps
+def test_ddim_step_eta0_is_deterministic_and_true_noise_recovers_x0():
+    s = NoiseScheduler(SchedulerConfig(num_train_timesteps=1000))
+    torch.manual_seed(0)
+    x0, eps = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8)
+    t = 700
+    xt = s.add_noise(x0, eps, t)
+    a = s.ddim_step(eps, t, xt, prev_t=300, eta=0.0, generator=torch.Generator().manual_seed(1))
+    b = s.ddim_step(eps, t, xt, prev_t=300, eta=0.0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a.prev_sample, b.prev_sample)  # no randomness at eta = 0
+    assert torch.allclose(a.pred_x0, x0, atol=1e-4)
+    # with the true eps, DDIM moves exactly along q: x_s = sqrt(alpha_bar_s) x0 + sqrt(1 - alpha_bar_s) eps
+    assert torch.allclose(a.prev_sample, s.add_noise(x0, eps, 300), atol=1e-4)
+    last = s.ddim_step(eps, t, xt, prev_t=-1, eta=0.0)
+    assert torch.allclose(last.prev_sample, x0, atol=1e-4)
+
+
+def test_ddim_eta1_equals_ddpm_ancestral_step():
+    s = NoiseScheduler(SchedulerConfig(num_train_timesteps=1000, clip_x0=False))
+    torch.manual_seed(0)
+    xt, eps = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    for t, prev_t in ((500, 499), (500, 480)):
+        ddpm = s.ddpm_step(eps, t, xt, prev_t, generator=torch.Generator().manual_seed(3))
+        ddim = s.ddim_step(eps, t, xt, prev_t, eta=1.0, generator=torch.Generator().manual_seed(3))
+        assert torch.allclose(ddpm.prev_sample, ddim.prev_sample, atol=1e-5)
+
+
+def test_ddpm_variance_choices():
+    torch.manual_seed(0)
+    xt, eps = torch.randn(20000, 1, 1, 1), torch.zeros(20000, 1, 1, 1)
+    for variance_type in ("fixed_small", "fixed_large"):
+        s = NoiseScheduler(SchedulerConfig(num_train_timesteps=100, beta_schedule="linear", beta_end=0.05,
+                                           variance_type=variance_type, clip_x0=False))
+        step = s.ddpm_step(eps, 50, xt, generator=torch.Generator().manual_seed(0))
+        mean, _ = s.posterior_mean_variance(s.x0_from_eps(xt, eps, 50), xt, 50)
+        expected = s.posterior_variance[50] if variance_type == "fixed_small" else s.betas[50]
+        assert (step.prev_sample - mean).var().item() == pytest.approx(expected.item(), rel=0.05)
+        last = s.ddpm_step(eps, 0, xt, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(last.prev_sample, s.x0_from_eps(xt, eps, 0), atol=1e-5)  # no noise at the end
+
+
+def test_guidance_scale_conventions():
+    uncond, cond = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    assert torch.equal(classifier_free_guidance(uncond, cond, 1.0), cond)  # w = 1: conditional model
+    assert torch.equal(classifier_free_guidance(uncond, cond, 0.0), uncond)  # w = 0: unconditional
+    # Ho & Salimans' w' = w - 1: (1 + w') cond - w' uncond
+    assert torch.allclose(classifier_free_guidance(uncond, cond, 3.0), 3.0 * cond - 2.0 * uncond, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ UNet
+def test_attention_explicit_matches_fused_and_masks_keys():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    mask = torch.tensor([[True, True, False], [True, False, False]])[:, None, None, :]
+    fused, _ = attention(q, k, v, mask)
+    explicit, weights = attention(q, k, v, mask, return_weights=True)
+    assert torch.allclose(fused, explicit, atol=1e-5)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 2, 5))
+    assert weights[0, ..., 2].abs().max() == 0 and weights[1, ..., 1:].abs().max() == 0
+
+
+def test_unet_output_depends_on_prompt_not_on_padding():
+    lab = tiny_lab()
+    torch.manual_seed(1)
+    xt, t = torch.randn(1, 3, 16, 16), torch.tensor([30])
+    with torch.no_grad():
+        red, blue = lab(xt, t, ["a red circle"]), lab(xt, t, ["a blue circle"])
+        assert (red - blue).abs().max() > 1e-3  # the prompt matters
+        # the same prompt padded to the length of a longer one in its batch
+        batch = lab(xt.expand(2, -1, -1, -1), t.expand(2), ["a red circle", "a small red circle at the top left"])
+        assert torch.allclose(batch[0], red[0], atol=1e-5)
+        ids, mask = lab.tokenizer(["a red circle"])
+        pad = torch.zeros(1, 5, dtype=torch.long)
+        encoding = lab.text_encoder(torch.cat([ids, pad], 1), torch.cat([mask, pad.bool()], 1))
+        assert torch.allclose(lab.unet(xt, t, encoding), red, atol=1e-5)
+
+
+def test_unet_odd_sizes_and_grayscale():
+    unet = UNet(UNetConfig(base_channels=8, channel_mults=[1, 2, 2], self_attention_levels=[2],
+                           cross_attention_levels=[1], heads=2, groups=4), image_channels=1, cond_dim=16)
+    lab = tiny_lab()
+    cond = lab.text_encoder(*lab.tokenizer(["a", "a red circle"]))
+    out = unet(torch.randn(2, 1, 28, 28), torch.tensor([0, 5]), cond)
+    assert out.shape == (2, 1, 28, 28)  # 28 -> 14 -> 7 and back
+
+
+def test_attention_maps_cover_the_prompt_words():
+    lab = tiny_lab()
+    maps = lab.attention_maps(torch.randn(2, 3, 16, 16), torch.tensor([10, 10]), ["a red circle", "a red"])
+    assert len(maps) == len(lab.unet.cross_attention_modules()) and all(
+        isinstance(m, CrossAttention) for m in lab.unet.cross_attention_modules().values())
+    weights = maps["down_blocks.0.0.cross_attn"]  # level 0: 16x16
+    assert weights.shape == (2, 2, 16, 16, 4)  # (B, heads, H, W, L): [CLS] a red circle
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 2, 16, 16), atol=1e-5)
+    assert weights[1, ..., 3].abs().max() == 0  # "a red" is padded: no attention to [PAD]
+    assert all(layer.attention_weights is None for layer in lab.unet.cross_attention_modules().values())
+
+
+# ------------------------------------------------------------------------------ sampling
+def test_sampling_is_seeded_and_leaves_global_rng_alone():
+    lab = tiny_lab()
+    state = torch.get_rng_state()
+    a = lab.sample(["a red circle"] * 2, torch.Generator().manual_seed(0), sampler="ddim", steps=5)
+    b = lab.sample(["a red circle"] * 2, torch.Generator().manual_seed(0), sampler="ddim", steps=5)
+    c = lab.sample(["a red circle"] * 2, torch.Generator().manual_seed(1), sampler="ddim", steps=5)
+    d = lab.sample(["a red circle"] * 2, torch.Generator().manual_seed(0), sampler="ddpm", steps=100)
+    e = lab.sample(["a red circle"] * 2, torch.Generator().manual_seed(0), sampler="ddpm", steps=100)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b) and torch.equal(d, e) and not torch.equal(a, c)
+    assert a.shape == (2, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
+
+
+def test_guidance_one_is_the_conditional_model_and_nfe():
+    lab = tiny_lab()
+    prompts = ["a red circle", "a blue square"]
+    guided = lab.generate(prompts, torch.Generator().manual_seed(0), sampler="ddim", steps=4, guidance=1.0)
+    cond = lab.encode(prompts)
+    manual = ddim_sample(lambda xt, t: lab.unet(xt, t, cond), lab.scheduler, (2, 3, 16, 16), 4,
+                         torch.Generator().manual_seed(0))
+    assert torch.allclose(guided.images, manual.images, atol=1e-6)
+    assert guided.nfe == 4 == lab.nfe("ddim", 4, 1.0)
+    # w != 1 batches cond and uncond together; the same as two separate passes
+    w = 2.5
+    uncond = lab.encode(["", ""])
+    def denoise(xt, t):  # noqa: E306
+        return classifier_free_guidance(lab.unet(xt, t, uncond), lab.unet(xt, t, cond), w)
+    manual = ddim_sample(denoise, lab.scheduler, (2, 3, 16, 16), 4, torch.Generator().manual_seed(0))
+    guided = lab.generate(prompts, torch.Generator().manual_seed(0), sampler="ddim", steps=4, guidance=w)
+    assert torch.allclose(guided.images, manual.images, atol=1e-5)
+    assert guided.nfe == 8 == lab.nfe("ddim", 4, w)
+
+
+def test_trajectory_and_config_defaults():
+    lab = tiny_lab(sampling=DDPMConfig().sampling.__class__(sampler="ddpm", steps=100, guidance=2.0))
+    out = lab.sample_trajectory(["a red circle"], torch.Generator().manual_seed(0), steps=10)
+    assert len(out.intermediates) == 11 and len(out.pred_x0) == 10 and out.nfe == 20
+    assert torch.allclose(out.intermediates[-1].clamp(-1, 1), out.images)
+    assert lab.nfe() == 200  # config defaults: ddpm, 100 steps, guidance 2
+
+
+# ------------------------------------------------------------------------------ training
+class FakeContext:
+    """The StepContext protocol without the trainer: plain backward and step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer, self.step, self.device = optimizer, 0, torch.device("cpu")
+
+    def optimize(self, name: str, loss: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return torch.tensor(0.0)
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+
+def overfit_batch() -> dict:
+    """Four 16x16 images of a coloured square on black."""
+    images = -torch.ones(4, 3, 16, 16)
+    colours = torch.tensor([[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]], dtype=torch.float32)
+    for i, (r, c) in enumerate([(2, 2), (8, 2), (2, 8), (8, 8)]):
+        images[i, :, r:r + 6, c:c + 6] = colours[i][:, None, None]
+    return {"image": images, "caption": ["a red square", "a green square", "a blue square", "a square"],
+            "labels": torch.zeros(4, 1)}
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    lab = DiffusionLab(tiny_config(lr=3e-3, p_uncond=0.0), data_info()).train()
+    ctx = FakeContext(lab.configure_optimizers()["model"])
+    batch = overfit_batch()
+
+    def eval_loss() -> float:  # the same t and eps every time, so losses are comparable
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(123)
+            return sum(lab.loss(batch["image"], batch["caption"]).item() for _ in range(8)) / 8
+
+    before = eval_loss()
+    for _ in range(150):
+        losses = lab.training_step(batch, ctx)
+    after = eval_loss()
+    assert set(losses) == {"loss"} and ctx.step == 150
+    assert after < before / 10, (before, after)
+
+
+def test_min_snr_weighting_changes_the_loss_only_by_weights():
+    torch.manual_seed(0)
+    lab = tiny_lab(min_snr_gamma=5.0)
+    plain = tiny_lab()
+    x0 = overfit_batch()["image"]
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        weighted = lab.loss(x0, ["a red square"] * 4)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        unweighted = plain.loss(x0, ["a red square"] * 4)
+    assert weighted.item() < unweighted.item()  # weights min(SNR, 5) / SNR <= 1
+
+
+# ------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
+def test_presets_compose_and_build(preset):
+    cfg = compose(["model=ddpm", "data=shapes", f"preset={preset}"])
+    assert cfg.model.name == "ddpm" and cfg.model._target_ == "labs.diffusion.DiffusionLab"
+    if preset == "smoke":
+        lab = DiffusionLab(cfg.model, data_info(size=32))
+        assert lab.num_parameters()["total"] < 100_000
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.scheduler.beta_schedule=quadratic", "beta_schedule"),
+    ("model.scheduler.prediction_type=x0", "prediction_type"),
+    ("model.sampling.sampler=euler", "sampling.sampler"),
+    ("model.p_uncond=1.5", "p_uncond"),
+    ("model.unet.self_attention_levels=[5]", "self_attention_levels"),
+    ("model.unet.base_channels=30", "divisible"),
+])
+def test_bad_config_values_fail_clearly(override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose(["model=ddpm", "data=shapes", "preset=smoke", override])

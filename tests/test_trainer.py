@@ -1,0 +1,235 @@
+"""The model-agnostic harness, proven with the tiny two-player lab of tests/tiny_lab.py."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TESTS, subprocess_env
+from lab_utils import checkpoint as ckpt
+from lab_utils.checkpoint import CheckpointError, load_checkpoint, load_lab
+from lab_utils.ema import EMA
+from lab_utils.trainer import DataStream, TrainingDiverged, pick_device, train, warmup_schedule
+from tiny_lab import tiny_config
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, dict[str, float]]:
+    return {row["step"]: {k: v for k, v in row.items() if k.startswith(("loss/", "grad_norm/"))}
+            for row in read_metrics(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    result = train(tiny_config(run_dir))
+    return run_dir, result
+
+
+def test_run_directory_layout(finished_run):
+    run_dir, result = finished_run
+    assert result.step == 8
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    # keep_checkpoints=2: only the newest two step files remain, and last.pt is the newest
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step_00000006.pt", "step_00000008.pt"]
+    assert load_checkpoint(run_dir)["trainer"]["step"] == 8
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_000004.png", "step_000008.png"]
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, 9))
+    # 2 critic updates per step, each on its own batch of 8, so 16 images per step
+    assert rows[-1]["images_seen"] == 8 * 16
+    assert {"loss/critic", "loss/generator", "grad_norm/critic", "grad_norm/generator",
+            "lr/critic", "lr/generator"} <= set(rows[0])
+
+
+def test_checkpoint_rebuilds_model_alone(finished_run):
+    run_dir, _ = finished_run
+    loaded = load_lab(run_dir, ema=False)
+    state = load_checkpoint(run_dir)
+    for name, tensor in loaded.lab.state_dict().items():
+        assert torch.equal(tensor, state["model"][name])
+    with_ema = load_lab(run_dir, ema=True).lab
+    assert torch.equal(with_ema.generator.weight, state["ema"]["generator.weight"])
+    assert not torch.equal(with_ema.generator.weight, loaded.lab.generator.weight)
+    # the config travels with the weights
+    assert loaded.cfg.model.name == "tiny" and loaded.cfg.trainer.steps == 8
+
+
+def test_kill_and_resume_gives_the_same_numbers(tmp_path):
+    """A run killed (SIGKILL) mid-training and resumed ends with exactly the uninterrupted run's numbers."""
+    script = str(TESTS / "tiny_lab.py")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    env = subprocess_env()
+    subprocess.run([sys.executable, script, str(straight)], env=env, check=True, capture_output=True, timeout=300)
+
+    proc = subprocess.Popen([sys.executable, script, str(killed), "--sleep", "0.4"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    target = killed / "checkpoints" / "step_00000004.pt"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), proc.stdout.read().decode()[-2000:]
+    stopped_at = load_checkpoint(killed)["trainer"]["step"]
+    assert 4 <= stopped_at < 8, "the kill must land before the run finished"
+
+    done = subprocess.run([sys.executable, script, str(killed), "--resume"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = load_checkpoint(straight), load_checkpoint(killed)
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for name in a["ema"]:
+        assert torch.equal(a["ema"][name], b["ema"][name]), name
+    assert losses_by_step(straight) == losses_by_step(killed)
+    assert a["trainer"]["data"] == b["trainer"]["data"]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    good = {"trainer": {"step": 1}, "model": {"w": torch.ones(3)}}
+    ckpt.save_checkpoint(good, tmp_path, step=1, keep=3)
+
+    def broken_save(obj, handle):
+        handle.write(b"PK\x03\x04 half a zip file")  # what a kill in the middle of a write leaves
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(ckpt.torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint({"trainer": {"step": 2}, "model": {"w": torch.zeros(3)}}, tmp_path, step=2, keep=3)
+    monkeypatch.undo()
+    state = load_checkpoint(tmp_path)
+    assert state["trainer"]["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_00000001.pt"]
+
+
+def test_corrupt_or_foreign_checkpoints_fail_clearly(tmp_path, finished_run):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(corrupt)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((finished_run[0] / "checkpoints" / "last.pt").read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.ones(1)}}, foreign)
+    with pytest.raises(CheckpointError, match="not a genlab checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="belongs to model 'tiny', not 'ddpm'"):
+        load_lab(finished_run[0], expect_model="ddpm")
+    with pytest.raises(CheckpointError, match="no such run directory"):
+        load_checkpoint(tmp_path / "nowhere")
+    # weights that do not fit the model its config builds
+    state = load_checkpoint(finished_run[0])
+    state["model"]["generator.weight"] = torch.zeros(3, 3)
+    edited = tmp_path / "edited.pt"
+    torch.save(state, edited)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_lab(edited)
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match=r"at step 5.*step_00000004\.pt"):
+        train(tiny_config(run_dir, explode_at=5))
+    state = load_checkpoint(run_dir)
+    assert state["trainer"]["step"] == 4
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_existing_run_is_not_overwritten(finished_run):
+    run_dir, _ = finished_run
+    before = (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="resume="):
+        train(tiny_config(run_dir))
+    assert (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns == before
+
+
+def test_resuming_a_finished_run_with_more_steps_continues(tmp_path, finished_run):
+    import shutil
+
+    run_dir = tmp_path / "more"
+    shutil.copytree(finished_run[0], run_dir)
+    cfg = tiny_config(run_dir)
+    cfg.trainer.steps = 10
+    result = train(cfg, resume=run_dir)
+    assert result.step == 10
+    assert [row["step"] for row in read_metrics(run_dir)] == list(range(1, 11))
+
+
+def test_ema_follows_its_equation():
+    model = nn.Module()
+    model.net = nn.Linear(1, 1, bias=False)
+    nn.init.constant_(model.net.weight, 0.0)
+    ema = EMA(model, ["net"], decay=0.9)
+    with torch.no_grad():
+        model.net.weight.fill_(1.0)
+    ema.update(model, step=1)
+    ema.update(model, step=2)
+    # shadow_2 = 0.9 * (0.9 * 0 + 0.1 * 1) + 0.1 * 1 = 0.19
+    assert ema.shadow["net.weight"].item() == pytest.approx(0.19)
+    with ema.applied(model):
+        assert model.net.weight.item() == pytest.approx(0.19)
+    assert model.net.weight.item() == 1.0
+    with pytest.raises(ValueError, match="not submodules"):
+        EMA(model, ["nope"], decay=0.9)
+
+
+def test_warmup_is_linear():
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    schedule = warmup_schedule(optimizer, warmup_steps=4)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+
+def test_data_stream_visits_each_item_once_per_epoch_and_resumes():
+    dataset = [{"image": torch.tensor([float(i)]), "caption": str(i)} for i in range(10)]
+    stream = DataStream(dataset, batch_size=3, seed=7, device=torch.device("cpu"))
+    first_epoch = [next(stream)["image"].flatten().tolist() for _ in range(3)]
+    seen = sorted(v for batch in first_epoch for v in batch)
+    assert len(seen) == 9 and len(set(seen)) == 9  # 3 full batches, the partial one dropped
+    state = stream.state_dict()
+    expected = [next(stream)["image"].flatten().tolist() for _ in range(4)]
+    again = DataStream(dataset, batch_size=3, seed=7, device=torch.device("cpu"))
+    again.load_state_dict(state)
+    assert [next(again)["image"].flatten().tolist() for _ in range(4)] == expected
+    assert state == {"epoch": 0, "position": 3}
+    with pytest.raises(ValueError, match="fewer than trainer.batch_size"):
+        DataStream(dataset, batch_size=11, seed=0, device=torch.device("cpu"))
+
+
+def test_device_choice():
+    assert pick_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else None
+    if expected is None:
+        assert pick_device("auto").type in ("cpu", "mps")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pick_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_training_on_cuda(tmp_path):
+    cfg = tiny_config(tmp_path / "cuda")
+    cfg.trainer.device = "cuda"
+    cfg.trainer.precision = "bf16"
+    result = train(cfg)
+    assert result.step == 8
+    assert load_lab(result.run_dir, device="cuda").lab.device.type == "cuda"

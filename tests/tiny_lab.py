@@ -1,0 +1,124 @@
+"""A tiny two-player lab used to test the harness (no GAN/VAE/diffusion code involved).
+
+It has two optimisers and several "critic" updates per step, each on a fresh batch from
+``ctx.next_batch()``, so it exercises exactly the interface a GAN needs. It draws noise from the
+global RNG, so exact resumption also checks that the RNG state is restored.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lab_utils.lab import DataInfo, Lab
+
+
+@dataclass
+class TinyConfig:
+    _target_: str = "tiny_lab.TinyLab"
+    name: str = "tiny"
+    lr: float = 1e-2
+    n_critic: int = 2
+    z_dim: int = 4
+    explode_at: Optional[int] = None  # the loss becomes NaN at this step (1-based): NaN-guard test
+    sleep: float = 0.0  # seconds per step, so a test can kill the process mid-run
+
+
+def tiny_overrides(run_dir, **model) -> list[str]:
+    """Config overrides that train the tiny lab on a small `shapes` subset."""
+    base = [
+        "preset=smoke", "data=shapes", "data.subset=64", "data.num_test=16", f"run_dir={run_dir}",
+        "trainer.steps=8", "trainer.batch_size=8", "trainer.checkpoint_every=2", "trainer.log_every=1",
+        "trainer.sample_every=4", "trainer.keep_checkpoints=2",
+    ]
+    return base + [f"model.{key}={value}" for key, value in model.items()]
+
+
+def tiny_config(run_dir, **model):
+    """A validated training config for the tiny lab (the model section replaced by TinyConfig)."""
+    from omegaconf import OmegaConf
+
+    from lab_utils.config import compose, validate
+
+    cfg = compose(tiny_overrides(run_dir), check=False)
+    OmegaConf.set_struct(cfg, False)
+    cfg.model = OmegaConf.merge(OmegaConf.structured(TinyConfig), model)
+    cfg.trainer.sample_options = {}  # the composed ddpm preset's sampler options mean nothing here
+    return validate(cfg)
+
+
+class TinyLab(Lab):
+    Config = TinyConfig
+
+    def __init__(self, cfg, data_info: DataInfo):
+        super().__init__(cfg, data_info)
+        pixels = data_info.channels * data_info.image_size**2
+        self.index = {word: i for i, word in enumerate(data_info.vocab)}
+        self.words = nn.EmbeddingBag(len(data_info.vocab), 8)  # caption -> mean word vector
+        self.generator = nn.Linear(8 + cfg.z_dim, pixels)
+        self.critic = nn.Linear(pixels, 1)
+
+    def configure_optimizers(self):
+        return {
+            "generator": torch.optim.Adam(list(self.generator.parameters()) + list(self.words.parameters()),
+                                          lr=self.cfg.lr),
+            "critic": torch.optim.SGD(self.critic.parameters(), lr=self.cfg.lr),
+        }
+
+    def ema_modules(self):
+        return ["generator", "words"]
+
+    def _cond(self, captions: list[str]) -> torch.Tensor:
+        ids = [torch.tensor([self.index.get(w, 1) for w in c.lower().split()] or [2]) for c in captions]
+        offsets = torch.tensor([0] + [len(i) for i in ids[:-1]]).cumsum(0)
+        return self.words(torch.cat(ids).to(self.device), offsets.to(self.device))  # (B, 8)
+
+    def _generate(self, captions: list[str], z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.generator(torch.cat([self._cond(captions), z], dim=1)))  # (B, pixels)
+
+    def training_step(self, batch, ctx):
+        for i in range(self.cfg.n_critic):
+            data = batch if i == 0 else ctx.next_batch()
+            real = data["image"].flatten(1)
+            z = torch.randn(len(real), self.cfg.z_dim, device=self.device)  # global RNG
+            fake = self._generate(data["caption"], z).detach()
+            critic_loss = self.critic(fake).mean() - self.critic(real).mean() + self.critic.weight.pow(2).sum()
+            ctx.optimize("critic", critic_loss)
+        real = batch["image"].flatten(1)
+        z = torch.randn(len(real), self.cfg.z_dim, device=self.device)
+        fake = self._generate(batch["caption"], z)
+        generator_loss = F.mse_loss(fake, real) - 0.01 * self.critic(fake).mean()
+        if self.cfg.explode_at is not None and ctx.step + 1 >= self.cfg.explode_at:
+            generator_loss = generator_loss * float("nan")
+        ctx.optimize("generator", generator_loss)
+        if self.cfg.sleep:
+            time.sleep(self.cfg.sleep)
+        return {"critic": critic_loss.detach(), "generator": generator_loss.detach()}
+
+    @torch.no_grad()
+    def sample(self, prompts, generator=None, scale: float = 1.0):
+        z = torch.randn(len(prompts), self.cfg.z_dim, generator=generator, device=self.device)
+        images = self._generate(list(prompts), scale * z)
+        size = self.data_info.image_size
+        return images.view(len(prompts), self.data_info.channels, size, size)
+
+
+if __name__ == "__main__":  # python tests/tiny_lab.py <run_dir> [--resume] [--sleep S]: used by the kill test
+    import argparse
+
+    import tiny_lab  # the importable module, not __main__, so its TinyConfig is the one validate() sees
+    from lab_utils.trainer import train
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--sleep", type=float, default=0.0)
+    args = parser.parse_args()
+    config = tiny_lab.tiny_config(args.run_dir, sleep=args.sleep)
+    result = train(config, resume=args.run_dir if args.resume else None)
+    print(f"finished step {result.step}")
