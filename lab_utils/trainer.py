@@ -371,10 +371,6 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> TrainResult:
                 f"{run_dir} already holds a run with checkpoints; continue it with `genlab train resume={run_dir}` "
                 "or choose another run_dir"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    _add_file_log(run_dir / "train.log")
-
     train_set = build_dataset(cfg.data, "train")
     data_info = DataInfo.from_dict(state["data_info"]) if state else train_set.data_info()
     lab = build_lab(cfg, data_info).to(device)
@@ -382,6 +378,11 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> TrainResult:
     if state is not None:
         trainer.load_state_dict(state, path)
         trainer.last_checkpoint = path
+    # Nothing is written into the run directory before the data, model and checkpoint all loaded.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    _add_file_log(run_dir / "train.log")
+    if state is not None:
         _truncate_metrics(run_dir, trainer.step)
         log.info("resumed %s at step %d", path, trainer.step)
     n_params = sum(p.numel() for p in lab.parameters())
