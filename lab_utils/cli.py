@@ -137,15 +137,41 @@ def sample_command(cfg: DictConfig) -> None:
         if unknown:
             raise UserError(f"model {loaded.cfg.model.name} does not take option(s) {unknown}; "
                             f"it takes {[k for k in accepted if k not in ('prompts', 'generator')]}")
+    title = f"{loaded.cfg.model.name} step {loaded.state['trainer']['step']}"
+    if method == "reconstruct":
+        images, captions = _reconstructions(loaded, fn, cfg.n, cfg.seed, device)
+        path = save_grid(images, cfg.out, captions=captions, ncols=min(8, cfg.n), title=f"{title}: reconstructions")
+        print(f"wrote {path} ({cfg.n} test images, each above its reconstruction)")
+        return
     prompts = [str(cfg.prompt)] * cfg.n
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     with torch.no_grad():
         images = fn(prompts, generator=generator, **options)
     shown = ", ".join(f"{k}={v}" for k, v in options.items())
     path = save_grid(images, cfg.out, captions=prompts if cfg.n <= 64 else None, ncols=min(8, cfg.n),
-                     title=f"{loaded.cfg.model.name} step {loaded.state['trainer']['step']}"
-                           + (f" ({shown})" if shown else ""))
+                     title=title + (f" ({shown})" if shown else "") + (f": {method}" if method != "sample" else ""))
     print(f"wrote {path} ({cfg.n} images for {cfg.prompt!r}, seed {cfg.seed})")
+
+
+def _reconstructions(loaded, reconstruct, n: int, seed: int, device) -> tuple["torch.Tensor", list[str]]:
+    """``n`` seeded test images of the run's dataset and their reconstructions, in alternating rows of 8."""
+    import torch
+
+    from lab_utils.data import build_dataset
+
+    dataset = build_dataset(loaded.cfg.data, "test")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    items = [dataset[int(i)] for i in order]
+    originals = torch.stack([item["image"] for item in items]).to(device)
+    captions = [item["caption"] for item in items]
+    with torch.no_grad():
+        recons = reconstruct(originals, captions).to(device)
+    images, labels = [], []
+    for start in range(0, len(items), 8):  # a row of originals, then the row of their reconstructions
+        stop = start + 8
+        images += [originals[start:stop], recons[start:stop]]
+        labels += captions[start:stop] + ["reconstruction"] * len(recons[start:stop])
+    return torch.cat(images), labels
 
 
 # ------------------------------------------------------------------------------------ data
