@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +36,17 @@ from lab_utils.plotting import save_grid
 from lab_utils.progress import Progress
 
 log = logging.getLogger("genlab.train")
+
+
+@dataclass
+class Callback:
+    """``fn(trainer) -> {name: value}`` run every ``every`` steps (and at the end); the values go into
+    ``metrics.jsonl`` as ``{"step", "train_seconds", **values}``. It runs under a forked RNG, so
+    whatever randomness it uses (evaluation sampling, metric subsets) never changes the training run.
+    """
+
+    every: int
+    fn: Callable[["Trainer"], dict[str, float] | None]
 
 
 class TrainingDiverged(RuntimeError):
@@ -172,8 +183,9 @@ class _StepContext:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, lab: Lab, train_set: Dataset, data_info: DataInfo,
-                 device: torch.device):
+                 device: torch.device, callbacks: tuple[Callback, ...] = ()):
         self.cfg, self.run_dir, self.lab, self.data_info, self.device = cfg, run_dir, lab, data_info, device
+        self.callbacks = tuple(callbacks)
         tcfg = cfg.trainer
         self.optimizers = lab.configure_optimizers()
         if not self.optimizers:
@@ -245,6 +257,26 @@ class Trainer:
             raise ValueError("trainer.tensorboard=true needs the tensorboard package: pip install 'genlab[tensorboard]'") from None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
+    @contextlib.contextmanager
+    def sampling_weights(self) -> Iterator[Lab]:
+        """The lab in eval mode with its EMA weights swapped in (restored afterwards)."""
+        was_training = self.lab.training
+        self.lab.eval()
+        try:
+            with self.ema.applied(self.lab) if self.ema else contextlib.nullcontext():
+                yield self.lab
+        finally:
+            self.lab.train(was_training)
+
+    def run_callbacks(self, final: bool = False) -> None:
+        for callback in self.callbacks:
+            if not (final or self.step % callback.every == 0):
+                continue
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                values = callback.fn(self)
+            if values:
+                self.log_row({"step": self.step, "train_seconds": round(self.train_seconds, 3), **values})
+
     @torch.no_grad()
     def write_samples(self) -> Path:
         """A grid with the dataset's fixed prompts (rows) and fixed seeds (columns)."""
@@ -252,11 +284,8 @@ class Trainer:
         prompts = list(self.data_info.prompts[: tcfg.num_sample_prompts]) or [""]
         prompts = [p for p in prompts for _ in range(tcfg.samples_per_prompt)]
         generator = torch.Generator(device=self.device).manual_seed(tcfg.sample_seed)
-        was_training = self.lab.training
-        self.lab.eval()
-        with self.ema.applied(self.lab) if self.ema else contextlib.nullcontext():
+        with self.sampling_weights():
             images = self.lab.sample(prompts, generator=generator, **dict(tcfg.sample_options))
-        self.lab.train(was_training)
         return save_grid(images, self.run_dir / "samples" / f"step_{self.step:06d}.png", captions=prompts,
                          ncols=tcfg.samples_per_prompt, title=f"{self.cfg.model.name} step {self.step}")
 
@@ -314,6 +343,8 @@ class Trainer:
                 if tcfg.sample_every and self.step % tcfg.sample_every == 0:
                     self.write_samples()
                     last_grid_step = self.step
+                if self.step < tcfg.steps:
+                    self.run_callbacks()
                 if self.step % tcfg.checkpoint_every == 0 or self.step == tcfg.steps:
                     self.save()
         finally:
@@ -322,6 +353,7 @@ class Trainer:
                 self.writer.close()
         if last_grid_step != self.step:
             self.write_samples()
+        self.run_callbacks(final=True)
         if self.last_checkpoint is None:  # resumed a run that was already finished
             self.last_checkpoint = resolve_checkpoint(self.run_dir)
         losses = {k: v for k, v in last_row.items() if k.startswith(("loss/", "grad_norm/"))}
@@ -343,7 +375,7 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def train(cfg: DictConfig, resume: str | Path | None = None) -> TrainResult:
+def train(cfg: DictConfig, resume: str | Path | None = None, callbacks: tuple[Callback, ...] = ()) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` into ``cfg.run_dir`` (or continue the run at ``resume``).
 
     ``cfg`` must be a validated config (``lab_utils.config.validate``); when resuming it is the
@@ -374,7 +406,7 @@ def train(cfg: DictConfig, resume: str | Path | None = None) -> TrainResult:
     train_set = build_dataset(cfg.data, "train")
     data_info = DataInfo.from_dict(state["data_info"]) if state else train_set.data_info()
     lab = build_lab(cfg, data_info).to(device)
-    trainer = Trainer(cfg, run_dir, lab, train_set, data_info, device)
+    trainer = Trainer(cfg, run_dir, lab, train_set, data_info, device, callbacks)
     if state is not None:
         trainer.load_state_dict(state, path)
         trainer.last_checkpoint = path

@@ -17,7 +17,7 @@ from conftest import TESTS, subprocess_env
 from lab_utils import checkpoint as ckpt
 from lab_utils.checkpoint import CheckpointError, load_checkpoint, load_lab
 from lab_utils.ema import EMA
-from lab_utils.trainer import DataStream, TrainingDiverged, pick_device, train, warmup_schedule
+from lab_utils.trainer import Callback, DataStream, TrainingDiverged, pick_device, train, warmup_schedule
 from tiny_lab import tiny_config
 
 
@@ -27,7 +27,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses_by_step(run_dir: Path) -> dict[int, dict[str, float]]:
     return {row["step"]: {k: v for k, v in row.items() if k.startswith(("loss/", "grad_norm/"))}
-            for row in read_metrics(run_dir)}
+            for row in read_metrics(run_dir) if "loss/generator" in row}
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +168,24 @@ def test_resuming_a_finished_run_with_more_steps_continues(tmp_path, finished_ru
     result = train(cfg, resume=run_dir)
     assert result.step == 10
     assert [row["step"] for row in read_metrics(run_dir)] == list(range(1, 11))
+
+
+def test_callbacks_log_and_never_change_training(tmp_path, finished_run):
+    seen = []
+
+    def noisy_eval(trainer):
+        with trainer.sampling_weights() as lab:
+            assert not lab.training
+            seen.append(trainer.step)
+            torch.randn(1000)  # consumes the RNG: must not change the training run
+            return {"eval/score": float(trainer.step)}
+
+    run_dir = tmp_path / "with_callback"
+    train(tiny_config(run_dir), callbacks=(Callback(every=3, fn=noisy_eval),))
+    assert seen == [3, 6, 8]  # every 3 steps, and at the end
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if "eval/score" in r] == [3, 6, 8]
+    assert losses_by_step(run_dir) == losses_by_step(finished_run[0])
 
 
 def test_ema_follows_its_equation():
