@@ -32,6 +32,9 @@ class ConfigError(ValueError):
 @dataclass
 class TrainerConfig:
     steps: int = 2000  # optimisation steps (a GAN step = n_critic critic updates + 1 generator update)
+    # Optional budgets: training stops at whichever of steps / images / seconds comes first.
+    max_images: Optional[int] = None  # images drawn from the data (all updates of a step count)
+    max_seconds: Optional[float] = None  # seconds spent in training steps (sampling/checkpoints excluded)
     batch_size: int = 64
     device: str = "auto"  # auto = cuda, then mps, then cpu
     precision: str = "fp32"  # fp32 | bf16 (bf16 autocast is used on CUDA only)
@@ -59,6 +62,9 @@ class TrainerConfig:
             raise ValueError(f"trainer.precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"trainer.ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("max_images", "max_seconds"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"trainer.{name} must be positive or null, got {getattr(self, name)}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"trainer.grad_clip must be positive or null, got {self.grad_clip}")
         if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):

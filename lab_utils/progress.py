@@ -15,30 +15,32 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """Redraws one line on a terminal; prints a line every ``every`` updates otherwise."""
+    """Redraws one line on a terminal, prints one line per update otherwise (the trainer updates it
+    at every ``metrics.jsonl`` row).
 
-    def __init__(self, total: int, start: int = 0, stream: TextIO | None = None, enabled: bool = True,
-                 every: int = 50):
-        self.total = total
-        self.start_step = start
+    Progress is a fraction of the budget (steps, images or seconds, whichever binds), so the ETA
+    is right for step budgets and time budgets alike.
+    """
+
+    def __init__(self, enabled: bool = True, start: float = 0.0, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.interactive = enabled and self.stream.isatty()
-        self.every = max(1, every)
+        self.start_fraction = start
         self.started = time.perf_counter()
+        self.first_step: int | None = None
 
-    def update(self, step: int, losses: dict[str, float]) -> None:
+    def update(self, step: int, fraction: float, losses: dict[str, float]) -> None:
         if not self.enabled:
             return
-        if not self.interactive and step % self.every and step != self.total:
-            return
         elapsed = time.perf_counter() - self.started
-        done = step - self.start_step
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        if self.first_step is None:
+            self.first_step = step - 1
+        rate = (step - self.first_step) / elapsed if elapsed > 0 else 0.0  # steps per second
+        speed = (fraction - self.start_fraction) / elapsed if elapsed > 0 else 0.0  # budget per second
+        eta = format_seconds((1.0 - fraction) / speed) if speed > 0 else "?"
         shown = " ".join(f"{k}={v:.4g}" for k, v in list(losses.items())[:4])
-        line = (f"step {step}/{self.total} [{100 * step / self.total:5.1f}%] {shown} "
-                f"{rate:.2f} it/s ETA {format_seconds(eta) if rate > 0 else '?'}")
+        line = f"step {step} [{100 * min(fraction, 1.0):5.1f}%] {shown} {rate:.2f} it/s ETA {eta}"
         if self.interactive:
             self.stream.write("\r" + line[:160].ljust(100))
         else:

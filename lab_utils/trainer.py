@@ -298,18 +298,28 @@ class Trainer:
                     self.writer.add_scalar(key, value, row["step"])
 
     # ---------------------------------------------------------------- the loop
+    def budget_used(self) -> float:
+        """The fraction of the budget spent: the largest of steps, images and seconds (1.0 = done)."""
+        tcfg = self.cfg.trainer
+        fractions = [self.step / tcfg.steps]
+        if tcfg.max_images is not None:
+            fractions.append(self.images_seen / tcfg.max_images)
+        if tcfg.max_seconds is not None:
+            fractions.append(self.train_seconds / tcfg.max_seconds)
+        return max(fractions)
+
     def fit(self) -> TrainResult:
         tcfg = self.cfg.trainer
         self.lab.train()
-        progress = Progress(tcfg.steps, start=self.step, enabled=tcfg.progress, every=tcfg.log_every)
+        progress = Progress(enabled=tcfg.progress, start=self.budget_used())
         sums: dict[str, torch.Tensor] = {}
-        count, window_start, window_images, last_row = 0, time.perf_counter(), 0, {}
+        count, window_seconds, window_images, last_row = 0, 0.0, 0, {}
         last_grid_step = -1
+        done = self.budget_used() >= 1.0
         try:
-            while self.step < tcfg.steps:
+            while not done:
                 started = time.perf_counter()
                 ctx = _StepContext(self)
-                ctx.images = 0
                 losses = self.lab.training_step(ctx.next_batch(), ctx)
                 named = {**{f"loss/{k}" if "/" not in k else k: v for k, v in losses.items()},
                          **{f"grad_norm/{k}": v for k, v in ctx.grad_norms.items()}}
@@ -323,29 +333,31 @@ class Trainer:
                     self.ema.update(self.lab, self.step)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
-                self.train_seconds += time.perf_counter() - started
+                step_seconds = time.perf_counter() - started
+                self.train_seconds += step_seconds
                 self.images_seen += ctx.images
+                window_seconds += step_seconds
                 window_images += ctx.images
                 count += 1
+                done = self.budget_used() >= 1.0
 
-                if self.step % tcfg.log_every == 0 or self.step == tcfg.steps:
-                    elapsed = time.perf_counter() - window_start
+                if self.step % tcfg.log_every == 0 or done:
                     averages = {key: (value / count).item() for key, value in sums.items()}
                     last_row = {"step": self.step, "epoch": self.stream.epoch, "images_seen": self.images_seen,
                                 "train_seconds": round(self.train_seconds, 3),
-                                "images_per_s": round(window_images / elapsed, 2) if elapsed > 0 else None,
+                                "images_per_s": round(window_images / window_seconds, 2) if window_seconds else None,
                                 **{f"lr/{n}": s.get_last_lr()[0] for n, s in self.schedulers.items()},
                                 **averages}
                     self.log_row(last_row)
-                    progress.update(self.step, {k.removeprefix("loss/"): v for k, v in averages.items()
-                                                if k.startswith("loss/")})
-                    sums, count, window_start, window_images = {}, 0, time.perf_counter(), 0
+                    progress.update(self.step, self.budget_used(), {k.removeprefix("loss/"): v for k, v in
+                                                                    averages.items() if k.startswith("loss/")})
+                    sums, count, window_seconds, window_images = {}, 0, 0.0, 0
                 if tcfg.sample_every and self.step % tcfg.sample_every == 0:
                     self.write_samples()
                     last_grid_step = self.step
-                if self.step < tcfg.steps:
+                if not done:
                     self.run_callbacks()
-                if self.step % tcfg.checkpoint_every == 0 or self.step == tcfg.steps:
+                if self.step % tcfg.checkpoint_every == 0 or done:
                     self.save()
         finally:
             progress.close()

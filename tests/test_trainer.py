@@ -188,6 +188,20 @@ def test_callbacks_log_and_never_change_training(tmp_path, finished_run):
     assert losses_by_step(run_dir) == losses_by_step(finished_run[0])
 
 
+def test_image_and_time_budgets_stop_training(tmp_path):
+    cfg = tiny_config(tmp_path / "images")
+    cfg.trainer.steps, cfg.trainer.max_images = 1000, 40  # 16 images per step -> stops after step 3
+    result = train(cfg)
+    assert (result.step, result.images_seen) == (3, 48)
+    assert load_checkpoint(result.run_dir)["trainer"]["step"] == 3
+    cfg = tiny_config(tmp_path / "seconds", sleep=0.05)
+    cfg.trainer.steps, cfg.trainer.max_seconds = 1000, 0.2
+    result = train(cfg)
+    seconds = [row["train_seconds"] for row in read_metrics(result.run_dir)]  # one row per step
+    assert len(seconds) == result.step < 1000
+    assert seconds[-1] >= 0.2 and all(s < 0.2 for s in seconds[:-1])  # stopped at the first step past 0.2 s
+
+
 def test_ema_follows_its_equation():
     model = nn.Module()
     model.net = nn.Linear(1, 1, bias=False)
