@@ -3,6 +3,7 @@
     genlab train  model=ddpm data=shapes preset=cpu [key=value ...]
     genlab sample run=<run dir or checkpoint> prompt="a red circle" n=16 seed=0 out=grid.png
     genlab data   data=shapes n=64 out=grid.png
+    genlab eval   run=<run dir> eval.num_samples=1000
     genlab notebooks  [--out notebooks/student]
 
 ``genlab <subcommand> --help`` lists the config groups and their choices; ``--cfg job`` prints
@@ -30,6 +31,7 @@ commands:
   train      train a model family:     genlab train model=ddpm data=shapes preset=cpu
   sample     images from a checkpoint: genlab sample run=runs/shapes/ddpm/<date> prompt="a red circle" n=16
   data       look at a dataset:        genlab data data=shapes n=64 out=grid.png
+  eval       metrics of a run:         genlab eval run=runs/shapes/ddpm/<date> eval.num_samples=1000
   notebooks  write the student versions of the notebooks (solutions removed)
 
 `genlab <command> --help` lists the config groups and options; `--cfg job` prints the config.
@@ -201,6 +203,14 @@ def data_command(cfg: DictConfig) -> None:
     print(f"wrote {path}")
 
 
+# ------------------------------------------------------------------------------------ eval
+@_report
+def eval_command(cfg: DictConfig) -> None:
+    from lab_utils.evaluation import eval_command_main
+
+    eval_command_main(cfg)
+
+
 # ------------------------------------------------------------------------------------ entry
 def _hydra_app(config_name: str, task: Callable[[DictConfig], None]) -> Callable[[], None]:
     import hydra
@@ -208,7 +218,12 @@ def _hydra_app(config_name: str, task: Callable[[DictConfig], None]) -> Callable
     return hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")(task)
 
 
-COMMANDS = {"train": ("train", train_command), "sample": ("sample", sample_command), "data": ("dataview", data_command)}
+COMMANDS = {
+    "train": ("train", train_command),
+    "sample": ("sample", sample_command),
+    "data": ("dataview", data_command),
+    "eval": ("eval", eval_command),
+}
 
 
 def notebooks_command(args: list[str]) -> int:

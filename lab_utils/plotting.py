@@ -73,3 +73,88 @@ def save_grid(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def comparison_grid(
+    images: dict[str, torch.Tensor],
+    prompts: Sequence[str],
+    path: str | Path,
+    title: str | None = None,
+    cell_inches: float = 0.9,
+) -> Path:
+    """Families side by side: ``images[family]`` is (P, S, C, H, W) for P prompts (rows) x S seeds.
+
+    Each family gets a block of S columns with its name above; each row starts with its prompt.
+    """
+    families = list(images)
+    n_prompts, n_seeds = images[families[0]].shape[:2]
+    for family, block in images.items():
+        if block.shape[:2] != (n_prompts, n_seeds):
+            raise ValueError(f"{family}: expected {n_prompts} prompts x {n_seeds} seeds, got {tuple(block.shape[:2])}")
+    if len(prompts) != n_prompts:
+        raise ValueError(f"{n_prompts} rows of images but {len(prompts)} prompts")
+    gap = 0.25  # a narrow empty column between families
+    widths = [2.2]
+    for index in range(len(families)):
+        widths += ([gap] if index else []) + [1.0] * n_seeds
+    fig, axes = plt.subplots(
+        n_prompts, len(widths), squeeze=False, gridspec_kw={"width_ratios": widths, "wspace": 0.05, "hspace": 0.08},
+        figsize=(cell_inches * sum(widths), cell_inches * n_prompts + 0.6 + (0.3 if title else 0)),
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, prompt in enumerate(prompts):
+        axes[row, 0].text(0.98, 0.5, "\n".join(textwrap.wrap(prompt or "(empty prompt)", 22)), ha="right",
+                          va="center", fontsize=7, transform=axes[row, 0].transAxes)
+    column = 1
+    for index, family in enumerate(families):
+        column += 1 if index else 0
+        pixels = to_uint8(images[family].flatten(0, 1)).reshape(n_prompts, n_seeds, *images[family].shape[-2:],
+                                                                 images[family].shape[2])
+        for seed in range(n_seeds):
+            for row in range(n_prompts):
+                image = pixels[row, seed]
+                ax = axes[row, column + seed]
+                if image.shape[-1] == 1:
+                    ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+                else:
+                    ax.imshow(image, interpolation="nearest")
+            if seed == n_seeds // 2:
+                axes[0, column + seed].set_title(family, fontsize=9, fontweight="bold")
+        column += n_seeds
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def training_curves(
+    curves: dict[str, dict[str, list[tuple[float, float]]]],
+    path: str | Path,
+    title: str | None = None,
+) -> Path:
+    """One panel per metric; ``curves[metric][family] = [(train_seconds, value), ...]``."""
+    metrics = list(curves)
+    fig, axes = plt.subplots(1, len(metrics), squeeze=False, figsize=(5.2 * len(metrics), 3.8))
+    for ax, metric in zip(axes[0], metrics):
+        for label, points in curves[metric].items():
+            if points:
+                x, y = zip(*points)
+                ax.plot(x, y, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        ax.set_xlabel("training time (s)")
+        ax.set_ylabel(metric)
+        values = [v for points in curves[metric].values() for _, v in points]
+        ax.set_yscale("log" if values and min(values) > 0 else "symlog")  # GAN losses can be negative
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -40,13 +40,24 @@ log = logging.getLogger("genlab.train")
 
 @dataclass
 class Callback:
-    """``fn(trainer) -> {name: value}`` run every ``every`` steps (and at the end); the values go into
-    ``metrics.jsonl`` as ``{"step", "train_seconds", **values}``. It runs under a forked RNG, so
-    whatever randomness it uses (evaluation sampling, metric subsets) never changes the training run.
+    """``fn(trainer) -> {name: value}`` run every ``every`` steps, or each time the training time
+    passes another ``every_seconds`` (evenly spaced points on a wall-clock axis), and at the end.
+    The values go into ``metrics.jsonl`` as ``{"step", "train_seconds", **values}``. It runs under a
+    forked RNG, so whatever randomness it uses (sampling, metric subsets) never changes the training.
     """
 
-    every: int
     fn: Callable[["Trainer"], dict[str, float] | None]
+    every: int | None = None
+    every_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.every is None) == (self.every_seconds is None):
+            raise ValueError("a Callback needs exactly one of every (steps) and every_seconds")
+
+    def due(self, step: int, seconds_before: float, seconds_now: float) -> bool:
+        if self.every is not None:
+            return step % self.every == 0
+        return seconds_now // self.every_seconds > seconds_before // self.every_seconds
 
 
 class TrainingDiverged(RuntimeError):
@@ -268,9 +279,9 @@ class Trainer:
         finally:
             self.lab.train(was_training)
 
-    def run_callbacks(self, final: bool = False) -> None:
+    def run_callbacks(self, seconds_before: float = 0.0, final: bool = False) -> None:
         for callback in self.callbacks:
-            if not (final or self.step % callback.every == 0):
+            if not (final or callback.due(self.step, seconds_before, self.train_seconds)):
                 continue
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 values = callback.fn(self)
@@ -334,6 +345,7 @@ class Trainer:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 step_seconds = time.perf_counter() - started
+                seconds_before = self.train_seconds
                 self.train_seconds += step_seconds
                 self.images_seen += ctx.images
                 window_seconds += step_seconds
@@ -356,7 +368,7 @@ class Trainer:
                     self.write_samples()
                     last_grid_step = self.step
                 if not done:
-                    self.run_callbacks()
+                    self.run_callbacks(seconds_before)
                 if self.step % tcfg.checkpoint_every == 0 or done:
                     self.save()
         finally:

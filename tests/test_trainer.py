@@ -181,11 +181,19 @@ def test_callbacks_log_and_never_change_training(tmp_path, finished_run):
             return {"eval/score": float(trainer.step)}
 
     run_dir = tmp_path / "with_callback"
-    train(tiny_config(run_dir), callbacks=(Callback(every=3, fn=noisy_eval),))
+    train(tiny_config(run_dir), callbacks=(Callback(noisy_eval, every=3),))
     assert seen == [3, 6, 8]  # every 3 steps, and at the end
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows if "eval/score" in r] == [3, 6, 8]
     assert losses_by_step(run_dir) == losses_by_step(finished_run[0])
+
+
+def test_time_based_callbacks_fire_once_per_interval():
+    callback = Callback(lambda trainer: None, every_seconds=1.0)
+    crossings = [callback.due(0, before, after) for before, after in [(0.0, 0.6), (0.6, 1.2), (1.2, 1.9), (1.9, 3.5)]]
+    assert crossings == [False, True, False, True]
+    with pytest.raises(ValueError, match="exactly one"):
+        Callback(lambda trainer: None)
 
 
 def test_image_and_time_budgets_stop_training(tmp_path):
