@@ -4,6 +4,7 @@
     genlab sample run=<run dir or checkpoint> prompt="a red circle" n=16 seed=0 out=grid.png
     genlab data   data=shapes n=64 out=grid.png
     genlab eval   run=<run dir> eval.num_samples=1000
+    genlab compare data=shapes preset=cpu models=[dcgan,vae,ddpm]
     genlab notebooks  [--out notebooks/student]
 
 ``genlab <subcommand> --help`` lists the config groups and their choices; ``--cfg job`` prints
@@ -32,6 +33,7 @@ commands:
   sample     images from a checkpoint: genlab sample run=runs/shapes/ddpm/<date> prompt="a red circle" n=16
   data       look at a dataset:        genlab data data=shapes n=64 out=grid.png
   eval       metrics of a run:         genlab eval run=runs/shapes/ddpm/<date> eval.num_samples=1000
+  compare    every family, same budget: genlab compare data=shapes preset=cpu models=[dcgan,vae,ddpm]
   notebooks  write the student versions of the notebooks (solutions removed)
 
 `genlab <command> --help` lists the config groups and options; `--cfg job` prints the config.
@@ -211,6 +213,14 @@ def eval_command(cfg: DictConfig) -> None:
     eval_command_main(cfg)
 
 
+# ------------------------------------------------------------------------------------ compare
+@_report
+def compare_command(cfg: DictConfig) -> None:
+    from lab_utils.compare import compare
+
+    compare(cfg)
+
+
 # ------------------------------------------------------------------------------------ entry
 def _hydra_app(config_name: str, task: Callable[[DictConfig], None]) -> Callable[[], None]:
     import hydra
@@ -223,6 +233,7 @@ COMMANDS = {
     "sample": ("sample", sample_command),
     "data": ("dataview", data_command),
     "eval": ("eval", eval_command),
+    "compare": ("compare", compare_command),
 }
 
 

@@ -43,10 +43,20 @@ def test_command_line_overrides_win_over_presets():
     assert (cfg.trainer.steps, cfg.trainer.batch_size) == (7, 3)
 
 
-@pytest.mark.parametrize("name", ["sample", "dataview"])
+@pytest.mark.parametrize("name", ["sample", "dataview", "eval", "compare"])
 def test_other_primary_configs_compose(name):
-    cfg = compose(["run=somewhere"] if name == "sample" else [], config_name=name, check=False)
-    assert cfg is not None
+    cfg = compose(["run=somewhere"] if name in ("sample", "eval") else [], config_name=name, check=False)
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_has_a_valid_comparison_budget(preset):
+    from lab_utils.compare import CompareConfig
+    from lab_utils.config import check_section
+
+    cfg = compose([f"preset={preset}"], config_name="compare", check=False)
+    budget = check_section(cfg.compare, CompareConfig, "compare")
+    assert budget.max_seconds is not None or budget.max_images is not None
 
 
 @pytest.mark.parametrize("override,message", [

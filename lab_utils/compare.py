@@ -1,0 +1,304 @@
+"""``genlab compare``: every family on the same data, budget and metrics, in one table and one picture.
+
+For each family in ``models``: train with the preset's matched budget (``compare.max_seconds`` of
+training time or ``compare.max_images`` images drawn, whichever the preset sets) while a callback
+measures KID on a small sample at evenly spaced training times; then evaluate with the same
+settings for every family (``lab_utils.evaluation``). Writes into ``out_dir``:
+
+    results.json, results.md   one row per family: size, budget spent, speed, metrics beside real data
+    samples.png                the same prompts (rows) and seeds (columns) for every family
+    curves.png                 training losses and KID against training time
+    <family>/                  each family's run directory (config, checkpoints, metrics, eval.json)
+
+An interrupted comparison continues where it stopped with ``reuse=true out_dir=<dir>``: finished
+runs and evaluations are reused, an unfinished run is resumed from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lab_utils.config import ConfigError, check_section, compose
+
+log = logging.getLogger("genlab.compare")
+
+
+@dataclass
+class CompareConfig:
+    """``cfg.compare``, set by each preset (``conf/preset/*.yaml``)."""
+
+    max_seconds: Optional[float] = None  # training time per family (the cpu budget: wall-clock binds on a laptop)
+    max_images: Optional[int] = None  # images drawn per family (the gpu budget: reproducible across machines)
+    curve_seconds: float = 30.0  # KID probe every this many seconds of training
+    curve_samples: int = 200  # images per KID probe (real and generated)
+    eval_samples: int = 1000  # images per set in the final evaluation
+    eval_batch_size: int = 250
+    evaluator_preset: str = "cpu"
+    num_prompts: int = 6  # rows of samples.png (the dataset's fixed prompts)
+    seeds: int = 4  # columns per family in samples.png
+
+    def __post_init__(self) -> None:
+        if self.max_seconds is None and self.max_images is None:
+            raise ValueError("compare needs a budget: compare.max_seconds or compare.max_images")
+        for name in ("curve_seconds", "curve_samples", "eval_samples", "eval_batch_size", "num_prompts", "seeds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"compare.{name} must be positive, got {getattr(self, name)}")
+        if self.curve_samples < 4:
+            raise ValueError("compare.curve_samples must be at least 4 (KID needs pairs)")
+
+
+# ------------------------------------------------------------------------------------ training
+def family_config(cfg: DictConfig, model: str, run_dir: Path) -> DictConfig:
+    """The family's training config: its own preset values, the comparison's data and budget."""
+    family = compose([f"model={model}", f"data={cfg.data.name}", f"preset={cfg.preset_name}", f"run_dir={run_dir}",
+                      f"seed={cfg.seed}"], check=False)
+    OmegaConf.set_struct(family, False)
+    family.data = cfg.data  # exactly the same data (and overrides) for every family
+    budget = cfg.compare
+    family.trainer.max_seconds = budget.max_seconds
+    family.trainer.max_images = budget.max_images
+    family.trainer.steps = 10**9  # the budget binds, not the family's step count
+    family.trainer.progress = cfg.get("progress", True)
+    from lab_utils.config import validate
+
+    return validate(family)
+
+
+def run_finished(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint's run spent its budget (the trainer's own stopping rule)."""
+    counters, trainer = state["trainer"], state["config"]["trainer"]
+    return (counters["step"] >= trainer["steps"]
+            or (trainer.get("max_images") is not None and counters["images_seen"] >= trainer["max_images"])
+            or (trainer.get("max_seconds") is not None and counters["train_seconds"] >= trainer["max_seconds"]))
+
+
+def kid_probe(cfg: DictConfig, evaluator, sample_options: dict[str, Any]):
+    """A callback that measures KID of ``curve_samples`` generated images against as many real ones."""
+    from lab_utils.data import build_dataset
+    from lab_utils.evaluation import choose_items, kid, real_images
+    from lab_utils.evaluation.evaluate import generate
+
+    n = cfg.compare.curve_samples
+    train_set, test_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
+    reference = evaluator.embed(real_images(train_set, choose_items(n, len(train_set), cfg.seed)))
+    test_idx = choose_items(n, len(test_set), cfg.seed + 1)
+    prompts = [test_set.describe(labels, template=0) for labels in test_set.labels[test_idx]]
+
+    def probe(trainer) -> dict[str, float]:
+        with trainer.sampling_weights() as lab:
+            images, _ = generate(lab, prompts, cfg.seed, cfg.compare.eval_batch_size, sample_options, trainer.device)
+        fake = evaluator.embed(images)
+        kid_mean, _ = kid(reference.features, fake.features, subset_size=min(n, 100), subsets=20, seed=cfg.seed)
+        return {"curve/kid": kid_mean}
+
+    return probe
+
+
+def train_family(cfg: DictConfig, model: str, evaluator, out_dir: Path) -> dict[str, Any]:
+    from lab_utils.checkpoint import CheckpointError, load_checkpoint
+    from lab_utils.trainer import Callback, train
+
+    run_dir = out_dir / model
+    family = family_config(cfg, model, run_dir)
+    state = None
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        try:
+            state = load_checkpoint(run_dir)
+        except CheckpointError as err:
+            raise ConfigError(f"cannot reuse {run_dir}: {err}") from None
+    started = time.perf_counter()
+    if state is not None and run_finished(state):
+        log.info("%s: reusing the finished run %s", model, run_dir)
+        return {"run_dir": run_dir, "wall_seconds": 0.0, "reused": True}
+    probe = kid_probe(cfg, evaluator, dict(family.trainer.sample_options))
+    callbacks = (Callback(probe, every_seconds=cfg.compare.curve_seconds),)
+    if state is not None:
+        log.info("%s: resuming %s at step %d", model, run_dir, state["trainer"]["step"])
+    train(family, resume=run_dir if state is not None else None, callbacks=callbacks)
+    return {"run_dir": run_dir, "wall_seconds": time.perf_counter() - started, "reused": False}
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def evaluate_family(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], float]:
+    from lab_utils.checkpoint import load_checkpoint
+    from lab_utils.evaluation import evaluate_run
+
+    settings = {"num_samples": cfg.compare.eval_samples, "seed": cfg.seed, "batch_size": cfg.compare.eval_batch_size,
+                "evaluator_preset": cfg.compare.evaluator_preset, "device": cfg.device}
+    path = run_dir / "eval.json"
+    step = load_checkpoint(run_dir)["trainer"]["step"]
+    if cfg.reuse and path.exists():
+        previous = json.loads(path.read_text())
+        if (previous.get("step"), previous.get("num_samples"), previous.get("seed")) == (step, settings["num_samples"],
+                                                                                         cfg.seed):
+            return previous, 0.0
+    started = time.perf_counter()
+    result = evaluate_run(run_dir, settings)
+    return result, time.perf_counter() - started
+
+
+# ------------------------------------------------------------------------------------ figures and table
+@torch.no_grad()
+def sample_block(lab, prompts: list[str], seeds: int, device: torch.device) -> torch.Tensor:
+    """(P, S, C, H, W): column s uses a generator seeded with s, the same for every family."""
+    columns = []
+    for seed in range(seeds):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        columns.append(lab.sample(prompts, generator=generator).cpu())
+    return torch.stack(columns, dim=1)
+
+
+def read_curves(run_dir: Path, model: str) -> dict[str, list[tuple[float, float]]]:
+    """Loss curves (``model: key``) and the KID probe from a run's metrics.jsonl, against training time."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        for key, value in row.items():
+            if key.startswith(("loss/", "curve/")) and value is not None:
+                curves.setdefault(f"{model}: {key}", []).append((row["train_seconds"], value))
+    return curves
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def all_correct(alignment: dict[str, Any], split: str) -> Optional[float]:
+    """All-attributes-correct accuracy on seen or held-out prompts (every prompt is 'seen' without held-out ones)."""
+    part = alignment.get(split)
+    if part is None:
+        return alignment["all"] if split == "seen" else None
+    return part["all"]
+
+
+def results_row(model: str, state: dict[str, Any], evaluation: dict[str, Any], n_params: int) -> dict[str, Any]:
+    counters = state["trainer"]
+    generated, real = evaluation["generated"], evaluation["real_held_out"]
+    metrics = {}
+    for key in ("fid", "kid_mean", "inception_score", "precision", "recall"):
+        metrics[key] = {"generated": generated[key], "real": real[key]}
+    for split in ("seen", "held_out"):
+        metrics[f"alignment_{split}"] = {"generated": all_correct(generated["alignment"], split),
+                                         "real": all_correct(real["alignment"], split)}
+    return {
+        "model": model, "parameters": n_params, "steps": counters["step"],
+        "train_seconds": counters["train_seconds"], "images_seen": counters["images_seen"],
+        "train_images_per_s": counters["images_seen"] / max(counters["train_seconds"], 1e-9),
+        "nfe_per_sample": evaluation["nfe_per_sample"],
+        "sampling_seconds_per_image": evaluation["sampling_seconds_per_image"],
+        "metrics": metrics,
+    }
+
+
+COLUMNS = [("FID", "fid", 3), ("KID", "kid_mean", 2), ("IS", "inception_score", 3), ("precision", "precision", 2),
+           ("recall", "recall", 2), ("align seen", "alignment_seen", 2), ("align held-out", "alignment_held_out", 2)]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = ["family", "params", "train s", "images", "img/s", *[c[0] for c in COLUMNS], "NFE", "s/image"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["model"], f"{row['parameters'] / 1e6:.2f}M", f"{row['train_seconds']:.0f}",
+                 f"{row['images_seen']:,}", f"{row['train_images_per_s']:.0f}"]
+        for _, key, digits in COLUMNS:
+            metric = row["metrics"][key]
+            cells.append(f"{fmt(metric['generated'], digits)} ({fmt(metric['real'], digits)})")
+        cells += [str(row["nfe_per_sample"]), f"{row['sampling_seconds_per_image']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare(cfg: DictConfig) -> dict[str, Any]:
+    """Run the whole comparison described by ``cfg`` (composed ``conf/compare.yaml``); returns results.json's content."""
+    from lab_utils.checkpoint import load_checkpoint, load_lab
+    from lab_utils.evaluation import get_evaluator
+    from lab_utils.plotting import comparison_grid, training_curves
+    from lab_utils.trainer import pick_device
+
+    stages: dict[str, float] = {}
+    started = time.perf_counter()
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.compare = check_section(cfg.get("compare") or {}, CompareConfig, "compare")
+    models = list(cfg.models)
+    available = sorted(p.stem for p in Path(compose_root()).glob("model/*.yaml") if p.stem != "evaluator")
+    unknown = [m for m in models if m not in available]
+    if not models or unknown:
+        raise ConfigError(f"models={models}: {'unknown ' + str(unknown) if unknown else 'empty'}; choose from {available}")
+    out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not cfg.reuse:
+        raise FileExistsError(f"{out_dir} already holds a comparison; pass reuse=true to reuse and resume its runs, "
+                              "or choose another out_dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+
+    tick = time.perf_counter()
+    evaluator = get_evaluator(cfg.data, preset=cfg.compare.evaluator_preset, device=device)
+    stages["evaluator"] = time.perf_counter() - tick
+
+    rows, curves, blocks = [], {"loss": {}, "KID": {}}, {}
+    prompts = None
+    for model in models:
+        trained = train_family(cfg, model, evaluator, out_dir)
+        stages[f"train {model}"] = trained["wall_seconds"]
+        evaluation, seconds = evaluate_family(cfg, trained["run_dir"])
+        stages[f"eval {model}"] = seconds
+        tick = time.perf_counter()
+        loaded = load_lab(trained["run_dir"], device=device)
+        prompts = prompts or list(loaded.lab.data_info.prompts[: cfg.compare.num_prompts])
+        blocks[model] = sample_block(loaded.lab, prompts, cfg.compare.seeds, device)
+        n_params = sum(p.numel() for p in loaded.lab.parameters())
+        rows.append(results_row(model, load_checkpoint(trained["run_dir"]), evaluation, n_params))
+        for name, points in read_curves(trained["run_dir"], model).items():
+            curves["KID" if "curve/kid" in name else "loss"][name.replace(": curve/kid", "")] = points
+        stages[f"figures {model}"] = time.perf_counter() - tick
+
+    title = f"{cfg.data.name}, preset {cfg.preset_name}"
+    comparison_grid(blocks, prompts, out_dir / "samples.png", title=f"{title}: same prompts and seeds")
+    training_curves(curves, out_dir / "curves.png", title=title)
+    stages["total"] = time.perf_counter() - started
+    evaluation_settings = {"num_samples": cfg.compare.eval_samples, "seed": cfg.seed}
+    results = {"data": cfg.data.name, "preset": cfg.preset_name, "budget": OmegaConf.to_container(cfg.compare),
+               "evaluation": evaluation_settings, "evaluator": {"key": evaluator.key,
+                                                                "test_accuracy": evaluator.test_accuracy},
+               "rows": rows, "stage_seconds": stages}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown_table(rows)
+    (out_dir / "results.md").write_text(
+        f"# genlab compare: {title}\n\nBudget per family: {budget_text(cfg.compare)}. "
+        f"Each metric: generated (real held-out images at the same count: the floor for FID/KID, the ceiling "
+        f"for IS, precision, recall and alignment). {cfg.compare.eval_samples} images per set. KID is the mean "
+        f"over subsets. Alignment: share of images whose every prompted attribute the evaluator recovers.\n\n"
+        f"{table}\n\n![samples](samples.png)\n\n![curves](curves.png)\n")
+    print(table)
+    print(f"wrote {out_dir / 'results.md'}, results.json, samples.png, curves.png")
+    print("stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+    return results
+
+
+def budget_text(budget: DictConfig) -> str:
+    parts = []
+    if budget.max_seconds is not None:
+        parts.append(f"{budget.max_seconds:g} s of training")
+    if budget.max_images is not None:
+        parts.append(f"{budget.max_images:,} training images")
+    return " or ".join(parts) + " (whichever comes first)" if len(parts) > 1 else parts[0]
+
+
+def compose_root() -> Path:
+    """The folder of the installed configs (``conf/`` in a checkout)."""
+    import genlab_conf
+
+    return Path(genlab_conf.__file__).parent

@@ -1,0 +1,94 @@
+"""`genlab compare` end to end on the smoke preset, and resuming an interrupted comparison."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import subprocess_env
+from lab_utils.checkpoint import list_checkpoints, load_checkpoint
+from lab_utils.compare import CompareConfig, compare, markdown_table, run_finished
+from lab_utils.config import ConfigError, compose
+
+
+@pytest.fixture(scope="module")
+def smoke_comparison(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "smoke"
+    done = subprocess.run([sys.executable, "-m", "lab_utils.cli", "compare", "data=shapes", "preset=smoke",
+                           f"out_dir={out}", "progress=false"], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout
+
+
+def test_compare_writes_every_file(smoke_comparison):
+    out, stdout = smoke_comparison
+    for name in ("results.md", "results.json", "samples.png", "curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 500, name
+    results = json.loads((out / "results.json").read_text())
+    assert [row["model"] for row in results["rows"]] == ["dcgan", "vae", "ddpm"]
+    for row in results["rows"]:
+        assert row["images_seen"] >= 64  # the same image budget for every family
+        assert (out / row["model"] / "eval.json").is_file()
+        for key in ("fid", "kid_mean", "inception_score", "precision", "recall", "alignment_seen"):
+            assert set(row["metrics"][key]) == {"generated", "real"}
+        assert row["metrics"]["fid"]["real"] < row["metrics"]["fid"]["generated"]  # 8 steps: far from real
+    nfe = {row["model"]: row["nfe_per_sample"] for row in results["rows"]}
+    assert nfe["dcgan"] == nfe["vae"] == 1 and nfe["ddpm"] > 1
+    assert "| ddpm |" in stdout and "| family |" in stdout  # the table is printed
+    # the KID probe ran during training and is in each run's metrics
+    for model in ("dcgan", "vae", "ddpm"):
+        rows = [json.loads(line) for line in (out / model / "metrics.jsonl").read_text().splitlines()]
+        assert any("curve/kid" in row for row in rows)
+
+
+def test_interrupted_comparison_resumes_and_finished_runs_are_reused(smoke_comparison, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(smoke_comparison[0], out)
+    vae = out / "vae"
+    # Make the VAE run look interrupted: its newest checkpoints and its evaluation are gone.
+    last, *_ = sorted(list_checkpoints(vae), reverse=True)
+    older = [p for p in list_checkpoints(vae) if p != last][-1]
+    last.unlink()
+    shutil.copy(older, vae / "checkpoints" / "last.pt")
+    (vae / "eval.json").unlink()
+    assert not run_finished(load_checkpoint(vae))
+    ddpm_before = (out / "ddpm" / "checkpoints" / "last.pt").stat().st_mtime_ns
+
+    cfg = compose(["data=shapes", "preset=smoke", f"out_dir={out}", "reuse=true", "progress=false"],
+                  config_name="compare", check=False)
+    results = compare(cfg)
+    assert run_finished(load_checkpoint(vae))  # resumed to the end of its budget
+    assert (vae / "eval.json").is_file()
+    assert (out / "ddpm" / "checkpoints" / "last.pt").stat().st_mtime_ns == ddpm_before  # reused, not retrained
+    assert results["stage_seconds"]["train ddpm"] == 0.0 and results["stage_seconds"]["eval ddpm"] == 0.0
+
+
+def test_existing_comparison_needs_reuse(smoke_comparison):
+    cfg = compose(["preset=smoke", f"out_dir={smoke_comparison[0]}"], config_name="compare", check=False)
+    with pytest.raises(FileExistsError, match="reuse=true"):
+        compare(cfg)
+
+
+def test_bad_models_and_budgets_fail_clearly(tmp_path):
+    cfg = compose(["preset=smoke", f"out_dir={tmp_path / 'x'}", "models=[dcgan,nope]"], config_name="compare",
+                  check=False)
+    with pytest.raises(ConfigError, match="unknown.*nope"):
+        compare(cfg)
+    with pytest.raises(ValueError, match="needs a budget"):
+        CompareConfig()
+
+
+def test_markdown_table_shows_real_reference_beside_each_metric():
+    metric = {"generated": 12.5, "real": 1.25}
+    row = {"model": "vae", "parameters": 1_500_000, "train_seconds": 150.0, "images_seen": 30000,
+           "train_images_per_s": 200.0, "nfe_per_sample": 1, "sampling_seconds_per_image": 0.001,
+           "metrics": {key: metric for key in ("fid", "kid_mean", "inception_score", "precision", "recall",
+                                               "alignment_seen", "alignment_held_out")}}
+    table = markdown_table([row]).splitlines()
+    assert table[0].startswith("| family | params")
+    assert "| vae | 1.50M | 150 | 30,000 | 200 | 12.5 (1.25) |" in table[2]
