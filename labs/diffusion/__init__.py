@@ -1,0 +1,38 @@
+"""The diffusion lab: a small text-conditioned DDPM with DDPM/DDIM samplers and classifier-free guidance.
+
+    scheduler.py  the noise schedule, forward process and reverse updates (no network, no parameters)
+    unet.py       the UNet eps_theta(x_t, t, c) with self- and cross-attention
+    sampling.py   the DDPM and DDIM loops over the scheduler, and classifier-free guidance
+    lab.py        DDPMConfig and DiffusionLab (training loss, the sampling pipeline)
+
+    genlab train model=ddpm data=shapes preset=cpu
+    genlab sample run=<dir> prompt="a red circle" sampler=ddim steps=50 guidance=3 n=16
+"""
+
+from .lab import DDPMConfig, DiffusionLab, SamplingConfig
+from .sampling import SAMPLERS, SamplerOutput, classifier_free_guidance, ddim_sample, ddpm_sample
+from .scheduler import NoiseScheduler, SchedulerConfig, SchedulerStep, cosine_betas, linear_betas
+from .unet import CrossAttention, ResBlock, SelfAttention, UNet, UNetConfig, attention, timestep_embedding
+
+__all__ = [
+    "SAMPLERS",
+    "CrossAttention",
+    "DDPMConfig",
+    "DiffusionLab",
+    "NoiseScheduler",
+    "ResBlock",
+    "SamplerOutput",
+    "SamplingConfig",
+    "SchedulerConfig",
+    "SchedulerStep",
+    "SelfAttention",
+    "UNet",
+    "UNetConfig",
+    "attention",
+    "classifier_free_guidance",
+    "cosine_betas",
+    "ddim_sample",
+    "ddpm_sample",
+    "linear_betas",
+    "timestep_embedding",
+]

@@ -1,0 +1,237 @@
+r"""The diffusion family: config, training objective and sampling pipeline.
+
+Training (Ho et al. 2020, Algorithm 1, with the text conditioning of Ho & Salimans 2022):
+
+$L_\text{simple} = \mathbb E_{x_0, c, t, \epsilon}\,\lVert \epsilon - \epsilon_\theta(\sqrt{\bar\alpha_t}x_0 + \sqrt{1-\bar\alpha_t}\epsilon,\ t,\ c)\rVert^2$
+(Ho et al. eq. 14), where the caption $c$ is replaced by the empty prompt with probability
+``p_uncond`` so that one network learns both $\epsilon_\theta(x_t, c)$ and $\epsilon_\theta(x_t, \varnothing)$.
+With ``prediction_type = v`` the target is $v$ instead, and ``min_snr_gamma`` weights each
+sample by $\min(\mathrm{SNR}_t, \gamma)/\mathrm{SNR}_t$ (eps) or $\min(\mathrm{SNR}_t, \gamma)/(\mathrm{SNR}_t + 1)$ (v),
+Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", eq. 8-9.
+
+Sampling (``DiffusionLab.generate``) encodes the prompts once, then runs a DDPM or DDIM
+loop (``sampling.py``) whose ``denoise`` evaluates the UNet on the conditional and the
+unconditional batch together and combines them with classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from lab_utils.lab import DataInfo, Lab, StepContext
+from labs.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, Tokenizer, encode_prompts
+
+from .sampling import SAMPLERS, SamplerOutput, classifier_free_guidance
+from .scheduler import NoiseScheduler, SchedulerConfig
+from .unet import UNet, UNetConfig
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults of ``DiffusionLab.sample``; ``genlab sample sampler=... steps=... guidance=... eta=...`` overrides them."""
+
+    sampler: str = "ddim"  # ddpm (ancestral, Ho et al.) | ddim (Song et al.)
+    steps: int = 50  # noise levels visited (<= scheduler.num_train_timesteps)
+    guidance: float = 3.0  # classifier-free guidance scale w (diffusers' guidance_scale); 1 = no guidance
+    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 = DDPM-like
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampling.sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
+        if self.steps < 1:
+            raise ValueError(f"sampling.steps must be >= 1, got {self.steps}")
+        if self.guidance < 0:
+            raise ValueError(f"sampling.guidance must be >= 0, got {self.guidance}")
+        if self.eta < 0:
+            raise ValueError(f"sampling.eta must be >= 0, got {self.eta}")
+
+
+@dataclass
+class DDPMConfig:
+    _target_: str = "labs.diffusion.DiffusionLab"
+    name: str = "ddpm"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(dim=64, depth=2, heads=4))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    p_uncond: float = 0.1  # probability of replacing a caption by "" during training (Ho & Salimans sec. 3.2)
+    min_snr_gamma: Optional[float] = None  # min-SNR loss weighting (Hang et al.); null = plain MSE
+    lr: float = 1e-3  # AdamW learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+
+    def __post_init__(self) -> None:
+        if self.scheduler.num_train_timesteps < self.sampling.steps:
+            raise ValueError(f"sampling.steps={self.sampling.steps} exceeds "
+                             f"scheduler.num_train_timesteps={self.scheduler.num_train_timesteps}")
+        if not 0.0 <= self.p_uncond < 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be positive or null, got {self.min_snr_gamma}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+    @classmethod
+    def from_any(cls, cfg: Any) -> "DDPMConfig":
+        """The typed config from a DDPMConfig, a DictConfig or a plain dict (runs the checks)."""
+        if isinstance(cfg, cls):
+            return cfg
+        if not isinstance(cfg, DictConfig):
+            cfg = OmegaConf.create(cfg)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))
+
+
+class DiffusionLab(Lab):
+    """A text-conditioned DDPM: a text encoder, a UNet and a noise scheduler."""
+
+    Config = DDPMConfig
+
+    def __init__(self, cfg: Any, data_info: DataInfo):
+        super().__init__(cfg, data_info)
+        self.config = config = DDPMConfig.from_any(cfg)  # typed copy of cfg
+        self.tokenizer = Tokenizer(data_info.vocab, max_length=config.text.max_length)
+        self.text_encoder = TextEncoder(config.text, self.tokenizer.vocab_size)
+        self.unet = UNet(config.unet, data_info.channels, cond_dim=config.text.dim)
+        self.scheduler = NoiseScheduler(config.scheduler)  # no parameters: not an nn.Module
+        self.image_shape = (data_info.channels, data_info.image_size, data_info.image_size)
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"model": torch.optim.AdamW(self.parameters(), lr=self.config.lr, betas=tuple(self.config.betas),
+                                           weight_decay=self.config.weight_decay)}
+
+    def ema_modules(self) -> list[str]:
+        return ["unet", "text_encoder"]
+
+    def encode(self, prompts: list[str]) -> TextEncoding:
+        """Tokenize and encode prompts; "" is the unconditional prompt."""
+        return encode_prompts(self.tokenizer, self.text_encoder, list(prompts), device=self.device)
+
+    def forward(self, xt: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The network's prediction (eps or v) for a batch of noisy images and their prompts."""
+        return self.unet(xt, t, self.encode(prompts))
+
+    def loss(self, x0: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """The simple loss (Ho et al. eq. 14) with condition dropout and optional min-SNR weights.
+
+        Uses the global RNG (t, eps, dropout), which the trainer seeds and checkpoints."""
+        B = x0.shape[0]
+        # condition dropout: c <- "" with probability p_uncond
+        drop = torch.rand(B).lt(self.config.p_uncond).tolist()
+        prompts = ["" if dropped else caption for caption, dropped in zip(captions, drop)]
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (B,), device=x0.device)  # t ~ U{0..T-1}
+        eps = torch.randn_like(x0)  # eps ~ N(0, I)
+        xt = self.scheduler.add_noise(x0, eps, t)  # x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
+        target = self.scheduler.target(x0, eps, t)  # eps or v
+        prediction = self(xt, t, prompts)  # eps_theta(x_t, t, c)
+        mse = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if self.config.min_snr_gamma is not None:
+            snr = self.scheduler.snr(t)  # (B,)
+            clipped = snr.clamp(max=self.config.min_snr_gamma)  # min(SNR_t, gamma)
+            mse = mse * (clipped / snr if self.scheduler.prediction_type == "eps" else clipped / (snr + 1))
+        return mse.mean()
+
+    def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        # Minimise || eps - eps_theta(x_t, t, c) ||^2 over the UNet and the text encoder together
+        with ctx.autocast():
+            loss = self.loss(batch["image"], list(batch["caption"]))
+        ctx.optimize("model", loss)
+        return {"loss": loss.detach()}
+
+    # ------------------------------------------------------------------ sampling
+    def _options(self, sampler: str | None, steps: int | None, guidance: float | None,
+                 eta: float | None) -> SamplingConfig:
+        """Fill unset options from the config's defaults, checking them."""
+        default = self.config.sampling
+        return SamplingConfig(
+            sampler=default.sampler if sampler is None else str(sampler),
+            steps=default.steps if steps is None else int(steps),
+            guidance=default.guidance if guidance is None else float(guidance),
+            eta=default.eta if eta is None else float(eta),
+        )
+
+    def nfe(self, sampler: str | None = None, steps: int | None = None, guidance: float | None = None) -> int:
+        """Network evaluations per image: ``steps``, twice that with guidance (w not 0 or 1)."""
+        options = self._options(sampler, steps, guidance, None)
+        return options.steps * (1 if options.guidance in (0.0, 1.0) else 2)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], generator: torch.Generator | None = None, sampler: str | None = None,
+                 steps: int | None = None, guidance: float | None = None, eta: float | None = None,
+                 return_intermediates: bool = False) -> SamplerOutput:
+        """The pipeline: encode the prompts, then loop the sampler with classifier-free guidance.
+
+        Randomness comes from ``generator`` only (a fresh, randomly seeded one if None)."""
+        options = self._options(sampler, steps, guidance, eta)
+        if options.steps > self.scheduler.num_train_timesteps:
+            raise ValueError(f"steps={options.steps} exceeds num_train_timesteps={self.scheduler.num_train_timesteps}")
+        if generator is None:
+            generator = torch.Generator()
+            generator.seed()  # seeds this generator only, not the global RNG
+        prompts = list(prompts)
+        N, w = len(prompts), options.guidance
+        if w == 1.0:
+            cond = self.encode(prompts)  # conditional model only
+        elif w == 0.0:
+            cond = self.encode([""] * N)  # unconditional model only
+        else:
+            cond = self.encode(prompts + [""] * N)  # [c; empty]: (2N, L, D), one text-encoder pass
+
+        def denoise(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if w in (0.0, 1.0):
+                return self.unet(xt, t, cond)  # (N, C, H, W)
+            both = self.unet(torch.cat([xt, xt]), torch.cat([t, t]), cond)  # (2N, C, H, W)
+            out_cond, out_uncond = both.chunk(2)  # 2 x (N, C, H, W)
+            return classifier_free_guidance(out_uncond, out_cond, w)
+
+        loop = SAMPLERS[options.sampler]
+        kwargs = {"eta": options.eta} if options.sampler == "ddim" else {}
+        return loop(denoise, self.scheduler, (N, *self.image_shape), options.steps, generator, self.device,
+                    return_intermediates=return_intermediates, nfe_per_step=1 if w in (0.0, 1.0) else 2, **kwargs)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], generator: torch.Generator | None = None, sampler: str | None = None,
+               steps: int | None = None, guidance: float | None = None, eta: float | None = None) -> torch.Tensor:
+        """Images for ``prompts``, (N, C, H, W) in [-1, 1]; None options take the config's defaults."""
+        return self.generate(prompts, generator, sampler, steps, guidance, eta).images
+
+    def sample_trajectory(self, prompts: list[str], generator: torch.Generator | None = None,
+                          **options: Any) -> SamplerOutput:
+        """Like :meth:`sample`, keeping x_t and the predicted x0 after every step (for the notebook strips)."""
+        return self.generate(prompts, generator, return_intermediates=True, **options)
+
+    @torch.no_grad()
+    def attention_maps(self, xt: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Cross-attention weights of every cross-attention layer for one forward pass.
+
+        Returns {layer name: (B, heads, H, W, L)}: for each word of the prompt, where it is looked at."""
+        layers = self.unet.cross_attention_modules()
+        for layer in layers.values():
+            layer.store_attention = True
+        try:
+            self(xt, t, prompts)
+            maps = {}
+            for name, layer in layers.items():
+                weights = layer.attention_weights  # (B, nh, HW, L)
+                side = int(round(weights.shape[2] ** 0.5))
+                maps[name] = weights.unflatten(2, (side, weights.shape[2] // side))  # (B, nh, H, W, L)
+        finally:
+            for layer in layers.values():
+                layer.store_attention = False
+                layer.attention_weights = None
+        return maps
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts of the UNet, the text encoder and the total."""
+        unet = sum(p.numel() for p in self.unet.parameters())
+        text = sum(p.numel() for p in self.text_encoder.parameters())
+        return {"unet": unet, "text_encoder": text, "total": unet + text}

@@ -1,0 +1,91 @@
+r"""Samplers: short loops over the scheduler's update rule, and classifier-free guidance.
+
+A sampler starts from $x_T \sim \mathcal N(0, I)$ and calls a ``denoise(xt, t)`` function
+(the network, with guidance already applied) once per step. All randomness comes from the
+``generator`` passed in, so the same seed gives the same images and sampling never touches
+the global RNG that training uses.
+
+Guidance convention (this is diffusers' ``guidance_scale``, same number, same meaning):
+
+$\tilde\epsilon = \epsilon_\theta(x_t, \varnothing) + w\,\big(\epsilon_\theta(x_t, c) - \epsilon_\theta(x_t, \varnothing)\big)$
+
+so $w = 1$ is the plain conditional model, $w = 0$ the unconditional one, and $w > 1$
+extrapolates away from the unconditional prediction. Ho & Salimans 2022 (eq. 6) write
+$(1 + w')\,\epsilon_\theta(x_t, c) - w'\,\epsilon_\theta(x_t, \varnothing)$: their $w'$ is our $w - 1$.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .scheduler import NoiseScheduler
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (xt (B,C,H,W), t (B,)) -> model output
+
+
+@dataclass
+class SamplerOutput:
+    """What a sampling loop returns."""
+
+    images: torch.Tensor  # x_0, (B, C, H, W), clamped to [-1, 1]
+    timesteps: torch.Tensor  # the noise levels visited, (steps,)
+    nfe: int  # network evaluations per image (x2 with guidance)
+    intermediates: list[torch.Tensor] = field(default_factory=list)  # x_T, then x_t after each step (on CPU)
+    pred_x0: list[torch.Tensor] = field(default_factory=list)  # \hat x_0 at each step (on CPU)
+
+
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance: float) -> torch.Tensor:
+    r"""$\tilde\epsilon = \epsilon_\varnothing + w\,(\epsilon_c - \epsilon_\varnothing)$ (Ho & Salimans eq. 6 with $w = 1 + w'$).
+
+    Linear in the prediction, so it applies unchanged to v-predictions."""
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+def _start(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+    r"""$x_T \sim \mathcal N(0, I)$, drawn on the generator's device (same seed, same noise on CPU and GPU)."""
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+def ddpm_sample(denoise: Denoiser, scheduler: NoiseScheduler, shape: tuple[int, ...], steps: int,
+                generator: torch.Generator, device: torch.device | str = "cpu",
+                return_intermediates: bool = False, nfe_per_step: int = 1) -> SamplerOutput:
+    """Ancestral sampling (Ho et al. Algorithm 2); ``steps = T`` is the paper's sampler, fewer skip levels."""
+    timesteps = scheduler.inference_timesteps(steps)  # (steps,), T-1 ... 0
+    xt = _start(shape, generator, device)  # x_T
+    intermediates, pred_x0s = [xt.cpu()] if return_intermediates else [], []
+    for i, t in enumerate(timesteps.tolist()):
+        prev_t = timesteps[i + 1].item() if i + 1 < steps else -1  # -1: the clean image
+        model_output = denoise(xt, torch.full((shape[0],), t, device=xt.device, dtype=torch.long))
+        step = scheduler.ddpm_step(model_output, t, xt, prev_t, generator=generator)  # x_{t-1} ~ p(x_{t-1} | x_t)
+        xt = step.prev_sample
+        if return_intermediates:
+            intermediates.append(xt.cpu())
+            pred_x0s.append(step.pred_x0.cpu())
+    return SamplerOutput(images=xt.clamp(-1, 1), timesteps=timesteps, nfe=steps * nfe_per_step,
+                         intermediates=intermediates, pred_x0=pred_x0s)
+
+
+def ddim_sample(denoise: Denoiser, scheduler: NoiseScheduler, shape: tuple[int, ...], steps: int,
+                generator: torch.Generator, device: torch.device | str = "cpu", eta: float = 0.0,
+                return_intermediates: bool = False, nfe_per_step: int = 1) -> SamplerOutput:
+    """DDIM (Song et al. eq. 12) over ``steps`` evenly spaced levels; ``eta = 0`` is deterministic given x_T."""
+    timesteps = scheduler.inference_timesteps(steps)  # (steps,), T-1 ... 0
+    xt = _start(shape, generator, device)  # x_T
+    intermediates, pred_x0s = [xt.cpu()] if return_intermediates else [], []
+    for i, t in enumerate(timesteps.tolist()):
+        prev_t = timesteps[i + 1].item() if i + 1 < steps else -1  # -1: the clean image
+        model_output = denoise(xt, torch.full((shape[0],), t, device=xt.device, dtype=torch.long))
+        step = scheduler.ddim_step(model_output, t, xt, prev_t, eta=eta, generator=generator)  # x_t -> x_{t_prev}
+        xt = step.prev_sample
+        if return_intermediates:
+            intermediates.append(xt.cpu())
+            pred_x0s.append(step.pred_x0.cpu())
+    return SamplerOutput(images=xt.clamp(-1, 1), timesteps=timesteps, nfe=steps * nfe_per_step,
+                         intermediates=intermediates, pred_x0=pred_x0s)
+
+
+SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+
