@@ -1,0 +1,270 @@
+r"""The VAE family: config, the training objective and the three ways to use a trained model.
+
+Training maximises the (beta-weighted) ELBO of a conditional VAE, one reparameterised sample
+per image (Kingma & Welling 2014, eq. 10; Higgins et al. 2017, eq. 4):
+
+$\text{loss} = \mathbb E_{x, c}\big[-\log p_\theta(x \mid z, c) + \beta_t\, D_{KL}(q_\phi(z \mid x, c) \Vert \mathcal N(0, I))\big]$,
+$z = \mu_\phi(x, c) + \sigma_\phi(x, c) \odot \epsilon$
+
+where $c$ is the caption's pooled text vector, replaced by the empty prompt's with probability
+``p_uncond`` (so the same model also samples unconditionally), and $\beta_t$ ramps up from 0
+over ``kl_warmup_steps``. Using the model:
+
+- ``sample``: $z \sim \mathcal N(0, I)$ (times ``temperature``), decode with the prompt;
+- ``reconstruct``: decode the posterior mean $\mu_\phi(x, c)$;
+- ``interpolate``: decode points on the path between two prior draws $z_0, z_1$ (slerp or linear).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lab_utils.lab import DataInfo, Lab, StepContext
+from labs.text_encoder import TextEncoder, TextEncoderConfig, Tokenizer, encode_prompts
+
+from .elbo import (
+    LIKELIHOODS, SIGMA_MODES, ELBOTerms, bits_per_dim, decoded_to_image, kl_divergence, kl_weight, negative_elbo,
+    reconstruction_nll, reparameterize,
+)
+from .model import ConvNetConfig, Decoder, Encoder
+
+INTERPOLATIONS = ("slerp", "linear")
+
+
+@dataclass
+class VAEConfig:
+    _target_: str = "labs.vae.VAELab"
+    name: str = "vae"
+    latent_dim: int = 16  # Z, the size of z
+    conditional: bool = True  # false: a plain VAE that ignores prompts (no text encoder)
+    p_uncond: float = 0.1  # probability of training on the empty prompt instead of the caption
+    net: ConvNetConfig = field(default_factory=ConvNetConfig)
+    text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(dim=64, depth=2, heads=4))
+    likelihood: str = "gaussian"  # gaussian | discretized_gaussian | bernoulli
+    sigma: str = "fixed"  # Gaussian likelihoods: one global sigma, fixed or learned
+    sigma_init: float = 0.2  # the fixed sigma, or the learned one's start (in [-1, 1] pixel units)
+    sigma_min: float = 0.02  # floor of the learned sigma
+    beta: float = 1.0  # KL weight (beta-VAE); 1 = the ELBO
+    kl_warmup_steps: int = 200  # beta_t ramps linearly from 0 to beta over this many steps
+    sample_posterior: bool = True  # false (with beta=0): z = mu, a plain deterministic autoencoder
+    temperature: float = 1.0  # std of the prior draws at sampling time (1 = the prior)
+    interpolation: str = "slerp"  # slerp | linear path between z0 and z1
+    lr: float = 2e-3  # AdamW learning rate of the encoder and decoder
+    text_lr: float = 1e-4  # ... and of the text encoder (a fast one collapses all prompts onto one direction)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+
+    def __post_init__(self) -> None:
+        if self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be positive, got {self.latent_dim}")
+        if not 0.0 <= self.p_uncond < 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {list(LIKELIHOODS)}, got {self.likelihood!r}")
+        if self.sigma not in SIGMA_MODES:
+            raise ValueError(f"sigma must be one of {list(SIGMA_MODES)}, got {self.sigma!r}")
+        if not 0.0 < self.sigma_min <= self.sigma_init:
+            raise ValueError(f"need 0 < sigma_min <= sigma_init, got sigma_min={self.sigma_min}, "
+                             f"sigma_init={self.sigma_init}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.kl_warmup_steps < 0:
+            raise ValueError(f"kl_warmup_steps must be >= 0, got {self.kl_warmup_steps}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.lr <= 0 or self.text_lr <= 0:
+            raise ValueError(f"lr and text_lr must be positive, got lr={self.lr}, text_lr={self.text_lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+    @classmethod
+    def from_any(cls, cfg: Any) -> "VAEConfig":
+        """The typed config from a VAEConfig, a DictConfig or a plain dict (runs the checks)."""
+        if isinstance(cfg, cls):
+            return cfg
+        if not isinstance(cfg, DictConfig):
+            cfg = OmegaConf.create(cfg)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))
+
+
+class VAEOutput(NamedTuple):
+    """One forward pass: the decoded batch and the posterior it came from."""
+
+    recon: torch.Tensor  # (B, C, H, W) decoder output: Gaussian mean or Bernoulli logits
+    mu: torch.Tensor  # (B, Z)
+    logvar: torch.Tensor  # (B, Z)
+    z: torch.Tensor  # (B, Z) the latent that was decoded
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    r"""Spherical interpolation (Shoemake 1985; White 2016 for latents):
+    $\frac{\sin((1-t)\Omega)}{\sin\Omega} z_0 + \frac{\sin(t\Omega)}{\sin\Omega} z_1$, $\cos\Omega = \hat z_0 \cdot \hat z_1$.
+
+    Stays near the shell of radius $\sqrt{Z}$ where Gaussian draws live, whereas the midpoint of a
+    straight line is shorter by about $\sqrt 2$. z0, z1: (B, Z); t: (N,) -> (B, N, Z).
+    """
+    cos_omega = torch.nn.functional.cosine_similarity(z0, z1, dim=1).clamp(-1 + 1e-7, 1 - 1e-7)  # (B,)
+    omega = torch.acos(cos_omega)[:, None, None]  # (B, 1, 1)
+    t = t[None, :, None]  # (1, N, 1)
+    w0 = torch.sin((1 - t) * omega) / torch.sin(omega)  # (B, N, 1)
+    w1 = torch.sin(t * omega) / torch.sin(omega)
+    return w0 * z0[:, None] + w1 * z1[:, None]  # (B, N, Z)
+
+
+class VAELab(Lab):
+    """A (conditional) convolutional VAE: text encoder, encoder, decoder and the ELBO."""
+
+    Config = VAEConfig
+
+    def __init__(self, cfg: Any, data_info: DataInfo):
+        super().__init__(cfg, data_info)
+        self.config = config = VAEConfig.from_any(cfg)  # typed copy of cfg
+        C, S = data_info.channels, data_info.image_size
+        self.image_shape = (C, S, S)
+        cond_dim = config.text.dim if config.conditional else 0
+        if config.conditional:
+            self.tokenizer = Tokenizer(data_info.vocab, max_length=config.text.max_length)
+            self.text_encoder = TextEncoder(config.text, self.tokenizer.vocab_size)
+        self.encoder = Encoder(config.net, C, S, config.latent_dim, cond_dim)
+        self.decoder = Decoder(config.net, C, S, config.latent_dim, cond_dim)
+        # log sigma of the Gaussian likelihood: one global value, a parameter only when learned
+        log_sigma = torch.tensor(math.log(config.sigma_init))
+        if config.sigma == "learned" and config.likelihood != "bernoulli":
+            self.log_sigma = torch.nn.Parameter(log_sigma)
+        else:
+            self.register_buffer("log_sigma", log_sigma)
+
+    # ------------------------------------------------------------------ the model
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor | None:
+        """The pooled text vectors c: (B, D_c), or None for an unconditional VAE."""
+        if not self.config.conditional:
+            return None
+        return encode_prompts(self.tokenizer, self.text_encoder, list(prompts), device=self.device).pooled
+
+    def likelihood_log_sigma(self) -> torch.Tensor:
+        """The Gaussian likelihood's log sigma, floored at log(sigma_min) (a 0-dim tensor)."""
+        return self.log_sigma.clamp(min=math.log(self.config.sigma_min))
+
+    def forward(self, x0: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None) -> VAEOutput:
+        """Encode, draw z = mu + sigma * eps (or take z = mu), decode. x0: (B, C, H, W) in [-1, 1]."""
+        cond = self.encode_prompts(prompts)  # (B, D_c) or None
+        mu, logvar = self.encoder(x0, cond)  # 2 x (B, Z)
+        z = reparameterize(mu, logvar, generator=generator) if self.config.sample_posterior else mu  # (B, Z)
+        return VAEOutput(recon=self.decoder(z, cond), mu=mu, logvar=logvar, z=z)
+
+    def elbo_terms(self, x0: torch.Tensor, prompts: list[str], beta: float = 1.0,
+                   generator: torch.Generator | None = None) -> ELBOTerms:
+        """Reconstruction, KL and beta-weighted loss of a batch, each (B,) in nats per image."""
+        out = self(x0, prompts, generator)
+        log_sigma = self.likelihood_log_sigma()
+        recon = reconstruction_nll(self.config.likelihood, x0, out.recon.float(), log_sigma)  # -log p(x|z)
+        kl = kl_divergence(out.mu.float(), out.logvar.float())  # D_KL(q(z|x) || p(z))
+        return negative_elbo(recon, kl, beta)  # recon + beta * KL
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        text = list(self.text_encoder.parameters()) if self.config.conditional else []
+        text_ids = {id(p) for p in text}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in text_ids]}]
+        if text:
+            groups.append({"params": text, "lr": self.config.text_lr})
+        return {"model": torch.optim.AdamW(groups, lr=self.config.lr, betas=tuple(self.config.betas),
+                                           weight_decay=self.config.weight_decay)}
+
+    def ema_modules(self) -> list[str]:
+        return ["encoder", "decoder"] + (["text_encoder"] if self.config.conditional else [])
+
+    def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        # Maximise the beta-ELBO: minimise -log p(x|z,c) + beta_t KL(q(z|x,c) || N(0, I)), all networks together.
+        x0, captions = batch["image"], list(batch["caption"])
+        drop = torch.rand(len(captions)).lt(self.config.p_uncond).tolist()  # caption dropout: c <- ""
+        prompts = ["" if dropped else caption for caption, dropped in zip(captions, drop)]
+        beta = kl_weight(ctx.step, self.config.beta, self.config.kl_warmup_steps)  # beta_t
+        with ctx.autocast():
+            terms = self.elbo_terms(x0, prompts, beta)
+        loss = terms.loss.mean()  # nats per image, averaged over the batch
+        ctx.optimize("model", loss)
+        dims = x0[0].numel()  # D = C * H * W
+        negative = (terms.recon + terms.kl).detach().mean()  # -ELBO (beta = 1)
+        stats = {
+            "loss": loss.detach(),
+            "stats/recon_nats": terms.recon.detach().mean(),
+            "stats/kl_nats": terms.kl.detach().mean(),
+            "stats/elbo_nats": -negative,
+            "stats/bits_per_dim": bits_per_dim(negative, dims, self.config.likelihood),
+            "stats/beta": torch.tensor(beta),
+        }
+        if self.config.likelihood != "bernoulli":
+            stats["stats/sigma"] = self.likelihood_log_sigma().detach().exp()
+        return stats
+
+    # ------------------------------------------------------------------ using the model
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Images for latents z: (N, Z) and their prompts, (N, C, H, W) in [-1, 1]."""
+        decoded = self.decoder(z.to(self.device), self.encode_prompts(prompts))  # (N, C, H, W)
+        return decoded_to_image(self.config.likelihood, decoded.float())
+
+    def _prior_draw(self, n: int, generator: torch.Generator | None, temperature: float) -> torch.Tensor:
+        """z ~ N(0, temperature^2 I): (n, Z), from ``generator`` only (a freshly seeded one if None)."""
+        if generator is None:
+            generator = torch.Generator()
+            generator.seed()  # seeds this generator only, not the global RNG
+        z = torch.randn((n, self.config.latent_dim), generator=generator, device=generator.device)
+        return temperature * z.to(self.device)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], generator: torch.Generator | None = None,
+               temperature: float | None = None) -> torch.Tensor:
+        """z ~ N(0, I) decoded with each prompt: (N, C, H, W) in [-1, 1] ("" = unconditional)."""
+        temperature = self.config.temperature if temperature is None else float(temperature)
+        z = self._prior_draw(len(prompts), generator, temperature)  # (N, Z)
+        return self.decode(z, list(prompts))
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Decode the posterior mean: x0 (N, C, H, W) in [-1, 1] -> (N, C, H, W) in [-1, 1]."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"reconstruct takes a (N, C, H, W) tensor of images, got {type(images).__name__}")
+        if images.shape[1:] != torch.Size(self.image_shape):
+            raise ValueError(f"images must be (N, {', '.join(map(str, self.image_shape))}), got {tuple(images.shape)}")
+        if len(captions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        cond = self.encode_prompts(captions)
+        mu, _ = self.encoder(images.to(self.device), cond)  # (N, Z): z = mu, no sampling noise
+        return decoded_to_image(self.config.likelihood, self.decoder(mu, cond).float())
+
+    @torch.no_grad()
+    def interpolate(self, prompts: list[str], generator: torch.Generator | None = None,
+                    interpolation: str | None = None, temperature: float | None = None) -> torch.Tensor:
+        """Draw z0, z1 from the prior and decode z_i on the path at t_i = i / (N - 1) with prompt i.
+
+        ``interpolation``: slerp (default, see :func:`slerp`) or linear. -> (N, C, H, W) in [-1, 1]."""
+        interpolation = self.config.interpolation if interpolation is None else str(interpolation)
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {interpolation!r}")
+        temperature = self.config.temperature if temperature is None else float(temperature)
+        n = len(prompts)
+        z0, z1 = self._prior_draw(2, generator, temperature).chunk(2)  # 2 x (1, Z)
+        t = torch.linspace(0, 1, n, device=self.device) if n > 1 else torch.zeros(1, device=self.device)  # (N,)
+        if interpolation == "slerp":
+            z = slerp(z0, z1, t)[0]  # (N, Z)
+        else:
+            z = torch.lerp(z0, z1, t[:, None])  # (1, Z), (N, 1) -> (N, Z): (1 - t) z0 + t z1
+        return self.decode(z, list(prompts))
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts of the encoder, decoder, text encoder and the total."""
+        counts = {name: sum(p.numel() for p in getattr(self, name).parameters())
+                  for name in ("encoder", "decoder", "text_encoder") if hasattr(self, name)}
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
