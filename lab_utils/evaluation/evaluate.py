@@ -1,0 +1,422 @@
+"""Evaluate a trained lab: generate from real test prompts, embed, and compare with real images.
+
+    reference set      ``num_samples`` real TRAIN images (seeded choice)
+    real held-out set  ``num_samples`` real TEST images (seeded; on ``shapes`` a fixed share of them
+                       has an attribute combination held out of training)
+    generated set      one image per real held-out item, from its canonical caption
+                       (``dataset.describe(labels, template=0)``), so the prompts' labels are the targets
+
+Every metric of the generated set against the reference is reported beside the same metric of
+the real held-out set against the reference, at the same sample count: the *floor* of FID/KID
+and the *ceiling* of IS, precision, recall and alignment. A number without its floor means
+little (FID of real-vs-real at 1000 samples is far from 0).
+
+``genlab eval run=<dir>`` is :func:`eval_command_main`; it writes ``<run>/eval.json``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lab_utils.config import ConfigError, check_section
+from lab_utils.evaluation.cache import evaluator_from_run, get_evaluator
+from lab_utils.evaluation.evaluator import (
+    Evaluator, EvaluatorOutput, joint_log_probs, predict_from_logits, quantize, real_images,
+)
+from lab_utils.evaluation.metrics import fid, inception_score, kid, precision_recall, prompt_alignment
+
+log = logging.getLogger("genlab.eval")
+
+
+# ------------------------------------------------------------------------------------ config
+@dataclass
+class EvalConfig:
+    """Schema of the ``eval:`` section of ``conf/eval.yaml`` (values and why are commented there)."""
+
+    num_samples: int = 1000  # images per set (reference, real held-out, generated)
+    batch_size: int = 250  # generation and embedding batch
+    seed: int = 0  # picks the real images and seeds generation (batch b uses seed + b)
+    features: str = "evaluator"  # evaluator | inception (adds the standard Inception FID/KID/IS)
+    inception_weights: Optional[str] = None  # torch-fidelity's pt_inception-2015-12-05 state dict
+    kid_subset_size: int = 500  # at most num_samples / 2, so the subsets differ
+    kid_subsets: int = 100
+    pr_k: int = 3  # k of the k-NN manifolds of precision/recall (Kynkaanniemi et al. use 3)
+    is_splits: int = 10  # Inception Score splits (Salimans et al. use 10)
+    held_out_fraction: float = 0.1  # share of the real held-out set drawn from held-out combinations
+    device: str = "auto"
+    ema: bool = True  # sample with the run's EMA weights
+    sample_options: dict[str, Any] = field(default_factory=dict)  # passed to lab.sample; None values are left out
+    evaluator_preset: str = "cpu"  # training budget of the evaluator when it is not cached yet
+    evaluator_overrides: list[str] = field(default_factory=list)  # e.g. ["model.width=64"]
+    evaluator_run: Optional[str] = None  # use this evaluator run directory instead of the cache
+    train_evaluator: bool = True  # train the evaluator when it is not cached (else: error)
+    cache_dir: Optional[str] = None  # null: $GENLAB_CACHE/evaluators or ~/.cache/genlab/evaluators
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "batch_size", "kid_subset_size", "kid_subsets", "pr_k", "is_splits"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"eval.{name} must be positive, got {getattr(self, name)}")
+        if self.num_samples <= self.pr_k:
+            raise ValueError(f"eval.num_samples={self.num_samples} must exceed eval.pr_k={self.pr_k}")
+        if self.features not in ("evaluator", "inception"):
+            raise ValueError(f"eval.features must be 'evaluator' or 'inception', got {self.features!r}")
+        if self.features == "inception" and not self.inception_weights:
+            raise ValueError("eval.features=inception needs eval.inception_weights=<path to the Inception-v3 "
+                             "weights file> (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+        if not 0 <= self.held_out_fraction <= 1:
+            raise ValueError(f"eval.held_out_fraction must be in [0, 1], got {self.held_out_fraction}")
+
+
+# ------------------------------------------------------------------------------------ Inception
+class InceptionFeatures(nn.Module):
+    """The standard Inception-v3 of FID/IS, as torchmetrics builds it, from a local weights file.
+
+    ``features``: the 2048-d pool features of FID/KID; ``logits``: the 1008 "logits_unbiased"
+    (pool features times the fc weight, no bias) of torchmetrics' Inception Score. Images are
+    uint8, grey ones repeated to 3 channels; the network resizes them to 299 px itself.
+    """
+
+    def __init__(self, weights_path: str | Path):
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"eval.inception_weights={weights_path}: no such file (it should be torch-fidelity's "
+                "weights-inception-2015-12-05-6726825d.pth, a state dict of FeatureExtractorInceptionV3)")
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # cheap: keys only
+            except RuntimeError:  # files in the legacy (pre-zip) format cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"eval.inception_weights={path} is not a readable PyTorch weights file "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        if not isinstance(state, dict) or "fc.weight" not in state or "Mixed_7c.branch_pool.conv.weight" not in state:
+            raise ValueError(f"eval.inception_weights={path} is not an Inception-v3 state dict in torch-fidelity's "
+                             "format (keys such as 'Mixed_7c.branch_pool.conv.weight', 'fc.weight')")
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                      feature_extractor_weights_path=str(path))
+        self.path = str(path)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (N, C, H, W) -> 2048-d features (N, 2048) and logits_unbiased (N, 1008), on the CPU."""
+        device = self.net.fc.weight.device
+        features = []
+        for start in range(0, len(images), batch_size):
+            x = quantize(images[start:start + batch_size]).to(device)  # (B, C, H, W) uint8
+            if x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)  # grey -> RGB, (B, 3, H, W)
+            features.append(self.net(x).cpu())  # (B, 2048)
+        features = torch.cat(features)
+        logits = features @ self.net.fc.weight.cpu().T  # logits_unbiased: no bias, as torchmetrics' IS
+        return features, logits
+
+
+# ------------------------------------------------------------------------------------ result
+@dataclass
+class EvalResult:
+    model: str
+    data: str
+    step: Optional[int]
+    num_samples: int
+    seed: int
+    sample_options: dict[str, Any]
+    nfe_per_sample: int  # network evaluations per image (1 for GAN/VAE, steps (x2 with guidance) for diffusion)
+    sampling_seconds_per_image: float
+    evaluator: dict[str, Any]  # key, test accuracy, number of features and IS classes
+    generated: dict[str, Any]  # generated vs reference
+    real_held_out: dict[str, Any]  # real held-out vs reference: the floor (FID/KID) / ceiling (the rest)
+    held_out_prompts: int  # prompts whose attribute combination was held out of training
+    inception: Optional[dict[str, Any]] = None  # the same with the standard Inception-v3, when asked for
+    eval_seconds: float = 0.0
+    run_dir: Optional[str] = None
+    checkpoint: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: each metric of the generated set with the real set's value in brackets."""
+        return summary_line(self.to_dict())
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    gen, real = result["generated"], result["real_held_out"]
+
+    def pair(key: str, fmt: str) -> str:
+        return f"{format(gen[key], fmt)} (real {format(real[key], fmt)})"
+
+    align = f"align {gen['alignment']['all']:.1%} (real {real['alignment']['all']:.1%})"
+    if gen["alignment"].get("held_out"):
+        align += (f", held-out {gen['alignment']['held_out']['all']:.1%} "
+                  f"(real {real['alignment']['held_out']['all']:.1%})")
+    head = f"{result['model']} step {result['step']} on {result['data']} (n={result['num_samples']}):"
+    parts = [f"FID {pair('fid', '.2f')}", f"KID {pair('kid_mean', '.4f')}", f"IS {pair('inception_score', '.2f')}",
+             f"P {pair('precision', '.3f')}", f"R {pair('recall', '.3f')}", align]
+    if result.get("inception"):
+        inc = result["inception"]
+        parts.append(f"Inception FID {inc['generated']['fid']:.2f} (real {inc['real_held_out']['fid']:.2f})")
+    parts.append(f"NFE {result['nfe_per_sample']}, {1000 * result['sampling_seconds_per_image']:.1f} ms/image")
+    return head + " " + " | ".join(parts)
+
+
+# ------------------------------------------------------------------------------------ sets
+def choose_items(count: int, total: int, seed: int, held_out_mask: Optional[torch.Tensor] = None,
+                 held_out_fraction: float = 0.0) -> torch.Tensor:
+    """``count`` distinct indices of ``total`` items, seeded; with a mask, ``round(fraction * count)`` of them
+    (as many as exist, at most) are held-out items, so held-out alignment is not measured on a handful."""
+    generator = torch.Generator().manual_seed(seed)
+    if count > total:
+        raise ValueError(f"eval.num_samples={count} but the split has only {total} images; lower eval.num_samples")
+    if held_out_mask is None or not held_out_mask.any():
+        return torch.randperm(total, generator=generator)[:count]
+    held = held_out_mask.nonzero().flatten()  # indices of held-out items
+    seen = (~held_out_mask).nonzero().flatten()
+    n_held = min(round(held_out_fraction * count), len(held))
+    if count - n_held > len(seen):
+        raise ValueError(f"eval.num_samples={count} needs {count - n_held} test images of seen combinations, "
+                         f"the split has {len(seen)}; lower eval.num_samples")
+    picked = torch.cat([held[torch.randperm(len(held), generator=generator)[:n_held]],
+                        seen[torch.randperm(len(seen), generator=generator)[:count - n_held]]])
+    return picked[torch.randperm(count, generator=generator)]  # mixed, so every batch has both kinds
+
+
+def nfe_per_sample(lab: nn.Module, sample_options: dict[str, Any]) -> int:
+    """Network evaluations per generated image: ``lab.nfe(**options)`` when the lab has it, else 1."""
+    nfe = getattr(lab, "nfe", None)
+    if not callable(nfe):
+        return 1
+    params = inspect.signature(nfe).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return int(nfe(**{k: v for k, v in sample_options.items() if takes_all or k in params}))
+
+
+def check_sample_options(lab: nn.Module, sample_options: dict[str, Any]) -> None:
+    params = inspect.signature(lab.sample).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [key for key in sample_options if key not in params]
+    if unknown:
+        raise ConfigError(f"eval.sample_options {unknown} are not options of {type(lab).__name__}.sample; it takes "
+                          f"{[k for k in params if k not in ('prompts', 'generator')]}")
+
+
+@torch.no_grad()
+def generate(lab: nn.Module, prompts: list[str], seed: int, batch_size: int, sample_options: dict[str, Any],
+             device: torch.device) -> tuple[torch.Tensor, float]:
+    """uint8 images (N, C, H, W) for ``prompts`` (batch b seeded with ``seed + b``) and seconds per image."""
+    images, seconds = [], 0.0
+    for index, start in enumerate(range(0, len(prompts), batch_size)):
+        batch = prompts[start:start + batch_size]
+        generator = torch.Generator(device=device).manual_seed(seed + index)
+        started = time.perf_counter()
+        out = lab.sample(batch, generator=generator, **sample_options)  # (B, C, H, W) in [-1, 1]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - started
+        if out.ndim != 4 or len(out) != len(batch):
+            raise ValueError(f"{type(lab).__name__}.sample returned shape {tuple(out.shape)} for {len(batch)} prompts")
+        images.append(quantize(out).cpu())  # clamped and quantised like the real images
+    return torch.cat(images), seconds / max(len(prompts), 1)
+
+
+# ------------------------------------------------------------------------------------ metrics of a set
+def kid_subset(subset_size: int, count: int) -> int:
+    """At most half the sample count, so KID's random subsets differ and ``kid_std`` means something."""
+    return max(2, min(subset_size, count // 2))
+
+
+def set_metrics(reference: EvaluatorOutput, other: EvaluatorOutput, targets: torch.Tensor,
+                held_out_mask: Optional[torch.Tensor], attributes: list[str], seed: int, kid_subset_size: int,
+                kid_subsets: int, pr_k: int, is_splits: int) -> dict[str, Any]:
+    """Every metric of ``other`` against ``reference`` (features and logits of the evaluator)."""
+    size = kid_subset(kid_subset_size, min(len(reference.features), len(other.features)))
+    kid_mean, kid_std = kid(reference.features, other.features, size, kid_subsets, seed)
+    is_mean, is_std = inception_score(joint_log_probs(other.logits), is_splits, seed)
+    pr = precision_recall(reference.features, other.features, k=pr_k)
+    return {
+        "fid": fid(reference.features, other.features),
+        "kid_mean": kid_mean, "kid_std": kid_std,
+        "inception_score": is_mean, "inception_score_std": is_std,
+        "precision": pr.precision, "recall": pr.recall,
+        "alignment": prompt_alignment(predict_from_logits(other.logits), targets, held_out_mask, attributes),
+    }
+
+
+def inception_metrics(reference: tuple[torch.Tensor, torch.Tensor], other: tuple[torch.Tensor, torch.Tensor],
+                      seed: int, kid_subset_size: int, kid_subsets: int, is_splits: int) -> dict[str, float]:
+    size = kid_subset(kid_subset_size, min(len(reference[0]), len(other[0])))
+    kid_mean, kid_std = kid(reference[0], other[0], size, kid_subsets, seed)
+    is_mean, is_std = inception_score(other[1], is_splits, seed)
+    return {"fid": fid(reference[0], other[0]), "kid_mean": kid_mean, "kid_std": kid_std,
+            "inception_score": is_mean, "inception_score_std": is_std}
+
+
+# ------------------------------------------------------------------------------------ the evaluation
+def evaluate_lab(
+    lab: nn.Module,
+    data_cfg: Any,
+    evaluator: Evaluator,
+    num_samples: int = 1000,
+    seed: int = 0,
+    batch_size: int = 250,
+    sample_options: Optional[dict[str, Any]] = None,
+    device: str | torch.device = "cpu",
+    *,
+    kid_subset_size: int = 500,
+    kid_subsets: int = 100,
+    pr_k: int = 3,
+    is_splits: int = 10,
+    held_out_fraction: float = 0.1,
+    inception: Optional[InceptionFeatures] = None,
+    model_name: Optional[str] = None,
+    step: Optional[int] = None,
+) -> EvalResult:
+    """Generate ``num_samples`` images from real test prompts and compare them, and real test images,
+    with ``num_samples`` real training images (see the module docstring)."""
+    from lab_utils.data import build_dataset
+
+    started = time.perf_counter()
+    device = torch.device(device)
+    sample_options = {k: v for k, v in dict(sample_options or {}).items() if v is not None}  # None = the default
+    check_sample_options(lab, sample_options)
+    train_set, test_set = build_dataset(data_cfg, "train"), build_dataset(data_cfg, "test")
+    attributes = list(train_set.attributes)
+    if list(evaluator.attributes) != attributes:
+        raise ValueError(f"the evaluator classifies {list(evaluator.attributes)}, the dataset has {attributes}")
+
+    # (1) the real sets, quantised exactly like generated images
+    reference_idx = choose_items(num_samples, len(train_set), seed)
+    test_idx = choose_items(num_samples, len(test_set), seed + 1, test_set.held_out_mask, held_out_fraction)
+    reference_images = real_images(train_set, reference_idx)  # (n, C, S, S) uint8
+    test_images = real_images(test_set, test_idx)
+    targets = test_set.labels[test_idx]  # (n, A): what each prompt asks for
+    held_out_mask = test_set.held_out_mask[test_idx]  # (n,)
+    prompts = [test_set.describe(labels, template=0) for labels in targets]
+
+    # (2) the generated set: one image per real test item, from its canonical caption
+    was_training = lab.training
+    lab.eval()
+    try:
+        generated_images, seconds_per_image = generate(lab, prompts, seed, batch_size, sample_options, device)
+    finally:
+        lab.train(was_training)
+    if generated_images.shape[1:] != test_images.shape[1:]:
+        raise ValueError(f"the lab generates {tuple(generated_images.shape[1:])} images, the dataset has "
+                         f"{tuple(test_images.shape[1:])}")
+
+    # (3) embed every set once; every metric reads these features and logits
+    reference = evaluator.embed(reference_images, batch_size)
+    real = evaluator.embed(test_images, batch_size)
+    fake = evaluator.embed(generated_images, batch_size)
+    options = dict(attributes=attributes, seed=seed, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
+                   pr_k=pr_k, is_splits=is_splits)
+    generated_metrics = set_metrics(reference, fake, targets, held_out_mask, **options)
+    real_metrics = set_metrics(reference, real, targets, held_out_mask, **options)
+
+    inception_result = None
+    if inception is not None:
+        inc_reference = inception.embed(reference_images)
+        inception_result = {
+            "weights": inception.path,
+            "generated": inception_metrics(inc_reference, inception.embed(generated_images), seed,
+                                           kid_subset_size, kid_subsets, is_splits),
+            "real_held_out": inception_metrics(inc_reference, inception.embed(test_images), seed,
+                                               kid_subset_size, kid_subsets, is_splits),
+        }
+
+    name = model_name or getattr(getattr(lab, "cfg", None), "name", None) or type(lab).__name__
+    return EvalResult(
+        model=str(name), data=str(train_set.name), step=step, num_samples=num_samples, seed=seed,
+        sample_options=sample_options, nfe_per_sample=nfe_per_sample(lab, sample_options),
+        sampling_seconds_per_image=seconds_per_image,
+        evaluator={"key": evaluator.key, "test_accuracy": evaluator.test_accuracy,
+                   "num_features": evaluator.num_features, "is_classes": evaluator.num_classes,
+                   "path": evaluator.info.get("path")},
+        generated=generated_metrics, real_held_out=real_metrics, held_out_prompts=int(held_out_mask.sum()),
+        inception=inception_result, eval_seconds=time.perf_counter() - started,
+    )
+
+
+def eval_config(cfg: Any) -> EvalConfig:
+    """The checked :class:`EvalConfig` from an ``eval:`` section (DictConfig or dict) or an EvalConfig."""
+    if isinstance(cfg, EvalConfig):
+        return cfg
+    section = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg or {})
+    return OmegaConf.to_object(check_section(section, EvalConfig, "eval"))
+
+
+def evaluate_run(run_dir: str | Path, eval_cfg: Any = None) -> dict[str, Any]:
+    """Evaluate the run at ``run_dir`` (its EMA weights, its data config) and write ``<run_dir>/eval.json``."""
+    from lab_utils.checkpoint import load_lab
+    from lab_utils.trainer import pick_device
+
+    cfg = eval_config(eval_cfg)
+    device = pick_device(cfg.device)
+    loaded = load_lab(run_dir, device=device, ema=cfg.ema)
+    if loaded.cfg.model.get("name") == "evaluator":
+        raise ValueError(f"{run_dir} is an evaluator run; `genlab eval` evaluates generative models")
+    run_path = loaded.path.parent.parent  # <run>/checkpoints/<file>.pt -> <run>
+    check_sample_options(loaded.lab, {k: v for k, v in cfg.sample_options.items() if v is not None})  # fail early
+    if cfg.evaluator_run:
+        evaluator = evaluator_from_run(cfg.evaluator_run, device=device)
+    else:
+        evaluator = get_evaluator(loaded.cfg.data, cfg.evaluator_overrides, cfg.evaluator_preset, cfg.cache_dir,
+                                  device, train_if_missing=cfg.train_evaluator)
+    inception = InceptionFeatures(cfg.inception_weights).to(device) if cfg.features == "inception" else None
+    result = evaluate_lab(
+        loaded.lab, loaded.cfg.data, evaluator, cfg.num_samples, cfg.seed, cfg.batch_size, cfg.sample_options,
+        device, kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets, pr_k=cfg.pr_k,
+        is_splits=cfg.is_splits, held_out_fraction=cfg.held_out_fraction, inception=inception,
+        model_name=loaded.cfg.model.get("name"), step=int(loaded.state["trainer"]["step"]),
+    )
+    result.run_dir, result.checkpoint = str(run_path), str(loaded.path)
+    out = result.to_dict()
+    out["eval_config"] = asdict(cfg)
+    write_json(out, run_path / "eval.json")
+    return out
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Atomic: a temporary file in the same folder renamed over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def eval_command_main(cfg: DictConfig) -> dict[str, Any]:
+    """Everything ``genlab eval run=<dir> [eval.key=value ...]`` does, given the composed ``conf/eval.yaml``:
+    evaluate, write ``<run>/eval.json``, print a one-line summary, return the results."""
+    if OmegaConf.is_missing(cfg, "run") or not cfg.get("run"):
+        raise ConfigError("which run? pass run=<run directory or checkpoint>, "
+                          "e.g. genlab eval run=runs/shapes/ddpm/<date>")
+    eval_cfg = eval_config(cfg.get("eval") or {})
+    result = evaluate_run(str(cfg.run), eval_cfg)
+    print(summary_line(result))
+    print(f"wrote {Path(result['run_dir']) / 'eval.json'}")
+    return result
