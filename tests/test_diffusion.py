@@ -389,3 +389,30 @@ def test_train_checkpoint_then_genlab_sample_reproduces_pixels(tmp_path, monkeyp
     images = [loaded.lab.sample(["a red circle"] * 2, torch.Generator().manual_seed(0), sampler="ddpm", steps=50)
               for _ in range(2)]
     assert torch.equal(images[0], images[1])
+
+
+# ------------------------------------------------------------------------------ notebook exercises
+def test_exercise_checks_pass_the_reference_and_catch_known_mistakes(capsys):
+    from lab_utils.exercises import diffusion as ex
+
+    def add_noise(x0, eps, t, alpha_bar):
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+    def ddim_step(xt, eps, t, prev_t, alpha_bar):
+        a, a_prev = alpha_bar[t].item(), (alpha_bar[prev_t].item() if prev_t >= 0 else 1.0)
+        return a_prev**0.5 * (xt - (1 - a) ** 0.5 * eps) / a**0.5 + (1 - a_prev) ** 0.5 * eps
+
+    def ddpm_step(xt, eps, t, betas, alpha_bar, z):
+        beta, a, a_prev = betas[t].item(), alpha_bar[t].item(), (alpha_bar[t - 1].item() if t else 1.0)
+        mean = (xt - beta / (1 - a) ** 0.5 * eps) / (1 - beta) ** 0.5
+        return mean if t == 0 else mean + ((1 - a_prev) / (1 - a) * beta) ** 0.5 * z
+
+    assert ex.check_add_noise(add_noise) and ex.check_ddim_step(ddim_step) and ex.check_ddpm_step(ddpm_step)
+    assert ex.check_guidance(classifier_free_guidance) and ex.check_cross_attention(CrossAttention)
+    assert ex.check_attention_weights(lambda q, k, mask: attention(q, k, k, mask, return_weights=True)[1])
+    capsys.readouterr()
+    assert not ex.check_guidance(lambda u, c, w: (1 + w) * c - w * u)
+    assert "Ho & Salimans" in capsys.readouterr().out
+    assert not ex.check_ddim_step(lambda xt, eps, t, p, ab: ddim_step(xt, eps, t, p % len(ab), ab))
+    assert "last" in capsys.readouterr().out

@@ -239,7 +239,7 @@ class NoiseScheduler:
         pred_x0 = self.pred_x0(model_output, xt, t)  # \hat x_0
         pred_eps = self.eps_from_x0(xt, pred_x0, t)  # \hat eps, consistent with the clipped \hat x_0
         # sigma_t(eta), eq. 16
-        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).clamp(min=0).sqrt()
         # "direction pointing to x_t", eq. 12
         direction = self._like((1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt(), xt) * pred_eps
         sigma, alpha_bar_prev = self._like(sigma, xt), self._like(alpha_bar_prev, xt)
