@@ -3,7 +3,8 @@
 For each family in ``models``: train with the preset's matched budget (``compare.max_seconds`` of
 training time or ``compare.max_images`` images drawn, whichever the preset sets) while a callback
 measures KID on a small sample at evenly spaced training times; then evaluate with the same
-settings for every family (``lab_utils.evaluation``). Writes into ``out_dir``:
+settings for every family (``lab_utils.evaluation``), each sampling with its preset's
+``trainer.sample_options`` (the sampler its training grids use). Writes into ``out_dir``:
 
     results.json, results.md   one row per family: size, budget spent, speed, metrics beside real data
     samples.png                the same prompts (rows) and seeds (columns) for every family
@@ -127,14 +128,23 @@ def train_family(cfg: DictConfig, model: str, evaluator, out_dir: Path) -> dict[
 
 
 # ------------------------------------------------------------------------------------ evaluation
+def preset_sample_options(state: dict[str, Any]) -> dict[str, Any]:
+    """The sampling options of the family's preset (``trainer.sample_options``): what its training grids and
+    KID probes use, so the final numbers, the probes and ``samples.png`` all come from the same sampler
+    (DDIM-25 for the DDPM on ``preset=cpu``, which keeps ``make demo`` within its 15 minutes)."""
+    return dict(state["config"]["trainer"].get("sample_options") or {})
+
+
 def evaluate_family(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], float]:
     from lab_utils.checkpoint import load_checkpoint
     from lab_utils.evaluation import evaluate_run
 
+    state = load_checkpoint(run_dir)
+    step = state["trainer"]["step"]
     settings = {"num_samples": cfg.compare.eval_samples, "seed": cfg.seed, "batch_size": cfg.compare.eval_batch_size,
-                "evaluator_preset": cfg.compare.evaluator_preset, "device": cfg.device}
+                "evaluator_preset": cfg.compare.evaluator_preset, "device": cfg.device,
+                "sample_options": preset_sample_options(state)}
     path = run_dir / "eval.json"
-    step = load_checkpoint(run_dir)["trainer"]["step"]
     if cfg.reuse and path.exists():
         previous = json.loads(path.read_text())
         if (previous.get("step"), previous.get("num_samples"), previous.get("seed")) == (step, settings["num_samples"],
@@ -147,12 +157,13 @@ def evaluate_family(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], flo
 
 # ------------------------------------------------------------------------------------ figures and table
 @torch.no_grad()
-def sample_block(lab, prompts: list[str], seeds: int, device: torch.device) -> torch.Tensor:
+def sample_block(lab, prompts: list[str], seeds: int, device: torch.device,
+                 sample_options: dict[str, Any] | None = None) -> torch.Tensor:
     """(P, S, C, H, W): column s uses a generator seeded with s, the same for every family."""
     columns = []
     for seed in range(seeds):
         generator = torch.Generator(device=device).manual_seed(seed)
-        columns.append(lab.sample(prompts, generator=generator).cpu())
+        columns.append(lab.sample(prompts, generator=generator, **(sample_options or {})).cpu())
     return torch.stack(columns, dim=1)
 
 
@@ -258,9 +269,10 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         tick = time.perf_counter()
         loaded = load_lab(trained["run_dir"], device=device)
         prompts = prompts or list(loaded.lab.data_info.prompts[: cfg.compare.num_prompts])
-        blocks[model] = sample_block(loaded.lab, prompts, cfg.compare.seeds, device)
+        state = load_checkpoint(trained["run_dir"])
+        blocks[model] = sample_block(loaded.lab, prompts, cfg.compare.seeds, device, preset_sample_options(state))
         n_params = sum(p.numel() for p in loaded.lab.parameters())
-        rows.append(results_row(model, load_checkpoint(trained["run_dir"]), evaluation, n_params))
+        rows.append(results_row(model, state, evaluation, n_params))
         for name, points in read_curves(trained["run_dir"], model).items():
             curves["KID" if "curve/kid" in name else "loss"][name.replace(": curve/kid", "")] = points
         stages[f"figures {model}"] = time.perf_counter() - tick
