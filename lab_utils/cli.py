@@ -5,7 +5,10 @@
     genlab data   data=shapes n=64 out=grid.png
     genlab eval   run=<run dir> eval.num_samples=1000
     genlab compare data=shapes preset=cpu models=[dcgan,vae,ddpm]
+    genlab bench  model=ddpm data=shapes preset=cpu [trainer.device=cuda]
     genlab notebooks  [--out notebooks/student]
+
+Several processes: ``torchrun --nproc_per_node=N -m genlab train ...`` (see lab_utils.distributed).
 
 ``genlab <subcommand> --help`` lists the config groups and their choices; ``--cfg job`` prints
 the composed config without running.
@@ -34,9 +37,11 @@ commands:
   data       look at a dataset:        genlab data data=shapes n=64 out=grid.png
   eval       metrics of a run:         genlab eval run=runs/shapes/ddpm/<date> eval.num_samples=1000
   compare    every family, same budget: genlab compare data=shapes preset=cpu models=[dcgan,vae,ddpm]
+  bench      speed and speed switches: genlab bench model=ddpm data=shapes preset=cpu
   notebooks  write the student versions of the notebooks (solutions removed)
 
 `genlab <command> --help` lists the config groups and options; `--cfg job` prints the config.
+Several processes or GPUs: torchrun --nproc_per_node=N -m genlab train ...
 """
 
 GROUP_KEYS = ("model", "data", "preset")  # group choices a resumed run cannot change
@@ -100,12 +105,15 @@ def resume_config(run: str, overrides: list[str], composed: DictConfig) -> DictC
 
 @_report
 def train_command(cfg: DictConfig) -> None:
+    from lab_utils.distributed import env_info
     from lab_utils.trainer import train
 
     if cfg.get("resume"):
         cfg = resume_config(cfg.resume, _command_line_overrides(), cfg)
     cfg = validate(cfg)
     result = train(cfg, resume=cfg.get("resume"))
+    if not env_info().is_main:
+        return  # under torchrun, rank 0 reports
     print(f"run: {result.run_dir}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"trained {result.step} steps, {result.images_seen} images in {result.train_seconds:.1f} s "
@@ -221,6 +229,14 @@ def compare_command(cfg: DictConfig) -> None:
     compare(cfg)
 
 
+# ------------------------------------------------------------------------------------ bench
+@_report
+def bench_command(cfg: DictConfig) -> None:
+    from lab_utils.bench import bench_command_main
+
+    bench_command_main(cfg)
+
+
 # ------------------------------------------------------------------------------------ entry
 def _hydra_app(config_name: str, task: Callable[[DictConfig], None]) -> Callable[[], None]:
     import hydra
@@ -234,6 +250,7 @@ COMMANDS = {
     "data": ("dataview", data_command),
     "eval": ("eval", eval_command),
     "compare": ("compare", compare_command),
+    "bench": ("bench", bench_command),
 }
 
 

@@ -36,8 +36,20 @@ class TrainerConfig:
     max_images: Optional[int] = None  # images drawn from the data (all updates of a step count)
     max_seconds: Optional[float] = None  # seconds spent in training steps (sampling/checkpoints excluded)
     batch_size: int = 64
+    # Several processes (torchrun): "global" = batch_size is the global batch, split over the processes
+    # (the same run whatever their number); "per_process" = each process takes batch_size (the global
+    # batch grows with the number of processes; scale the learning rate yourself).
+    batch_scope: str = "global"
     device: str = "auto"  # auto = cuda, then mps, then cpu
-    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast is used on CUDA only)
+    # Speed switches (CUDA unless said otherwise; presets pick sensible values, `genlab bench` measures them):
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + a gradient scaler per optimiser)
+    tf32: bool = True  # TF32 matmuls/convolutions on Ampere and later
+    channels_last: bool = False  # NHWC memory format for the networks and image batches (CPU too)
+    compile: bool = False  # torch.compile each of the lab's networks (not with double backward, e.g. wgan_gp)
+    # NaN/inf guard: "step" checks every loss at once (a host-device sync per update: exact step in the
+    # error), "log" checks the logged averages (no sync inside the step: the GPU choice).
+    nan_check: str = "step"
+    dist_backend: str = "auto"  # several processes: auto = nccl on CUDA, gloo on CPU
     grad_clip: Optional[float] = 1.0  # max global grad norm per optimiser; null disables
     warmup_steps: int = 0  # linear LR warm-up from 0 over this many steps
     ema_decay: float = 0.999  # 0 disables the EMA copy
@@ -58,8 +70,10 @@ class TrainerConfig:
         _positive(self, "steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
                   "num_sample_prompts", "samples_per_prompt")
         _non_negative(self, "warmup_steps", "ema_start", "sample_every", "num_workers")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"trainer.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        for name, choices in (("precision", ("fp32", "bf16", "fp16")), ("batch_scope", ("global", "per_process")),
+                              ("nan_check", ("step", "log")), ("dist_backend", ("auto", "gloo", "nccl"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"trainer.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"trainer.ema_decay must be in [0, 1), got {self.ema_decay}")
         for name in ("max_images", "max_seconds"):

@@ -7,10 +7,11 @@ diffusion model all train through the same loop without special cases:
 - ``configure_optimizers()`` returns *named* optimisers (``{"model": ...}`` or
   ``{"generator": ..., "critic": ...}``);
 - ``training_step(batch, ctx)`` does one step of the family's algorithm. It calls
-  ``ctx.optimize(name, loss)`` once per parameter update (backward, gradient clipping,
-  optimiser and LR-schedule step are the trainer's job) and ``ctx.next_batch()`` when it
-  needs fresh data for another update (critic steps). It returns named scalar losses for
-  logging;
+  ``ctx.optimize(name, loss_fn)`` once per parameter update, where ``loss_fn()`` computes the
+  loss (the trainer runs it under its precision and, with several processes, inside
+  DistributedDataParallel's forward; backward, gradient clipping, optimiser and LR-schedule
+  step are the trainer's job), and ``ctx.next_batch()`` when it needs fresh data for another
+  update (critic steps). It returns named scalar losses for logging;
 - ``ema_modules()`` names the submodules whose exponential moving average is kept and used
   for sampling;
 - ``sample(prompts, generator=..., **options)`` returns images in [-1, 1].
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -57,23 +58,25 @@ class StepContext(Protocol):
     step: int  # number of completed training steps before this one
     device: torch.device
 
-    def optimize(self, name: str, loss: torch.Tensor) -> torch.Tensor:
-        """Backward ``loss``, clip, step optimiser ``name`` and its LR schedule, zero its grads.
-
-        Returns the gradient norm before clipping (a 0-dim tensor).
+    def optimize(self, name: str, loss: Callable[[], Any]) -> Any:
+        """Compute ``loss()`` (a 0-dim tensor, or a dict holding it under ``"loss"``), backward it,
+        clip, step optimiser ``name`` and its LR schedule. Returns what ``loss()`` returned.
         """
 
     def next_batch(self) -> dict[str, Any]:
         """Another batch from the same data stream (already on ``device``)."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The precision context the forward pass should run in."""
+        """The precision context ``optimize`` runs loss functions in (for work outside them)."""
 
 
 class Lab(nn.Module):
     """Base class of every model family. Subclasses set ``Config`` and implement the methods."""
 
     Config: ClassVar[type]  # the dataclass schema of ``cfg.model``
+    # DistributedDataParallel must look for parameters a loss did not use (a GAN's critic update leaves
+    # the generator out). A family whose every update uses every parameter sets False: cheaper.
+    ddp_find_unused_parameters: ClassVar[bool] = True
 
     def __init__(self, cfg: Any, data_info: DataInfo):
         super().__init__()
@@ -96,6 +99,10 @@ class Lab(nn.Module):
     ) -> torch.Tensor:
         """Images for ``prompts``, shape (len(prompts), C, H, W), values in [-1, 1]."""
         raise NotImplementedError
+
+    def benchmark_samplers(self) -> dict[str, dict[str, Any]]:
+        """The sampling settings ``genlab bench`` times: ``{name: options for sample()}``."""
+        return {"default": {}}
 
     @property
     def device(self) -> torch.device:

@@ -287,12 +287,13 @@ class FakeContext:
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer, self.step, self.device = optimizer, 0, torch.device("cpu")
 
-    def optimize(self, name: str, loss: torch.Tensor) -> torch.Tensor:
+    def optimize(self, name: str, loss_fn):
         self.optimizer.zero_grad()
-        loss.backward()
+        output = loss_fn()  # the lab passes a function (the trainer runs it inside DDP's forward)
+        (output["loss"] if isinstance(output, dict) else output).backward()
         self.optimizer.step()
         self.step += 1
-        return torch.tensor(0.0)
+        return output
 
     def autocast(self):
         return contextlib.nullcontext()

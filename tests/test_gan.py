@@ -217,16 +217,17 @@ class RecordingContext:
         self.optimizers = lab.configure_optimizers()
         self.calls: list[tuple[str, set[str]]] = []
 
-    def optimize(self, name, loss):
+    def optimize(self, name, loss_fn):
         optimizer = self.optimizers[name]
         optimizer.zero_grad(set_to_none=True)
         for p in self.lab.parameters():
             p.grad = None
-        loss.backward()
+        output = loss_fn()  # the lab passes a function (the trainer runs it inside DDP's forward)
+        (output["loss"] if isinstance(output, dict) else output).backward()
         names = {n for n, p in self.lab.named_parameters() if p.grad is not None}
         self.calls.append((name, names))
         optimizer.step()
-        return torch.tensor(0.0)
+        return output
 
     def next_batch(self):
         return self.batch

@@ -150,6 +150,15 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
+def test_nan_guard_without_per_step_sync_names_the_window(tmp_path):
+    # nan_check=log (the GPU choice): no host-device sync in the step; the logged averages are checked.
+    cfg = tiny_config(tmp_path / "nan", explode_at=3)
+    cfg.trainer.nan_check, cfg.trainer.log_every, cfg.trainer.checkpoint_every = "log", 4, 2
+    with pytest.raises(TrainingDiverged, match=r"averaged over steps 1-4.*step_00000002\.pt"):
+        train(cfg)
+    assert load_checkpoint(tmp_path / "nan")["trainer"]["step"] == 2  # the last good one is kept
+
+
 def test_existing_run_is_not_overwritten(finished_run):
     run_dir, _ = finished_run
     before = (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns
@@ -251,9 +260,24 @@ def test_data_stream_visits_each_item_once_per_epoch_and_resumes():
     again = DataStream(dataset, batch_size=3, seed=7, device=torch.device("cpu"))
     again.load_state_dict(state)
     assert [next(again)["image"].flatten().tolist() for _ in range(4)] == expected
-    assert state == {"epoch": 0, "position": 3}
-    with pytest.raises(ValueError, match="fewer than trainer.batch_size"):
+    assert state == {"epoch": 0, "position": 3, "global_batch": 3}
+    with pytest.raises(ValueError, match="fewer than one global batch"):
         DataStream(dataset, batch_size=11, seed=0, device=torch.device("cpu"))
+
+
+def test_data_shards_of_several_processes_make_up_the_single_process_batches():
+    dataset = [{"image": torch.tensor([float(i)]), "caption": str(i)} for i in range(50)]
+    cpu = torch.device("cpu")
+    single = DataStream(dataset, batch_size=6, seed=3, device=cpu)
+    shards = [DataStream(dataset, batch_size=2, seed=3, device=cpu, rank=r, world_size=3) for r in range(3)]
+    for _ in range(20):  # 8 global batches per epoch: crosses two epoch boundaries (reshuffled each epoch)
+        whole = sorted(next(single)["image"].flatten().tolist())
+        assert sorted(v for shard in shards for v in next(shard)["image"].flatten().tolist()) == whole
+    assert single.epoch == shards[0].epoch == 2
+    # A position saved by 3 processes resumes in 1 (the global batch is the same) and vice versa.
+    resumed = DataStream(dataset, batch_size=6, seed=3, device=cpu)
+    resumed.load_state_dict(shards[0].state_dict())
+    assert sorted(next(resumed)["image"].flatten().tolist()) == sorted(next(single)["image"].flatten().tolist())
 
 
 def test_device_choice():
@@ -266,10 +290,14 @@ def test_device_choice():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_bf16_training_on_cuda(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_on_cuda(tmp_path, precision):
     cfg = tiny_config(tmp_path / "cuda")
-    cfg.trainer.device = "cuda"
-    cfg.trainer.precision = "bf16"
+    cfg.trainer.device, cfg.trainer.precision, cfg.trainer.nan_check = "cuda", precision, "log"
     result = train(cfg)
     assert result.step == 8
+    state = load_checkpoint(result.run_dir)
+    assert bool(state["scalers"]) == (precision == "fp16")  # fp16 keeps a gradient scaler per optimiser
     assert load_lab(result.run_dir, device="cuda").lab.device.type == "cuda"
+    cfg.trainer.steps = 10  # ... and resumes with it
+    assert train(cfg, resume=result.run_dir).step == 10

@@ -2,7 +2,8 @@
 
 It has two optimisers and several "critic" updates per step, each on a fresh batch from
 ``ctx.next_batch()``, so it exercises exactly the interface a GAN needs. It draws noise from the
-global RNG, so exact resumption also checks that the RNG state is restored.
+global RNG, so exact resumption also checks that the RNG state is restored; with ``noise=False`` its
+losses depend on the batch alone, which lets a test compare runs with different numbers of processes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class TinyConfig:
     z_dim: int = 4
     explode_at: Optional[int] = None  # the loss becomes NaN at this step (1-based): NaN-guard test
     sleep: float = 0.0  # seconds per step, so a test can kill the process mid-run
+    noise: bool = True  # false: z is read off the images, so the loss is a function of the batch alone
 
 
 def tiny_overrides(run_dir, **model) -> list[str]:
@@ -78,6 +80,11 @@ class TinyLab(Lab):
         offsets = torch.tensor([0] + [len(i) for i in ids[:-1]]).cumsum(0)
         return self.words(torch.cat(ids).to(self.device), offsets.to(self.device))  # (B, 8)
 
+    def _noise(self, real: torch.Tensor) -> torch.Tensor:
+        if self.cfg.noise:
+            return torch.randn(len(real), self.cfg.z_dim, device=self.device)  # global RNG
+        return real[:, : self.cfg.z_dim]  # (B, z_dim): a function of the batch
+
     def _generate(self, captions: list[str], z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.generator(torch.cat([self._cond(captions), z], dim=1)))  # (B, pixels)
 
@@ -85,17 +92,20 @@ class TinyLab(Lab):
         for i in range(self.cfg.n_critic):
             data = batch if i == 0 else ctx.next_batch()
             real = data["image"].flatten(1)
-            z = torch.randn(len(real), self.cfg.z_dim, device=self.device)  # global RNG
+            z = self._noise(real)
             fake = self._generate(data["caption"], z).detach()
-            critic_loss = self.critic(fake).mean() - self.critic(real).mean() + self.critic.weight.pow(2).sum()
-            ctx.optimize("critic", critic_loss)
+            critic_loss = ctx.optimize("critic", lambda: self.critic(fake).mean() - self.critic(real).mean()
+                                       + self.critic.weight.pow(2).sum())
         real = batch["image"].flatten(1)
-        z = torch.randn(len(real), self.cfg.z_dim, device=self.device)
-        fake = self._generate(batch["caption"], z)
-        generator_loss = F.mse_loss(fake, real) - 0.01 * self.critic(fake).mean()
-        if self.cfg.explode_at is not None and ctx.step + 1 >= self.cfg.explode_at:
-            generator_loss = generator_loss * float("nan")
-        ctx.optimize("generator", generator_loss)
+        z = self._noise(real)
+        explode = self.cfg.explode_at is not None and ctx.step + 1 >= self.cfg.explode_at
+
+        def generator_loss_fn() -> torch.Tensor:
+            fake = self._generate(batch["caption"], z)
+            loss = F.mse_loss(fake, real) - 0.01 * self.critic(fake).mean()
+            return loss * float("nan") if explode else loss
+
+        generator_loss = ctx.optimize("generator", generator_loss_fn)
         if self.cfg.sleep:
             time.sleep(self.cfg.sleep)
         return {"critic": critic_loss.detach(), "generator": generator_loss.detach()}
@@ -108,8 +118,12 @@ class TinyLab(Lab):
         return images.view(len(prompts), self.data_info.channels, size, size)
 
 
-if __name__ == "__main__":  # python tests/tiny_lab.py <run_dir> [--resume] [--sleep S]: used by the kill test
+if __name__ == "__main__":  # python tests/tiny_lab.py <run_dir> [--resume] [--sleep S] [--no-noise] [key=value ...]
     import argparse
+    import os
+
+    import yaml
+    from omegaconf import OmegaConf
 
     import tiny_lab  # the importable module, not __main__, so its TinyConfig is the one validate() sees
     from lab_utils.trainer import train
@@ -118,7 +132,13 @@ if __name__ == "__main__":  # python tests/tiny_lab.py <run_dir> [--resume] [--s
     parser.add_argument("run_dir")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--sleep", type=float, default=0.0)
-    args = parser.parse_args()
-    config = tiny_lab.tiny_config(args.run_dir, sleep=args.sleep)
+    parser.add_argument("--no-noise", action="store_true", help="losses depend on the batch alone")
+    parser.add_argument("overrides", nargs="*", help="trainer.key=value ...")
+    args = parser.parse_intermixed_args()
+    config = tiny_lab.tiny_config(args.run_dir, sleep=args.sleep, noise=not args.no_noise)
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        OmegaConf.update(config, key, yaml.safe_load(value))
     result = train(config, resume=args.run_dir if args.resume else None)
-    print(f"finished step {result.step}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"finished step {result.step}")

@@ -156,6 +156,7 @@ class EvaluatorLab(Lab):
     """
 
     Config = EvaluatorConfig
+    ddp_find_unused_parameters = False  # every update uses every parameter
     generative = False  # the harness's sample grids mean nothing for this lab
 
     def __init__(self, cfg: Any, data_info: DataInfo):
@@ -176,7 +177,7 @@ class EvaluatorLab(Lab):
         return {"model": self._optimizer}
 
     def lr_factor(self, step: int) -> float:
-        """Cosine decay (Loshchilov & Hutter 2017): $\eta_t = \eta \cdot \tfrac12(1 + \cos(\pi t / T))$, 1 without it.
+        r"""Cosine decay (Loshchilov & Hutter 2017): $\eta_t = \eta \cdot \tfrac12(1 + \cos(\pi t / T))$, 1 without it.
 
         The harness owns warm-up only; the lab scales the warmed-up rate just before each update
         (the trainer's schedule resets it after the update), so resumption stays exact.
@@ -208,13 +209,18 @@ class EvaluatorLab(Lab):
         if self.config.random_flip:
             flip = torch.rand(len(x), device=x.device) < 0.5  # global RNG
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        with ctx.autocast():
-            loss, accuracy = self.loss(x, batch["labels"])
+        accuracy: dict[str, torch.Tensor] = {}
+
+        def classification_loss() -> torch.Tensor:
+            loss, acc = self.loss(x, batch["labels"])
+            accuracy.update(acc)
+            return loss
+
         factor = self.lr_factor(ctx.step)
         if factor != 1.0 and hasattr(self, "_optimizer"):
             for group in self._optimizer.param_groups:
                 group["lr"] = group["lr"] * factor  # eta_t; the trainer's warm-up schedule resets it after the step
-        ctx.optimize("model", loss)
+        loss = ctx.optimize("model", classification_loss)
         return {"loss": loss.detach(), **{f"stats/acc_{name}": acc.detach() for name, acc in accuracy.items()}}
 
     @torch.no_grad()

@@ -94,6 +94,7 @@ class DiffusionLab(Lab):
     """A text-conditioned DDPM: a text encoder, a UNet and a noise scheduler."""
 
     Config = DDPMConfig
+    ddp_find_unused_parameters = False  # every update uses every parameter
 
     def __init__(self, cfg: Any, data_info: DataInfo):
         super().__init__(cfg, data_info)
@@ -142,10 +143,13 @@ class DiffusionLab(Lab):
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         # Minimise || eps - eps_theta(x_t, t, c) ||^2 over the UNet and the text encoder together
-        with ctx.autocast():
-            loss = self.loss(batch["image"], list(batch["caption"]))
-        ctx.optimize("model", loss)
+        loss = ctx.optimize("model", lambda: self.loss(batch["image"], list(batch["caption"])))
         return {"loss": loss.detach()}
+
+    def benchmark_samplers(self) -> dict[str, dict[str, Any]]:
+        """DDIM at 50 steps against DDPM at its full T (both with the configured guidance)."""
+        T = self.scheduler.num_train_timesteps
+        return {"ddim-50": {"sampler": "ddim", "steps": 50}, f"ddpm-{T}": {"sampler": "ddpm", "steps": T}}
 
     # ------------------------------------------------------------------ sampling
     def _options(self, sampler: str | None, steps: int | None, guidance: float | None,

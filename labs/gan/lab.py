@@ -182,16 +182,13 @@ class GANLab(Lab):
         for i in range(cfg.n_critic):
             if i > 0:
                 batch = ctx.next_batch()
-            with ctx.autocast():
-                out = self.critic_step(batch["image"], list(batch["caption"]))
-            ctx.optimize("critic", out["loss"])
+            real = batch  # bound now: the loss function runs inside ctx.optimize
+            out = ctx.optimize("critic", lambda: self.critic_step(real["image"], list(real["caption"])))
             for key, value in out.items():
                 stats[key] = stats.get(key, 0.0) + value.detach() / cfg.n_critic  # mean over critic updates
         # (2) Update G: maximise E[D(G(z, c), c)] (wgan_gp, hinge) or E[log D(G(z, c), c)] (bce,
         #     non-saturating), with the last batch's captions as the prompts.
-        with ctx.autocast():
-            g_loss = self.generator_loss(list(batch["caption"]))
-        ctx.optimize("generator", g_loss)
+        g_loss = ctx.optimize("generator", lambda: self.generator_loss(list(batch["caption"])))
         logged = {"critic": stats.pop("loss"), "generator": g_loss.detach()}
         logged.update({f"stats/{key}": value for key, value in stats.items()})
         return logged

@@ -124,6 +124,7 @@ class VAELab(Lab):
     """A (conditional) convolutional VAE: text encoder, encoder, decoder and the ELBO."""
 
     Config = VAEConfig
+    ddp_find_unused_parameters = False  # every update uses every parameter
 
     def __init__(self, cfg: Any, data_info: DataInfo):
         super().__init__(cfg, data_info)
@@ -189,16 +190,20 @@ class VAELab(Lab):
         drop = torch.rand(len(captions)).lt(self.config.p_uncond).tolist()  # caption dropout: c <- ""
         prompts = ["" if dropped else caption for caption, dropped in zip(captions, drop)]
         beta = kl_weight(ctx.step, self.config.beta, self.config.kl_warmup_steps)  # beta_t
-        with ctx.autocast():
+
+        def elbo_loss() -> dict[str, Any]:
             terms = self.elbo_terms(x0, prompts, beta)
-        loss = terms.loss.mean()  # nats per image, averaged over the batch
-        ctx.optimize("model", loss)
+            # nats per image, averaged over the batch; the per-image terms (B,) for the statistics
+            return {"loss": terms.loss.mean(), "recon": terms.recon, "kl": terms.kl}
+
+        out = ctx.optimize("model", elbo_loss)
+        loss = out["loss"]
         dims = x0[0].numel()  # D = C * H * W
-        negative = (terms.recon + terms.kl).detach().mean()  # -ELBO (beta = 1)
+        negative = (out["recon"] + out["kl"]).detach().mean()  # -ELBO (beta = 1)
         stats = {
             "loss": loss.detach(),
-            "stats/recon_nats": terms.recon.detach().mean(),
-            "stats/kl_nats": terms.kl.detach().mean(),
+            "stats/recon_nats": out["recon"].detach().mean(),
+            "stats/kl_nats": out["kl"].detach().mean(),
             "stats/elbo_nats": -negative,
             "stats/bits_per_dim": bits_per_dim(negative, dims, self.config.likelihood),
             "stats/beta": torch.tensor(beta),
