@@ -61,7 +61,8 @@ def test_every_preset_has_a_valid_comparison_budget(preset):
 
 @pytest.mark.parametrize("override,message", [
     ("trainer.steps=0", "steps must be positive"),
-    ("trainer.precision=fp8", "trainer.precision must be one of \['fp32', 'bf16', 'fp16'\]"),
+    ("trainer.precision=fp8", "trainer.precision must be one of ['fp32', 'bf16', 'fp16'], got 'fp8'"),
+    ("trainer.batch_scope=all", "trainer.batch_scope must be one of ['global', 'per_process']"),
     ("trainer.ema_decay=1.5", "ema_decay must be in"),
     ("trainer.device=tpu", "trainer.device must be"),
     ("data.image_size=3", "image_size"),

@@ -88,7 +88,7 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
 
 
 def frechet_distance_low_rank(x: Any, y: Any) -> float:
-    """The same squared Frechet distance, from the features, for fewer samples than dimensions.
+    r"""The same squared Frechet distance, from the features, for fewer samples than dimensions.
 
     With centred features $A_1$ (n_1, F) and $A_2$ (n_2, F), $\Sigma_i = A_i^\top A_i/(n_i-1)$. The non-zero
     eigenvalues of $\Sigma_1\Sigma_2$ are those of $BB^\top/((n_1-1)(n_2-1))$ with $B = A_1A_2^\top$ (n_1, n_2),
