@@ -131,6 +131,17 @@ def comparison_grid(
     return path
 
 
+def curve_scale(values: list[float]) -> tuple[str, dict[str, float]]:
+    """A y-scale that shows ``values``: linear within two orders of magnitude; else log, or symlog
+    when some are negative (GAN and VAE losses; the unbiased KID dips below 0 near the floor)."""
+    magnitudes = [abs(v) for v in values if v != 0]
+    if not magnitudes or max(magnitudes) / min(magnitudes) < 100:
+        return "linear", {}
+    if min(values) > 0:
+        return "log", {}
+    return "symlog", {"linthresh": max(min(magnitudes), 1e-3)}
+
+
 def training_curves(
     curves: dict[str, dict[str, list[tuple[float, float]]]],
     path: str | Path,
@@ -147,7 +158,8 @@ def training_curves(
         ax.set_xlabel("training time (s)")
         ax.set_ylabel(metric)
         values = [v for points in curves[metric].values() for _, v in points]
-        ax.set_yscale("log" if values and min(values) > 0 else "symlog")  # GAN losses can be negative
+        scale, options = curve_scale(values)
+        ax.set_yscale(scale, **options)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     if title:

@@ -92,3 +92,12 @@ def test_markdown_table_shows_real_reference_beside_each_metric():
     table = markdown_table([row]).splitlines()
     assert table[0].startswith("| family | params")
     assert "| vae | 1.50M | 150 | 30,000 | 200 | 12.5 (1.25) |" in table[2]
+
+
+def test_curve_scales_follow_the_values():
+    from lab_utils.plotting import curve_scale
+
+    assert curve_scale([-0.03, 0.1, 0.6]) == ("linear", {})  # KID near its floor: no log axis
+    assert curve_scale([0.005, 0.3, 2.0]) == ("log", {})  # diffusion loss over training
+    scale, options = curve_scale([-1800.0, -5.0, 0.01, 3.0])  # VAE nats beside GAN losses
+    assert scale == "symlog" and options["linthresh"] == 0.01
