@@ -210,6 +210,8 @@ def results_row(model: str, state: dict[str, Any], evaluation: dict[str, Any], n
         "nfe_per_sample": evaluation["nfe_per_sample"],
         "sampling_seconds_per_image": evaluation["sampling_seconds_per_image"],
         "metrics": metrics,
+        # per attribute the prompts name (all prompts): what "all correct" hides
+        "alignment_per_attribute": dict(generated["alignment"].get("per_attribute", {})),
     }
 
 
@@ -287,17 +289,34 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
                                                                 "test_accuracy": evaluator.test_accuracy},
                "rows": rows, "stage_seconds": stages}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    table = markdown_table(rows)
+    table, attributes = markdown_table(rows), attribute_table(rows)
     (out_dir / "results.md").write_text(
         f"# genlab compare: {title}\n\nBudget per family: {budget_text(cfg.compare)}. "
         f"Each metric: generated (real held-out images at the same count: the floor for FID/KID, the ceiling "
         f"for IS, precision, recall and alignment). {cfg.compare.eval_samples} images per set. KID is the mean "
         f"over subsets. Alignment: share of images whose every prompted attribute the evaluator recovers.\n\n"
-        f"{table}\n\n![samples](samples.png)\n\n![curves](curves.png)\n")
+        f"{table}\n\n"
+        + (f"Alignment per attribute (share of images showing each attribute their prompt names; real images "
+           f"score ~1, chance is 1 / the number of values):\n\n{attributes}\n\n" if attributes else "")
+        + "![samples](samples.png)\n\n![curves](curves.png)\n")
     print(table)
+    if attributes:
+        print("\nalignment per attribute:\n" + attributes)
     print(f"wrote {out_dir / 'results.md'}, results.json, samples.png, curves.png")
     print("stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
     return results
+
+
+def attribute_table(rows: list[dict[str, Any]]) -> str:
+    """Prompt alignment per attribute: the share of images showing each attribute the prompt named."""
+    names = list(dict.fromkeys(name for row in rows for name in row.get("alignment_per_attribute", {})))
+    if not names:
+        return ""
+    lines = ["| family | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for row in rows:
+        values = row.get("alignment_per_attribute", {})
+        lines.append(f"| {row['model']} | " + " | ".join(fmt(values.get(name), 2) for name in names) + " |")
+    return "\n".join(lines)
 
 
 def budget_text(budget: DictConfig) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import subprocess_env
 from lab_utils.checkpoint import list_checkpoints, load_checkpoint
-from lab_utils.compare import CompareConfig, compare, markdown_table, run_finished
+from lab_utils.compare import CompareConfig, attribute_table, compare, markdown_table, run_finished
 from lab_utils.config import ConfigError, compose
 
 
@@ -92,6 +92,9 @@ def test_markdown_table_shows_real_reference_beside_each_metric():
     table = markdown_table([row]).splitlines()
     assert table[0].startswith("| family | params")
     assert "| vae | 1.50M | 150 | 30,000 | 200 | 12.5 (1.25) |" in table[2]
+    row["alignment_per_attribute"] = {"shape": 0.904, "colour": 1.0, "position": 0.164}
+    assert attribute_table([row]).splitlines() == ["| family | shape | colour | position |", "|---|---|---|---|",
+                                                   "| vae | 0.9 | 1 | 0.16 |"]
 
 
 def test_curve_scales_follow_the_values():
