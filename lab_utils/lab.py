@@ -100,6 +100,10 @@ class Lab(nn.Module):
         """Images for ``prompts``, shape (len(prompts), C, H, W), values in [-1, 1]."""
         raise NotImplementedError
 
+    def compile_blocker(self) -> str | None:
+        """Why ``torch.compile`` cannot train this lab as configured (None: it can)."""
+        return None
+
     def benchmark_samplers(self) -> dict[str, dict[str, Any]]:
         """The sampling settings ``genlab bench`` times: ``{name: options for sample()}``."""
         return {"default": {}}

@@ -277,6 +277,10 @@ def speed_setup(lab: Lab, cfg: DictConfig, device: torch.device) -> Lab:
     if tcfg.channels_last:
         lab = lab.to(memory_format=torch.channels_last)  # 4-d weights (convolutions) become NHWC
     if tcfg.compile:
+        blocker = lab.compile_blocker()
+        if blocker:
+            raise ValueError(f"trainer.compile=true cannot train {cfg.model.name} as configured: {blocker}; "
+                             "use trainer.compile=false")
         for name, child in lab.named_children():
             if any(True for _ in child.parameters()):
                 child.compile()  # in place: the state_dict keys do not change

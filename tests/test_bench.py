@@ -143,3 +143,14 @@ def test_every_speed_switch_runs_on_cuda(model):
     allowed = {"compile"} if model == "dcgan" else set()
     assert set(failed) <= allowed, failed
     assert result["peak_flops"]["bf16"] > result["peak_flops"]["fp32"]
+
+
+def test_compile_with_a_double_backward_is_refused_before_training(tmp_path):
+    from lab_utils.checkpoint import build_lab
+    from lab_utils.trainer import speed_setup
+
+    cfg = compose(["model=dcgan", "data=shapes", "preset=smoke", "model.loss=wgan_gp", "trainer.compile=true"])
+    lab = build_lab(cfg, DataInfo("shapes", 3, 32, {}, ["[PAD]", "[UNK]", "[CLS]", "red"]))
+    with pytest.raises(ValueError, match="trainer.compile=true cannot train dcgan as configured: the gradient"):
+        speed_setup(lab, cfg, torch.device("cpu"))
+    assert not any(hasattr(m, "_compiled_call_impl") and m._compiled_call_impl for m in lab.children())

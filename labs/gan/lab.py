@@ -126,6 +126,12 @@ class GANLab(Lab):
     def ema_modules(self) -> list[str]:
         return ["generator", "text_encoder"]
 
+    def compile_blocker(self) -> str | None:
+        if (self.config.loss == "wgan_gp" and self.config.gp_weight > 0) or self.config.r1_gamma > 0:
+            return ("the gradient penalty (model.loss=wgan_gp) and R1 (model.r1_gamma) differentiate twice, which "
+                    "torch.compile does not support; model.loss=hinge with model.critic.spectral_norm=true compiles")
+        return None
+
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """The prompts' pooled text vectors (B, text_dim); "" is the empty prompt ([CLS] only)."""
         return encode_prompts(self.tokenizer, self.text_encoder, list(prompts), device=self.device).pooled
