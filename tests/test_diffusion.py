@@ -417,3 +417,17 @@ def test_exercise_checks_pass_the_reference_and_catch_known_mistakes(capsys):
     assert "Ho & Salimans" in capsys.readouterr().out
     assert not ex.check_ddim_step(lambda xt, eps, t, p, ab: ddim_step(xt, eps, t, p % len(ab), ab))
     assert "last" in capsys.readouterr().out
+
+
+def test_coordinate_channels_hold_x_and_y_and_feed_the_first_convolution():
+    from labs.diffusion import UNet, UNetConfig, coordinate_grid
+
+    grid = coordinate_grid(torch.zeros(2, 3, 4, 5))  # (B, 2, H, W)
+    assert grid.shape == (2, 2, 4, 5)
+    assert torch.equal(grid[0, 0, 0], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]))  # x along a row
+    torch.testing.assert_close(grid[0, 1, :, 0], torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))  # y down a column
+    small = dict(base_channels=8, channel_mults=[1, 2], heads=2, groups=4, self_attention_levels=[1],
+                 cross_attention_levels=[1])
+    plain, coords = UNet(UNetConfig(**small), 3, 16), UNet(UNetConfig(**small, coord_channels=True), 3, 16)
+    assert plain.conv_in.in_channels == 3 and coords.conv_in.in_channels == 5
+    assert UNetConfig().coord_channels is False  # checkpoints saved before the option load unchanged

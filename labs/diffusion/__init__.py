@@ -12,7 +12,9 @@
 from .lab import DDPMConfig, DiffusionLab, SamplingConfig
 from .sampling import SAMPLERS, SamplerOutput, classifier_free_guidance, ddim_sample, ddpm_sample
 from .scheduler import NoiseScheduler, SchedulerConfig, SchedulerStep, cosine_betas, linear_betas
-from .unet import CrossAttention, ResBlock, SelfAttention, UNet, UNetConfig, attention, timestep_embedding
+from .unet import (
+    CrossAttention, ResBlock, SelfAttention, UNet, UNetConfig, attention, coordinate_grid, timestep_embedding,
+)
 
 __all__ = [
     "SAMPLERS",
@@ -28,6 +30,7 @@ __all__ = [
     "SelfAttention",
     "UNet",
     "UNetConfig",
+    "coordinate_grid",
     "attention",
     "classifier_free_guidance",
     "cosine_betas",

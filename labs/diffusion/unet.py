@@ -190,6 +190,9 @@ class UNetConfig:
     groups: int = 8  # GroupNorm groups; must divide every level's channels
     emb_mult: int = 4  # time/text embedding width = emb_mult * base_channels
     dropout: float = 0.0
+    # Two extra input channels holding x and y in [-1, 1] (CoordConv, Liu et al. 2018): convolutions are
+    # translation-equivariant, so without them "at the top left" reaches the network only through padding.
+    coord_channels: bool = False
 
     def __post_init__(self) -> None:
         for name in ("base_channels", "num_res_blocks", "heads", "groups", "emb_mult"):
@@ -210,6 +213,14 @@ class UNetConfig:
             raise ValueError(f"unet.dropout must be in [0, 1), got {self.dropout}")
 
 
+def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W): channel 0 is the column (x) and channel 1 the row (y), each from -1 to 1."""
+    B, _, H, W = x.shape
+    ys = torch.linspace(-1.0, 1.0, H, device=x.device, dtype=x.dtype).view(1, 1, H, 1).expand(B, 1, H, W)
+    xs = torch.linspace(-1.0, 1.0, W, device=x.device, dtype=x.dtype).view(1, 1, 1, W).expand(B, 1, H, W)
+    return torch.cat([xs, ys], dim=1)
+
+
 class UNet(nn.Module):
     r"""$\epsilon_\theta(x_t, t, c)$ (or $v_\theta$): (B, C, H, W), (B,), TextEncoding -> (B, C, H, W)."""
 
@@ -226,7 +237,7 @@ class UNet(nn.Module):
 
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.cond_proj = nn.Linear(cond_dim, emb_dim)  # pooled text vector -> added to the time embedding
-        self.conv_in = nn.Conv2d(image_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(image_channels + (2 if cfg.coord_channels else 0), ch, 3, padding=1)
 
         # down path: remember the channels of every tensor pushed on the skip stack
         skip_channels, channels = [ch], ch
@@ -274,6 +285,8 @@ class UNet(nn.Module):
         # emb = MLP(sinusoid(t)) + W pooled(c)
         emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels)) \
             + self.cond_proj(cond.pooled.to(xt.dtype))  # (B, E)
+        if self.cfg.coord_channels:
+            xt = torch.cat([xt, coordinate_grid(xt)], dim=1)  # (B, C + 2, H, W)
         h = self.conv_in(xt)  # (B, ch, H, W)
         skips = [h]
         for level, blocks in enumerate(self.down_blocks):
