@@ -120,6 +120,16 @@ def check_section(section: DictConfig, schema: type, where: str) -> DictConfig:
     return merged
 
 
+def as_dataclass(schema: type, cfg: Any) -> Any:
+    """``schema`` (a config dataclass) from an instance of it, a DictConfig or a plain dict; building it
+    runs the schema's own checks. How each lab turns ``cfg.model`` into its typed config."""
+    if isinstance(cfg, schema):
+        return cfg
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+
+
 def lab_class(model_cfg: DictConfig) -> type:
     """The Lab class named by ``model._target_``."""
     target = model_cfg.get("_target_")

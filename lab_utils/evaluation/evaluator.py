@@ -209,19 +209,17 @@ class EvaluatorLab(Lab):
         if self.config.random_flip:
             flip = torch.rand(len(x), device=x.device) < 0.5  # global RNG
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        accuracy: dict[str, torch.Tensor] = {}
 
-        def classification_loss() -> torch.Tensor:
-            loss, acc = self.loss(x, batch["labels"])
-            accuracy.update(acc)
-            return loss
+        def classification_loss() -> dict[str, torch.Tensor]:
+            loss, accuracy = self.loss(x, batch["labels"])
+            return {"loss": loss, **{f"stats/acc_{name}": acc for name, acc in accuracy.items()}}
 
         factor = self.lr_factor(ctx.step)
         if factor != 1.0 and hasattr(self, "_optimizer"):
             for group in self._optimizer.param_groups:
                 group["lr"] = group["lr"] * factor  # eta_t; the trainer's warm-up schedule resets it after the step
-        loss = ctx.optimize("model", classification_loss)
-        return {"loss": loss.detach(), **{f"stats/acc_{name}": acc.detach() for name, acc in accuracy.items()}}
+        out = ctx.optimize("model", classification_loss)
+        return {name: value.detach() for name, value in out.items()}
 
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator | None = None, **options: Any) -> torch.Tensor:

@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 
+from lab_utils.config import as_dataclass
 from lab_utils.lab import DataInfo, Lab, StepContext
 from labs.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, Tokenizer, encode_prompts
 
@@ -80,15 +80,6 @@ class DDPMConfig:
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
-    @classmethod
-    def from_any(cls, cfg: Any) -> "DDPMConfig":
-        """The typed config from a DDPMConfig, a DictConfig or a plain dict (runs the checks)."""
-        if isinstance(cfg, cls):
-            return cfg
-        if not isinstance(cfg, DictConfig):
-            cfg = OmegaConf.create(cfg)
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))
-
 
 class DiffusionLab(Lab):
     """A text-conditioned DDPM: a text encoder, a UNet and a noise scheduler."""
@@ -98,7 +89,7 @@ class DiffusionLab(Lab):
 
     def __init__(self, cfg: Any, data_info: DataInfo):
         super().__init__(cfg, data_info)
-        self.config = config = DDPMConfig.from_any(cfg)  # typed copy of cfg
+        self.config = config = as_dataclass(DDPMConfig, cfg)  # typed copy of cfg
         self.tokenizer = Tokenizer(data_info.vocab, max_length=config.text.max_length)
         self.text_encoder = TextEncoder(config.text, self.tokenizer.vocab_size)
         self.unet = UNet(config.unet, data_info.channels, cond_dim=config.text.dim)

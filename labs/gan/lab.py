@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from lab_utils.config import as_dataclass
 from lab_utils.lab import DataInfo, Lab, StepContext
 from labs.text_encoder import TextEncoder, TextEncoderConfig, Tokenizer, encode_prompts
 
@@ -89,15 +89,6 @@ class DCGANConfig:
         _betas("betas_generator", self.betas_generator)
         _betas("betas_critic", self.betas_critic)
 
-    @classmethod
-    def from_any(cls, cfg: Any) -> "DCGANConfig":
-        """The typed config from a DCGANConfig, a DictConfig or a plain dict (runs the checks)."""
-        if isinstance(cfg, cls):
-            return cfg
-        if not isinstance(cfg, DictConfig):
-            cfg = OmegaConf.create(cfg)
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))
-
 
 class GANLab(Lab):
     """A text-conditioned DCGAN: a shared text encoder, a generator G(z, c) and a critic D(x, c)."""
@@ -106,7 +97,7 @@ class GANLab(Lab):
 
     def __init__(self, cfg: Any, data_info: DataInfo):
         super().__init__(cfg, data_info)
-        self.config = config = DCGANConfig.from_any(cfg)  # typed copy of cfg
+        self.config = config = as_dataclass(DCGANConfig, cfg)  # typed copy of cfg
         self.tokenizer = Tokenizer(data_info.vocab, max_length=config.text.max_length)
         self.text_encoder = TextEncoder(config.text, self.tokenizer.vocab_size)
         C, size = data_info.channels, data_info.image_size
@@ -188,8 +179,7 @@ class GANLab(Lab):
         for i in range(cfg.n_critic):
             if i > 0:
                 batch = ctx.next_batch()
-            real = batch  # bound now: the loss function runs inside ctx.optimize
-            out = ctx.optimize("critic", lambda: self.critic_step(real["image"], list(real["caption"])))
+            out = ctx.optimize("critic", lambda: self.critic_step(batch["image"], list(batch["caption"])))
             for key, value in out.items():
                 stats[key] = stats.get(key, 0.0) + value.detach() / cfg.n_critic  # mean over critic updates
         # (2) Update G: maximise E[D(G(z, c), c)] (wgan_gp, hinge) or E[log D(G(z, c), c)] (bce,

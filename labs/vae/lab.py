@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from lab_utils.config import as_dataclass
 from lab_utils.lab import DataInfo, Lab, StepContext
 from labs.text_encoder import TextEncoder, TextEncoderConfig, Tokenizer, encode_prompts
 
@@ -86,15 +86,6 @@ class VAEConfig:
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
-    @classmethod
-    def from_any(cls, cfg: Any) -> "VAEConfig":
-        """The typed config from a VAEConfig, a DictConfig or a plain dict (runs the checks)."""
-        if isinstance(cfg, cls):
-            return cfg
-        if not isinstance(cfg, DictConfig):
-            cfg = OmegaConf.create(cfg)
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))
-
 
 class VAEOutput(NamedTuple):
     """One forward pass: the decoded batch and the posterior it came from."""
@@ -128,7 +119,7 @@ class VAELab(Lab):
 
     def __init__(self, cfg: Any, data_info: DataInfo):
         super().__init__(cfg, data_info)
-        self.config = config = VAEConfig.from_any(cfg)  # typed copy of cfg
+        self.config = config = as_dataclass(VAEConfig, cfg)  # typed copy of cfg
         C, S = data_info.channels, data_info.image_size
         self.image_shape = (C, S, S)
         cond_dim = config.text.dim if config.conditional else 0
