@@ -13,6 +13,18 @@ REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))  # `tiny_lab` (the harness's test model) is importable by tests and subprocesses
 
 
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "a", "small", "large", "red", "green", "blue", "circle", "square",
+         "triangle", "at", "the", "top", "bottom", "left", "right", "center"]
+
+
+def data_info(channels: int = 3, size: int = 16):
+    """A small fake dataset description for the families' unit tests (no data behind it)."""
+    from lab_utils.lab import DataInfo
+
+    return DataInfo(name="fake", channels=channels, image_size=size, attributes={}, vocab=VOCAB,
+                    prompts=["a red circle", "a small blue square at the top left"])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Generated datasets go to a cache private to this test session (subprocesses inherit it)."""

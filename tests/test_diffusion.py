@@ -9,23 +9,14 @@ import math
 import pytest
 import torch
 
+from conftest import data_info
 from lab_utils.config import ConfigError, compose
-from lab_utils.lab import DataInfo
 from labs.diffusion import (
     CrossAttention, DDPMConfig, DiffusionLab, NoiseScheduler, SamplingConfig, SchedulerConfig, UNet, UNetConfig,
     attention,
     classifier_free_guidance, cosine_betas, ddim_sample,
 )
 from labs.text_encoder import TextEncoderConfig
-
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "a", "small", "large", "red", "green", "blue", "circle", "square",
-         "triangle", "at", "the", "top", "bottom", "left", "right", "center"]
-
-
-def data_info(channels: int = 3, size: int = 16) -> DataInfo:
-    return DataInfo(name="fake", channels=channels, image_size=size, attributes={}, vocab=VOCAB,
-                    prompts=["a red circle", "a small blue square at the top left"])
-
 
 def tiny_config(**changes) -> DDPMConfig:
     cfg = DDPMConfig(

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import data_info
 from lab_utils.config import ConfigError, compose
-from lab_utils.lab import DataInfo
 from labs.gan import (
     Critic, CriticConfig, DCGANConfig, GANLab, GeneratorConfig, ProjectionHead, SelfAttention2d, ToyConfig,
     bce_critic_loss, bce_generator_loss, gradient_penalty, hinge_critic_loss, interpolate, matching_loss,
@@ -21,15 +21,6 @@ from labs.gan import (
 from labs.text_encoder import TextEncoderConfig
 
 torch.set_num_threads(2)
-
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "a", "small", "large", "red", "green", "blue", "circle", "square",
-         "triangle", "at", "the", "top", "bottom", "left", "right", "center"]
-
-
-def data_info(channels: int = 3, size: int = 16) -> DataInfo:
-    return DataInfo(name="fake", channels=channels, image_size=size, attributes={}, vocab=VOCAB,
-                    prompts=["a red circle", "a small blue square at the top left"])
-
 
 def tiny_config(**changes) -> DCGANConfig:
     cfg = DCGANConfig(

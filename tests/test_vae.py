@@ -10,14 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import data_info
 from lab_utils.config import ConfigError, compose
-from lab_utils.lab import DataInfo
 from labs.text_encoder import TextEncoderConfig
 from labs.vae import (
     ConvNetConfig, Decoder, Encoder, VAEConfig, VAELab, bernoulli_nll, bits_per_dim, discretized_gaussian_nll,
     gaussian_nll, kl_divergence, kl_weight, negative_elbo, reparameterize, slerp,
 )
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,15 +26,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "a", "small", "large", "red", "green", "blue", "circle", "square",
-         "triangle", "at", "the", "top", "bottom", "left", "right", "center"]
-
-
-def data_info(channels: int = 3, size: int = 16) -> DataInfo:
-    return DataInfo(name="fake", channels=channels, image_size=size, attributes={}, vocab=VOCAB,
-                    prompts=["a red circle", "a small blue square at the top left"])
-
 
 def tiny_config(**changes) -> VAEConfig:
     cfg = VAEConfig(latent_dim=8, net=ConvNetConfig(channels=[16, 32], groups=4, hidden_dim=64),
