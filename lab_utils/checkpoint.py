@@ -9,6 +9,7 @@ config travels with the weights, ``load_lab(path)`` rebuilds the model with noth
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,13 +121,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = resolve_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, garbage bytes, pickled code, ...
-        others = [p.name for p in list_checkpoints(path.parent.parent) if p != path]
-        hint = f" Older checkpoints in the same folder: {', '.join(others)}." if others else ""
+    except pickle.UnpicklingError as err:
+        # torch's weights-only unpickler refused it; its message ends on advice to retry with weights_only=False
+        named = re.search(r"GLOBAL ([\w.]+)", str(err), flags=re.IGNORECASE)
+        if named is None:
+            raise CheckpointError(_unreadable(path, err)) from None
         raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})."
-            f" It may be corrupt or truncated, or not written by genlab.{hint}"
+            f"{path} holds Python objects that genlab refuses to load because loading them could run code (it "
+            f"names {named.group(1)}; a genlab checkpoint holds only tensors, numbers, strings, lists and dicts): "
+            "it was not written by genlab, or it was altered"
         ) from None
+    except Exception as err:  # truncated zip, garbage bytes, an empty file, ...
+        raise CheckpointError(_unreadable(path, err)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not a genlab checkpoint (no '{FORMAT}' marker)")
     if state.get("format_version", 0) > FORMAT_VERSION:
@@ -134,6 +140,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path} was written by a newer genlab (format {state['format_version']} > {FORMAT_VERSION}); upgrade genlab"
         )
     return state
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
+def _unreadable(path: Path, err: BaseException) -> str:
+    others = [p.name for p in list_checkpoints(path.parent.parent) if p != path] if path.parent.name == "checkpoints" else []
+    hint = f" Older checkpoints in the same folder: {', '.join(others)}." if others else ""
+    size = path.stat().st_size if path.exists() else 0
+    detail = str(err).split("WeightsUnpickler error:")[-1] if "WeightsUnpickler error:" in str(err) else str(err)
+    what = "an empty file" if size == 0 else f"{type(err).__name__}: {first_line(detail) or type(err).__name__}"
+    return f"{path} is not a readable checkpoint ({what}). It may be corrupt or truncated, or not written by genlab.{hint}"
 
 
 @dataclass
@@ -157,7 +178,7 @@ def load_state_into(lab: Lab, weights: dict[str, torch.Tensor], path: Path, mode
     except RuntimeError as err:
         raise CheckpointError(
             f"the weights in {path} do not fit the {model_name!r} model built from its config "
-            f"(was it written by another model or an edited config?): {str(err).splitlines()[0][:300]}"
+            f"(was it written by another model or an edited config?): {first_line(err, 300)}"
         ) from None
 
 

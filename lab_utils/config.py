@@ -6,7 +6,8 @@ start-up with a message naming the key, instead of deep inside training:
 
 - ``trainer`` -> :class:`TrainerConfig` (here);
 - ``data``    -> the dataset class's ``Config`` (``lab_utils.data.DATASETS[cfg.data.name]``);
-- ``model``   -> the lab class's ``Config`` (the class named by ``cfg.model._target_``).
+- ``model``   -> the lab class's ``Config`` (the class named by ``cfg.model._target_``, looked up in
+  ``lab_utils.registry``: a name genlab does not know is refused, never imported).
 
 Schemas check their own values in ``__post_init__`` (raising ``ValueError``).
 Notebooks and tests get configs through :func:`compose`, never by hand.
@@ -18,9 +19,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from lab_utils import registry
 
 CONFIG_MODULE = "genlab_conf"  # `conf/` is installed as this package (see pyproject.toml)
 
@@ -131,14 +133,12 @@ def as_dataclass(schema: type, cfg: Any) -> Any:
 
 
 def lab_class(model_cfg: DictConfig) -> type:
-    """The Lab class named by ``model._target_``."""
-    target = model_cfg.get("_target_")
-    if not target:
-        raise ConfigError("`model._target_` is missing: a model config must name its Lab class")
+    """The Lab class named by ``model._target_``, if it is one genlab knows (``lab_utils.registry``):
+    an unknown name is refused before anything is imported."""
     try:
-        return get_class(target)
-    except Exception as err:  # hydra raises ImportError / ValueError with a long chain
-        raise ConfigError(f"`model._target_={target}` cannot be imported: {err}") from None
+        return registry.lab_class(model_cfg.get("_target_"))
+    except registry.UnknownLab as err:
+        raise ConfigError(str(err)) from None
 
 
 def validate(cfg: DictConfig) -> DictConfig:

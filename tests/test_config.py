@@ -90,7 +90,7 @@ def test_unknown_model_target_is_a_config_error():
     cfg.model._target_ = "labs.nowhere.Lab"
     from lab_utils.config import validate
 
-    with pytest.raises(ConfigError, match="cannot be imported"):
+    with pytest.raises(ConfigError, match="not a lab genlab knows, so it is not imported"):
         validate(cfg)
 
 

@@ -5,12 +5,19 @@ Each batch is a pickled dict with ``data``, a (10000, 3072) uint8 array whose ro
 
     [R plane (32 x 32, row-major) | G plane | B plane]     -> reshape to (N, 3, 32, 32)
 
-and ``labels``, a list of class ids. torchvision's own ``CIFAR10`` checks MD5 sums of every
-file, so it is only used here to download (``data.download=true``).
+and ``labels``, a list of class ids. torchvision's own ``CIFAR10`` unpickles the files with
+plain ``pickle`` (which runs any code a crafted file names), so it is only used here to download
+(``data.download=true``); genlab reads them with :class:`BatchUnpickler`, which builds only the
+few harmless objects a CIFAR batch holds (dicts, lists, bytes, numpy arrays) and refuses every
+other global, and checks torchvision's published MD5 sums (a mismatch is reported, not fatal:
+a subset or a re-pickled copy is still readable, safely).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,23 +28,71 @@ import torch
 
 from lab_utils.data.base import ClassCaptionedDataset, CorruptData, DataConfig, cache_root, find_or_download
 
+log = logging.getLogger("genlab.data")
+
 BATCH_FOLDER = "cifar-10-batches-py"  # torchvision's folder name inside root
+# torchvision.datasets.CIFAR10's published MD5 sums of the standard files.
+STANDARD_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and builtin containers only.
+
+    A pickle names the callables that rebuild its objects (``GLOBAL module name``); plain
+    ``pickle.load`` imports and calls whatever is named, so ``os.system`` in a crafted file runs.
+    A CIFAR batch (pickled by Python 2 or 3, protocol <= 2) names just these:
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),  # ndarray.__reduce__ (numpy < 2)
+        ("numpy._core.multiarray", "_reconstruct"),  # the same in numpy >= 2
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes pickled by Python 3 at protocol 2: encode(str, "latin1")
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never holds "
+                                         "(refused: unpickling it could run code)")
+        return super().find_class(module, name)
+
+
+def _md5(raw: bytes) -> str:
+    return hashlib.md5(raw, usedforsecurity=False).hexdigest()
 
 
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One pickled CIFAR batch -> (N, 3, 32, 32) uint8 images and (N,) int64 labels.
 
     The files were written by Python 2, so keys are bytes (``encoding="bytes"``); batches
-    pickled by Python 3 (with str keys) are accepted too. Only open files you trust: pickle
-    can run code.
+    pickled by Python 3 (with str keys) are accepted too. Read with :class:`BatchUnpickler`:
+    a file that names anything but numpy arrays and builtins is refused, and nothing in it runs.
     """
     try:
-        with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
+        raw = path.read_bytes()
+    except OSError as err:
+        raise CorruptData(f"{path}: cannot be read ({err.strerror})") from None
+    expected = STANDARD_MD5.get(path.name)
+    if expected is not None and _md5(raw) != expected:
+        log.warning("%s is not torchvision's published file (MD5 differs): reading it as data, safely", path)
+    try:
+        batch = BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        if not isinstance(batch, dict):
+            raise TypeError(f"it holds a {type(batch).__name__}, not a dict")
         batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
         data = np.asarray(batch["data"], dtype=np.uint8)
         labels = np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64)
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, KeyError, TypeError, ValueError) as err:
+    except pickle.UnpicklingError as err:
+        raise CorruptData(f"{path}: not a CIFAR batch: {err}") from None
+    except (EOFError, AttributeError, KeyError, TypeError, ValueError, IndexError) as err:
         raise CorruptData(f"{path}: not a CIFAR batch ({type(err).__name__}: {err})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
         raise CorruptData(f"{path}: expected data (N, 3072) and N labels, "

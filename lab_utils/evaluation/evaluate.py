@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lab_utils.checkpoint import first_line
 from lab_utils.config import ConfigError, check_section
 from lab_utils.evaluation.cache import evaluator_from_run, get_evaluator
 from lab_utils.evaluation.evaluator import (
@@ -104,7 +105,7 @@ class InceptionFeatures(nn.Module):
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise ValueError(f"eval.inception_weights={path} is not a readable PyTorch weights file "
-                             f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+                             f"({type(err).__name__}: {first_line(err)})") from None
         if not isinstance(state, dict) or "fc.weight" not in state or "Mixed_7c.branch_pool.conv.weight" not in state:
             raise ValueError(f"eval.inception_weights={path} is not an Inception-v3 state dict in torch-fidelity's "
                              "format (keys such as 'Mixed_7c.branch_pool.conv.weight', 'fc.weight')")
