@@ -19,7 +19,7 @@ import gc
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -130,3 +130,29 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1 if flag else 0], device=device)
     dist.broadcast(value, src=0)
     return bool(value.item())
+
+
+def in_turn(fn: Callable[[], Any], info: DistInfo) -> Any:
+    """``fn()`` on every process, in three turns with a barrier after each: rank 0, then the first process of
+    every other node, then the rest. Whatever ``fn`` writes to disk (a download, a dataset cache) is written
+    once per node (once in all when the nodes share the folder), never by several processes at once."""
+    if not info.enabled:
+        return fn()
+    mine = 0 if info.rank == 0 else 1 if info.local_rank == 0 else 2
+    result = None
+    for turn in range(3):
+        if turn == mine:
+            result = fn()
+        barrier()
+    return result
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is finite on *every* process (one all-reduce): all processes take the same decision,
+    so a NaN on one rank stops them all together instead of leaving the others waiting in the next all-reduce."""
+    finite = torch.isfinite(tensor.detach()).all()
+    if not active():
+        return bool(finite)
+    flag = finite.to(torch.int32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

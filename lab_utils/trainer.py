@@ -39,14 +39,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lab_utils import distributed
 
 from lab_utils.checkpoint import (  # noqa: I001
-    CheckpointError, build_lab, list_checkpoints, load_checkpoint, load_state_into, resolve_checkpoint,
-    save_checkpoint,
+    CheckpointError, build_lab, checkpoint_dir, load_checkpoint, load_state_into, save_checkpoint,
 )
 from lab_utils.config import to_container
 from lab_utils.ema import EMA
 from lab_utils.lab import DataInfo, Lab
 from lab_utils.plotting import save_grid
 from lab_utils.progress import Progress
+from lab_utils.run_folder import (
+    ResumeSource, RunFolderError, RunLock, foreign_files, holds_run, remove_temporaries, resume_source,
+)
 
 log = logging.getLogger("genlab.train")
 
@@ -75,6 +77,10 @@ class Callback:
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only folder); the previous one is intact."""
 
 
 @dataclass
@@ -238,8 +244,8 @@ class _StepContext:
         else:
             output = loss
         value = _loss_of(output)
-        if trainer.cfg.trainer.nan_check == "step" and not torch.isfinite(value.detach()).all():
-            raise TrainingDiverged(trainer.diverged_message(f"loss for {name!r}", value.detach()))
+        if trainer.cfg.trainer.nan_check == "step":
+            trainer.check_finite({f"loss for {name!r}": value.detach()})
         optimizer = trainer.optimizers[name]
         optimizer.zero_grad(set_to_none=True)
         scaler = trainer.scalers.get(name)
@@ -390,7 +396,16 @@ class Trainer:
         tcfg = self.cfg.trainer
         state = self.state_dict()  # collective: every process takes part
         if self.dist.is_main:
-            self.last_checkpoint = save_checkpoint(state, self.run_dir, self.step, tcfg.keep_checkpoints)
+            try:
+                self.last_checkpoint = save_checkpoint(state, self.run_dir, self.step, tcfg.keep_checkpoints)
+            except OSError as err:  # disk full, read-only folder, ...: the write was atomic, nothing is lost
+                kept = (f"the last good checkpoint {self.last_checkpoint} is intact" if self.last_checkpoint
+                        else "no checkpoint was written yet")
+                raise CheckpointWriteError(
+                    f"could not write the checkpoint of step {self.step} into {checkpoint_dir(self.run_dir)} "
+                    f"({err.strerror or err}); training stopped and {kept}. Free some space or make the folder "
+                    f"writable, then continue with: genlab train resume={self.run_dir}"
+                ) from None
         return self.last_checkpoint
 
     # ---------------------------------------------------------------- helpers
@@ -482,12 +497,21 @@ class Trainer:
             self.ema.update(self.lab, self.step)
         return named, ctx.images * self.dist.world_size
 
-    def check_finite(self, named: dict[str, torch.Tensor], at: str = "") -> None:
-        for key, value in named.items():
-            if key.startswith("grad_norm/") and self.scalers:
-                continue  # fp16: an overflowing step is expected now and then (the scaler skips it)
+    def check_finite(self, named: dict[str, torch.Tensor], at: str = "", same_everywhere: bool = False) -> None:
+        """Stop with :class:`TrainingDiverged` if a value is NaN/inf on any process: all processes stop together
+        (one all-reduce of a flag unless ``same_everywhere``, i.e. the values are already averaged over them)."""
+        checked = {key: value for key, value in named.items()
+                   # fp16: an overflowing step is expected now and then (the scaler skips it)
+                   if not (key.startswith("grad_norm/") and self.scalers)}
+        if not checked:
+            return
+        values = torch.cat([value.detach().float().reshape(-1) for value in checked.values()])
+        if torch.isfinite(values).all() if same_everywhere else distributed.all_finite(values):
+            return
+        for key, value in checked.items():
             if not torch.isfinite(value).all():
                 raise TrainingDiverged(self.diverged_message(key + at, value))
+        raise TrainingDiverged(self.diverged_message("a loss on another process" + at, torch.tensor(float("nan"))))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -540,7 +564,8 @@ class Trainer:
                     averages = dict(zip(keys, stacked.tolist()))
                     if tcfg.nan_check == "log":
                         self.check_finite({k: torch.tensor(v) for k, v in averages.items()},
-                                          f" (averaged over steps {window_start_step + 1}-{self.step})")
+                                          f" (averaged over steps {window_start_step + 1}-{self.step})",
+                                          same_everywhere=True)
                     last_row = {"step": self.step, "epoch": self.stream.epoch, "images_seen": self.images_seen,
                                 "train_seconds": round(self.train_seconds, 3),
                                 "images_per_s": round(window_images / window_seconds, 2) if window_seconds else None,
@@ -565,17 +590,14 @@ class Trainer:
             if last_grid_step != self.step:
                 self.write_samples()
             self.run_callbacks(final=True)
-            if self.last_checkpoint is None:  # resumed a run that was already finished
-                self.last_checkpoint = resolve_checkpoint(self.run_dir)
         losses = {k: v for k, v in last_row.items() if k.startswith(("loss/", "grad_norm/"))}
         return TrainResult(self.run_dir, self.step, self.last_checkpoint, self.images_seen, self.train_seconds, losses)
 
 
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop rows a killed run logged after its last checkpoint, so the resumed log has no duplicates."""
-    path = run_dir / "metrics.jsonl"
+def _metrics_up_to(path: Path, step: int) -> list[str]:
+    """The rows of a ``metrics.jsonl`` logged at or before ``step`` (a killed run logs past its checkpoint)."""
     if not path.exists():
-        return
+        return []
     kept = []
     for line in path.read_text().splitlines():
         try:
@@ -583,25 +605,67 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:  # a line cut short by the kill
             continue
-    path.write_text("".join(line + "\n" for line in kept))
+    return kept
+
+
+def _continue_metrics(source_run: Path | None, run_dir: Path, step: int) -> None:
+    """``run_dir/metrics.jsonl`` holds the rows up to ``step``: no duplicates after a kill, and a run continued
+    into a new folder starts with the history of the run it came from."""
+    rows = _metrics_up_to((source_run or run_dir) / "metrics.jsonl", step)
+    if rows or (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
 
 
 def train(cfg: DictConfig, resume: str | Path | None = None, callbacks: tuple[Callback, ...] = ()) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.data`` into ``cfg.run_dir`` (or continue the run at ``resume``).
+    """Train ``cfg.model`` on ``cfg.data`` into ``cfg.run_dir``, or continue from the checkpoint at ``resume``.
 
-    ``cfg`` must be a validated config (``lab_utils.config.validate``); when resuming it is the
-    run's saved config with the caller's overrides applied (see ``lab_utils.cli``). Under torchrun
-    every process calls this; they join one process group for the run and leave it at the end.
+    ``cfg`` must be a validated config (``lab_utils.config.validate``). When resuming it is the run's
+    saved config with the caller's overrides applied (see ``lab_utils.cli``), and ``resume`` is a run
+    folder or a checkpoint in one; the run continues in ``cfg.run_dir``, which is either that run folder
+    or a new folder (a checkpoint outside any run folder continues only into a new one). Rank 0 holds the
+    run folder's lock for the whole training (``lab_utils.run_folder``). Under torchrun every process
+    calls this; they join one process group for the run and leave it at the end.
     """
     dist_info, owns_group = distributed.setup(cfg.trainer.device, cfg.trainer.dist_backend)
     clean = False
     try:
-        result = _train(cfg, resume, callbacks, dist_info)
+        with RunLock(cfg.run_dir) if dist_info.is_main else contextlib.nullcontext():
+            result = _train(cfg, resume, callbacks, dist_info)
         clean = True
         return result
     finally:
         if owns_group:
             distributed.teardown(clean)
+
+
+def _open_run(cfg: DictConfig, resume: str | Path | None) -> tuple[Path, ResumeSource | None, dict[str, Any] | None]:
+    """Rank 0, holding the lock: the run folder, where it resumes from, and the checkpoint (None: a new run)."""
+    run_dir = Path(cfg.run_dir)
+    remove_temporaries(run_dir)
+    if foreign_files(run_dir):  # e.g. run_dir=. in a project folder: its config.yaml would be overwritten
+        shown = ", ".join(foreign_files(run_dir)[:5])
+        raise RunFolderError(f"run_dir={run_dir} holds files a run does not write ({shown}); a run writes config.yaml, "
+                             "metrics.jsonl, train.log, checkpoints/ and samples/ there: choose a new or empty folder")
+    if resume is None:
+        if holds_run(run_dir):
+            raise FileExistsError(
+                f"{run_dir} already holds a run with checkpoints; continue it with `genlab train resume={run_dir}` "
+                "or choose another run_dir"
+            )
+        return run_dir, None, None
+    source = resume_source(resume)
+    if source.run_dir is None or source.run_dir.resolve() != run_dir.resolve():  # continued into a new folder
+        if holds_run(run_dir):
+            raise FileExistsError(f"run_dir={run_dir} already holds a run; to continue {source.checkpoint} in a new "
+                                  "folder, choose one that holds no checkpoints")
+    state = load_checkpoint(source.checkpoint)
+    saved = state["config"]
+    if saved["model"]["name"] != cfg.model.name or saved["data"]["name"] != cfg.data.name:
+        raise CheckpointError(
+            f"{source.checkpoint} belongs to model={saved['model']['name']} data={saved['data']['name']}, "
+            f"not model={cfg.model.name} data={cfg.data.name}"
+        )
+    return run_dir, source, state
 
 
 def _train(cfg: DictConfig, resume: str | Path | None, callbacks: tuple[Callback, ...],
@@ -614,47 +678,39 @@ def _train(cfg: DictConfig, resume: str | Path | None, callbacks: tuple[Callback
         device = torch.device("cuda", dist_info.local_rank)
     if not dist_info.is_main:
         logging.getLogger("genlab").setLevel(logging.WARNING)  # one process reports
-    state = path = None
+    run_dir = source = state = None
     if dist_info.is_main:
-        if resume is not None:
-            path = resolve_checkpoint(resume)
-            state = load_checkpoint(path)
-            saved = state["config"]
-            if saved["model"]["name"] != cfg.model.name or saved["data"]["name"] != cfg.data.name:
-                raise CheckpointError(
-                    f"{path} belongs to model={saved['model']['name']} data={saved['data']['name']}, "
-                    f"not model={cfg.model.name} data={cfg.data.name}"
-                )
-            run_dir = path.parent.parent
-        else:
-            run_dir = Path(cfg.run_dir)
-            if list_checkpoints(run_dir) or (run_dir / "checkpoints" / "last.pt").exists():
-                raise FileExistsError(
-                    f"{run_dir} already holds a run with checkpoints; continue it with `genlab train resume={run_dir}` "
-                    "or choose another run_dir"
-                )
-        train_set = build_dataset(cfg.data, "train")  # rank 0 first: it writes the dataset cache
+        run_dir, source, state = _open_run(cfg, resume)
     # The others take rank 0's run directory (its ${now:...} is the one) and checkpoint: no shared disk needed.
-    run_dir, path, state = distributed.broadcast_object((run_dir, path, state) if dist_info.is_main else None)
-    if not dist_info.is_main:
-        train_set = build_dataset(cfg.data, "train")
+    run_dir, source, state = distributed.broadcast_object((run_dir, source, state) if dist_info.is_main else None)
+    # The dataset: rank 0 first (it writes the cache or downloads), then one process per node, then the rest.
+    train_set = distributed.in_turn(lambda: build_dataset(cfg.data, "train"), dist_info)
     data_info = DataInfo.from_dict(state["data_info"]) if state else train_set.data_info()
     lab = speed_setup(build_lab(cfg, data_info).to(device), cfg, device)
     if dist_info.rank > 0:
         torch.manual_seed(cfg.seed + dist_info.rank)  # its own noise; the weights come from rank 0 (DDP)
     trainer = Trainer(cfg, run_dir, lab, train_set, data_info, device, callbacks, dist_info)
     if state is not None:
-        trainer.load_state_dict(state, path)
-        trainer.last_checkpoint = path
+        trainer.load_state_dict(state, source.checkpoint)
+        trainer.last_checkpoint = source.checkpoint if source.run_dir == run_dir else None
+        if trainer.budget_used() >= 1.0:  # every process decides the same: the state is the same
+            tcfg = cfg.trainer
+            raise RunFolderError(
+                f"the run at {source.checkpoint} is already at step {trainer.step} ({trainer.images_seen} images, "
+                f"{trainer.train_seconds:.0f} s), which meets its budget (trainer.steps={tcfg.steps}, "
+                f"max_images={tcfg.max_images}, max_seconds={tcfg.max_seconds}); to train further, raise it, "
+                f"e.g. trainer.steps={trainer.step + tcfg.steps}"
+            )
     if dist_info.is_main:
         # Nothing is written into the run directory before the data, model and checkpoint all loaded.
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         _add_file_log(run_dir / "train.log")
+        _continue_metrics(source.run_dir if source else None, run_dir, trainer.step)
         if state is not None:
-            _truncate_metrics(run_dir, trainer.step)
-            log.info("resumed %s at step %d (%d process(es); the checkpoint was written by %d)", path, trainer.step,
-                     dist_info.world_size, state["trainer"].get("world_size", 1))
+            log.info("resumed %s at step %d (%d process(es); the checkpoint was written by %d)%s", source.checkpoint,
+                     trainer.step, dist_info.world_size, state["trainer"].get("world_size", 1),
+                     "" if source.run_dir == run_dir else f", continuing in the new folder {run_dir}")
     n_params = sum(p.numel() for p in lab.parameters())
     log.info("training %s (%.2fM parameters) on %s (%d images) on %s%s into %s", cfg.model.name, n_params / 1e6,
              cfg.data.name, len(train_set), device,

@@ -1,0 +1,183 @@
+"""Run folders: what a resume may point at, one training per folder at a time, and leftovers of a kill.
+
+A run folder is what ``genlab train`` writes: ``config.yaml``, ``checkpoints/`` (``step_<N>.pt``,
+``last.pt``), ``metrics.jsonl``, ``train.log``, ``samples/``. Three rules keep it whole:
+
+- **What resumes.** ``resume=`` takes a run folder or a checkpoint inside one
+  (``<run>/checkpoints/*.pt``), and the run continues in that folder. A checkpoint anywhere else
+  has no run folder of its own (taking its parent's parent would overwrite whatever
+  ``config.yaml`` and ``metrics.jsonl`` live there), so it resumes only into an explicit new
+  ``run_dir=`` (:func:`resume_source`).
+- **One writer.** A training holds ``<run>/.lock`` (created with ``O_EXCL``: exactly one process
+  wins) with its pid, host and start time; a second training into the same folder is refused
+  with the owner named. A lock left by a process that no longer runs on this host (kill -9, a
+  crash) is recognised, reported and taken over (:class:`RunLock`).
+- **No leftovers.** A kill during a checkpoint write leaves ``checkpoints/.step_*.pt.<pid>.tmp``;
+  the next training of the folder removes them, once it holds the lock
+  (:func:`remove_temporaries`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lab_utils.checkpoint import resolve_checkpoint
+
+log = logging.getLogger("genlab.train")
+
+LOCK_NAME = ".lock"
+TEMPORARY_PATTERN = ".*.tmp"  # atomic writes in progress: .<name>.<pid>.tmp
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used as asked (resumed from outside, or in use by another training)."""
+
+
+@dataclass(frozen=True)
+class ResumeSource:
+    checkpoint: Path  # the file training continues from
+    run_dir: Path | None  # the run folder it belongs to (None: a checkpoint outside any run folder)
+
+
+def resume_source(path: str | Path) -> ResumeSource:
+    """Where ``resume=path`` continues from: a run folder, its ``checkpoints/`` or a checkpoint in it.
+
+    A checkpoint file outside a ``checkpoints/`` folder gives ``run_dir=None``: the caller must be
+    told where to write (a new ``run_dir=``), never guess.
+    """
+    path = Path(path).expanduser()
+    checkpoint = resolve_checkpoint(path)
+    if checkpoint.parent.name == "checkpoints":
+        return ResumeSource(checkpoint, checkpoint.parent.parent)
+    return ResumeSource(checkpoint, None)
+
+
+# What genlab writes into a run folder (train, eval, the evaluator cache), and nothing else.
+RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "train.log", "samples", "checkpoints", "tensorboard",
+                       "eval.json", "evaluator.json", LOCK_NAME})
+
+
+def foreign_files(run_dir: Path) -> list[str]:
+    """The entries of ``run_dir`` a run does not write (a folder holding any is not a run folder)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES)
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` already holds a run's checkpoints."""
+    folder = run_dir / "checkpoints"
+    return folder.is_dir() and any(p.suffix == ".pt" for p in folder.iterdir())
+
+
+# ------------------------------------------------------------------------------------ the lock
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """``<run_dir>/.lock`` held for the lifetime of one training (a context manager).
+
+    ``acquire`` creates the folder if needed (and ``release`` removes it again if it created it
+    and it is still empty, so a refused start leaves nothing behind).
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self.held = False
+        self.created_folder = False
+
+    def owner(self) -> dict[str, Any] | None:
+        """What the lock file says (None if it cannot be read: being written, or damaged)."""
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, owner: dict[str, Any] | None) -> str | None:
+        """Why the existing lock is stale (its process is gone), or None if it may still be held."""
+        if owner is None:
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return "it disappeared"
+            # An unreadable lock older than a few seconds was left by a process killed while writing it.
+            return "it is empty or damaged" if age > 10 else None
+        if owner.get("host") == socket.gethostname() and not _process_alive(int(owner.get("pid", -1))):
+            return f"its process {owner.get('pid')} on {owner.get('host')} no longer runs"
+        return None
+
+    def acquire(self) -> "RunLock":
+        if not self.run_dir.exists():
+            self.run_dir.mkdir(parents=True)
+            self.created_folder = True
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:500]}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.owner()
+                why = self._stale(owner)
+                if why is None:
+                    who = (f"pid {owner.get('pid')} on host {owner.get('host')}, since {owner.get('started')}"
+                           if owner else "a process that is starting")
+                    raise RunFolderError(
+                        f"{self.run_dir} is in use by another training ({who}); wait for it to finish or choose "
+                        f"another run_dir (if that process is gone for good, delete {self.path})"
+                    ) from None
+                log.warning("taking over the stale lock %s (%s)", self.path, why)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            self.held = True
+            return self
+        raise RunFolderError(f"could not take the lock {self.path}: other processes keep creating it")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+        if self.created_folder:
+            try:
+                self.run_dir.rmdir()  # only if still empty: a refused start leaves no trace
+            except OSError:
+                pass
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the partial files of atomic writes a killed run left in ``checkpoints/`` (hold the lock first)."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.glob(TEMPORARY_PATTERN):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.warning("removed %d partial file(s) a killed run left in %s: %s", len(removed), folder,
+                    ", ".join(p.name for p in removed))
+    return removed
