@@ -16,14 +16,16 @@ the composed config without running.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lab_utils.config import CONFIG_MODULE, ConfigError, validate
 
@@ -52,54 +54,132 @@ class UserError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from lab_utils.checkpoint import CheckpointError
-    from lab_utils.trainer import TrainingDiverged
+    from omegaconf.errors import MissingMandatoryValue
 
-    return (UserError, ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, FileExistsError,
-            ValueError)
+    from lab_utils.checkpoint import CheckpointError
+    from lab_utils.trainer import CheckpointWriteError, TrainingDiverged
+
+    return (UserError, ConfigError, CheckpointError, CheckpointWriteError, TrainingDiverged, MissingMandatoryValue,
+            OSError, ValueError)
+
+
+# What to pass for a mandatory value a command was run without.
+MANDATORY_HINTS = {"run": "run=<a run folder, or a checkpoint file in its checkpoints/>"}
+
+
+def error_message(err: BaseException) -> str:
+    """One line that says what was wrong and how to fix it."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    if isinstance(err, MissingMandatoryValue):
+        key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+        return f"`{key}` is required: pass {MANDATORY_HINTS.get(str(key), f'{key}=<value>')}"
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.strerror:
+        where = f" ({err.filename})" if err.filename else ""
+        hint = {errno.ENOSPC: "free some space and run the command again",
+                errno.EROFS: "the folder is on a read-only file system: choose a writable folder",
+                errno.EACCES: "choose a folder you may write to, or fix its permissions"}.get(err.errno, "")
+        return f"{err.strerror}{where}" + (f"; {hint}" if hint else "")
+    text = " ".join(str(err).split())  # one line, whatever the message's layout
+    return text or type(err).__name__
 
 
 def _report(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
     """Turn expected errors into a one-line message and exit status 1 (HYDRA_FULL_ERROR=1 shows tracebacks)."""
 
     def wrapped(cfg: DictConfig) -> None:
-        import os
-
         try:
+            _refuse_unknown_settings(cfg)
             fn(cfg)
         except _user_errors() as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            print(f"genlab: error: {err}", file=sys.stderr)
+            print(f"genlab: error: {error_message(err)}", file=sys.stderr)
             raise SystemExit(1) from None
 
     wrapped.__name__ = fn.__name__
     return wrapped
 
 
-# ------------------------------------------------------------------------------------ train
 def _command_line_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task)
 
 
-def resume_config(run: str, overrides: list[str], composed: DictConfig) -> DictConfig:
-    """The saved config of the run at ``run`` with the command line's ``key=value`` overrides applied."""
-    from lab_utils.checkpoint import load_checkpoint
+def _refuse_unknown_settings(cfg: DictConfig) -> None:
+    """``+name=value`` for a top-level name the command does not have would be silently ignored: refuse it.
+    (Nested additions, such as ``+eval.sample_options.k=v``, go to a section whose schema checks them.)"""
+    added = [o.key_or_group for o in _parse(_command_line_overrides()) if o.is_add()]
+    unknown = [key for key in added if "." not in key and key != "hydra"]
+    if unknown:
+        known = [key for key in cfg if key not in unknown]
+        raise UserError(f"unknown setting(s) {', '.join(unknown)} for this command; its settings are "
+                        f"{', '.join(known)} (set one as key=value, without +)")
 
-    saved = OmegaConf.create(load_checkpoint(run)["config"])
-    for item in overrides:
-        key, _, value = item.lstrip("+").partition("=")
-        if key == "resume":
+
+def _parse(overrides: list[str]) -> list:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+# ------------------------------------------------------------------------------------ train
+RUN_KEYS = ("model", "data", "seed")  # sections that belong to a run: they cannot change on resume
+
+
+def resume_config(run: str, overrides: list[str]) -> DictConfig:
+    """The saved config of the run at ``run`` with the command line's overrides applied, truthfully.
+
+    - ``trainer.*`` values take effect: they are applied to the run's config (and so recorded in its
+      ``config.yaml``);
+    - ``run_dir=<folder>`` continues the run in that new folder, leaving the original untouched (the only way
+      to continue a checkpoint that lies outside a run folder);
+    - ``model.*``, ``data.*``, ``seed`` and the ``model``/``data``/``preset`` groups are the run's own (its
+      weights, optimiser state and data order belong to them): another value is refused.
+    """
+    from lab_utils.checkpoint import load_checkpoint
+    from lab_utils.run_folder import resume_source
+
+    source = resume_source(run)
+    saved = OmegaConf.create(load_checkpoint(source.checkpoint)["config"])
+    run_dir = source.run_dir
+    for override in _parse(overrides):
+        key = override.key_or_group
+        if key == "resume" or key.split(".")[0] == "hydra":
             continue
+        value = override.value()
         if key in GROUP_KEYS:
             was = saved.get("preset_name") if key == "preset" else saved[key].get("name")
             if value != was:
                 raise UserError(f"the run at {run} was trained with {key}={was}; it cannot resume as {key}={value}")
             continue
-        OmegaConf.update(saved, key, yaml.safe_load(value) if value else None, force_add=False)
-    saved.resume = str(run)
+        if key == "run_dir":
+            run_dir = Path(str(value))
+            continue
+        if override.is_delete():
+            raise UserError(f"~{key}: settings of a resumed run cannot be deleted; set a value instead")
+        if key.split(".")[0] in RUN_KEYS:
+            was = OmegaConf.select(saved, key, default="<not set>")
+            if isinstance(was, (DictConfig, ListConfig)):
+                was = OmegaConf.to_container(was)
+            if was != value:
+                raise UserError(
+                    f"{key}={value} cannot change when resuming (the run has {key}={was}): its weights, optimiser "
+                    f"state and data order come from its checkpoint; start a new run to train with {key}={value}"
+                )
+            continue
+        if key.split(".")[0] != "trainer":
+            raise UserError(f"{key}={value}: only trainer.* settings and run_dir can be given when resuming")
+        OmegaConf.update(saved, key, value, force_add=True)  # the trainer schema (validate) checks the key
+    if run_dir is None:
+        raise UserError(
+            f"{source.checkpoint} is a checkpoint outside a run folder (a run keeps its checkpoints in "
+            "<run>/checkpoints/), so there is no run to continue in place; to continue training from it, "
+            "give a new folder to write into: run_dir=<new folder>"
+        )
+    saved.run_dir = str(run_dir)
+    saved.resume = str(source.checkpoint)
     return saved
 
 
@@ -109,7 +189,7 @@ def train_command(cfg: DictConfig) -> None:
     from lab_utils.trainer import train
 
     if cfg.get("resume"):
-        cfg = resume_config(cfg.resume, _command_line_overrides(), cfg)
+        cfg = resume_config(cfg.resume, _command_line_overrides())
     cfg = validate(cfg)
     result = train(cfg, resume=cfg.get("resume"))
     if not env_info().is_main:
@@ -121,7 +201,49 @@ def train_command(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------ sample
-SAMPLE_OPTIONS = ("sampler", "steps", "guidance", "eta")
+SAMPLE_OPTIONS = ("sampler", "steps", "guidance", "eta", "temperature")
+MAX_SAMPLES = 256  # images per `genlab sample` grid (n x number of prompts); `genlab eval` draws thousands
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
+
+def output_path(out: str, default_name: str) -> Path:
+    """Where an image goes: ``out`` itself, ``out.png`` when it has no suffix, ``out/<default_name>`` for a folder."""
+    path = Path(str(out)).expanduser()
+    if path.is_dir():
+        return path / default_name
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"out={out}: an image file must end with one of {', '.join(IMAGE_SUFFIXES)}")
+    return path
+
+
+def prompt_list(prompt: object) -> list[str]:
+    """``prompt="a red circle"`` or ``prompt=[a red circle,a blue square]`` (one grid row per prompt)."""
+    prompts = [str(p) for p in prompt] if isinstance(prompt, (ListConfig, list, tuple)) else [str(prompt)]
+    if not prompts:
+        raise UserError("prompt=[] holds no prompt; give one (prompt=\"a red circle\") or several (prompt=[a,b])")
+    return prompts
+
+
+def warn_unknown_words(prompts: list[str], vocab: list[str], data_name: str) -> None:
+    """Say which prompt words the model never saw (it reads each as [UNK])."""
+    from lab_utils.data import words
+
+    known = set(vocab)
+    unknown = sorted({word for prompt in prompts for word in words(prompt) if word not in known})
+    if unknown:
+        print(f"genlab: warning: the model does not know the word(s) {', '.join(unknown)} and reads each as [UNK]; "
+              f"`genlab data data={data_name}` lists the words it knows", file=sys.stderr)
+
+
+def draw(sample: Callable, prompts: list[str], generator, batch_size: int, options: dict) -> "torch.Tensor":
+    """``sample(prompts)`` in batches of ``batch_size``, one generator throughout (so the images depend on the
+    seed and the batch size only): (len(prompts), C, H, W)."""
+    import torch
+
+    return torch.cat([sample(prompts[start:start + batch_size], generator=generator, **options)
+                      for start in range(0, len(prompts), batch_size)])
 
 
 @_report
@@ -132,8 +254,15 @@ def sample_command(cfg: DictConfig) -> None:
     from lab_utils.plotting import save_grid
     from lab_utils.trainer import pick_device
 
-    if cfg.n <= 0:
-        raise UserError(f"n must be positive, got {cfg.n}")
+    prompts = prompt_list(cfg.prompt)
+    if not isinstance(cfg.n, int) or cfg.n <= 0:
+        raise UserError(f"n must be a positive integer, got {cfg.n}")
+    if cfg.n * len(prompts) > MAX_SAMPLES:
+        raise UserError(f"n={cfg.n} x {len(prompts)} prompt(s) is more than the {MAX_SAMPLES} images one grid shows; "
+                        "lower n (`genlab eval` measures thousands of samples)")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size <= 0:
+        raise UserError(f"batch_size must be a positive integer, got {cfg.batch_size}")
+    out = output_path(cfg.out, "samples.png")
     device = pick_device(cfg.device)
     loaded = load_lab(cfg.run, device=device, ema=cfg.ema)
     lab = loaded.lab
@@ -147,22 +276,29 @@ def sample_command(cfg: DictConfig) -> None:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
         unknown = [key for key in options if key not in accepted]
         if unknown:
-            raise UserError(f"model {loaded.cfg.model.name} does not take option(s) {unknown}; "
-                            f"it takes {[k for k in accepted if k not in ('prompts', 'generator')]}")
+            takes = [k for k in accepted if k in SAMPLE_OPTIONS]
+            raise UserError(f"model {loaded.cfg.model.name} does not take option(s) {unknown} in mode={cfg.mode}; "
+                            f"it takes {takes or 'no options'}")
     title = f"{loaded.cfg.model.name} step {loaded.state['trainer']['step']}"
     if method == "reconstruct":
         images, captions = _reconstructions(loaded, fn, cfg.n, cfg.seed, device)
-        path = save_grid(images, cfg.out, captions=captions, ncols=min(8, cfg.n), title=f"{title}: reconstructions")
+        path = save_grid(images, out, captions=captions, ncols=min(8, cfg.n), title=f"{title}: reconstructions")
         print(f"wrote {path} ({cfg.n} test images, each above its reconstruction)")
         return
-    prompts = [str(cfg.prompt)] * cfg.n
+    warn_unknown_words(prompts, loaded.lab.data_info.vocab, loaded.cfg.data.name)
+    prompts = [p for p in prompts for _ in range(cfg.n)]  # n images of each prompt, prompt by prompt
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     with torch.no_grad():
-        images = fn(prompts, generator=generator, **options)
+        if method == "interpolate":  # one path through all the prompts: a single call
+            images = fn(prompts, generator=generator, **options)
+        else:
+            images = draw(fn, prompts, generator, cfg.batch_size, options)
     shown = ", ".join(f"{k}={v}" for k, v in options.items())
-    path = save_grid(images, cfg.out, captions=prompts if cfg.n <= 64 else None, ncols=min(8, cfg.n),
+    ncols = cfg.n if 1 < len(prompts) // cfg.n and cfg.n <= 16 else min(8, cfg.n)
+    path = save_grid(images, out, captions=prompts if len(prompts) <= 64 else None, ncols=ncols,
                      title=title + (f" ({shown})" if shown else "") + (f": {method}" if method != "sample" else ""))
-    print(f"wrote {path} ({cfg.n} images for {cfg.prompt!r}, seed {cfg.seed})")
+    asked = ", ".join(repr(p) for p in dict.fromkeys(prompts))
+    print(f"wrote {path} ({cfg.n} image(s) for each of {asked}, seed {cfg.seed})")
 
 
 def _reconstructions(loaded, reconstruct, n: int, seed: int, device) -> tuple["torch.Tensor", list[str]]:
@@ -204,12 +340,13 @@ def data_command(cfg: DictConfig) -> None:
     items = [dataset[int(i)] for i in order]
     images = torch.stack([item["image"] for item in items])
     captions = [item["caption"] for item in items]
-    path = save_grid(images, cfg.out, captions=captions, ncols=8, title=f"{cfg.data.name} ({cfg.split})")
+    path = save_grid(images, output_path(cfg.out, "data_grid.png"), captions=captions, ncols=8,
+                     title=f"{cfg.data.name} ({cfg.split})")
     print(f"dataset: {cfg.data.name} ({cfg.split} split): {len(dataset)} images of {info.channels}x"
           f"{info.image_size}x{info.image_size}")
     for attribute, values in info.attributes.items():
         print(f"  {attribute} ({len(values)}): {', '.join(values)}")
-    print(f"caption vocabulary: {len(info.vocab)} tokens (incl. special tokens)")
+    print(f"caption vocabulary: {len(info.vocab)} tokens (incl. special tokens): {' '.join(info.vocab)}")
     print(f"wrote {path}")
 
 
@@ -272,6 +409,36 @@ def notebooks_command(args: list[str]) -> int:
     return 0
 
 
+def composition_error(err: BaseException, command: str) -> str:
+    """One line for a config Hydra could not compose (an unknown group choice, key or value)."""
+    from hydra.errors import MissingConfigException
+
+    text = str(err)
+    found = re.search(r"Could not find '([\w/]+)/([^']*)'", text)
+    if isinstance(err, MissingConfigException) and found and err.options:
+        return f"unknown {found.group(1)}={found.group(2)}; choose one of {', '.join(err.options)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(("To append",
+                                                                                                 "See https"))]
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        lines.append(str(cause).strip().splitlines()[0])
+    return " ".join(lines) + f" (`genlab {command} --cfg job` prints every setting)"
+
+
+def precheck(config_name: str, command: str, args: list[str]) -> str | None:
+    """Compose the config once before Hydra's app runs: a bad override becomes one line (None: it composes).
+    Hydra's own report would print its config search path, or advise a ``+`` that only moves the error."""
+    from hydra import compose, initialize_config_module
+
+    overrides = [arg for arg in args if not arg.startswith("hydra.")]
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            compose(config_name=config_name, overrides=overrides)
+    except Exception as err:  # noqa: BLE001 (every composition failure is the user's input)
+        return composition_error(err, command)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -284,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genlab: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     config_name, task = COMMANDS[command]
+    if not any(arg.startswith("-") for arg in rest):  # --help, --cfg job, -m: Hydra's own flags
+        problem = precheck(config_name, command, rest)
+        if problem is not None:
+            print(f"genlab: error: {problem}", file=sys.stderr)
+            return 1
     sys.argv = [f"genlab {command}", *rest]  # Hydra parses sys.argv
     _hydra_app(config_name, task)()
     return 0

@@ -130,10 +130,12 @@ class ShapesDataset(CaptionedDataset):
     def _load_or_generate(self, total: int) -> tuple[torch.Tensor, torch.Tensor]:
         path = self._cache_path(total)
         self.cache_path: Optional[Path] = path
-        self.loaded_from_cache = path.exists()
-        if self.loaded_from_cache:
-            saved = torch.load(path, weights_only=True)
-            return saved["images"], saved["labels"]
+        self.loaded_from_cache = False
+        if path.exists():
+            cached = self._read_cache(path, total)
+            if cached is not None:
+                self.loaded_from_cache = True
+                return cached
         if self.num_items < total:  # a subset: generate just the first N, do not cache
             self.cache_path = None
             return self.generate(self.num_items)
@@ -147,6 +149,21 @@ class ShapesDataset(CaptionedDataset):
             warnings.warn(f"could not write the shapes cache {path}: {err}", stacklevel=2)
             self.cache_path = None
         return pixels, labels
+
+    def _read_cache(self, path: Path, total: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cached split, or None (with a warning) if the file is damaged: it is only a cache, so it is rebuilt."""
+        try:
+            saved = torch.load(path, weights_only=True)
+            images, labels = saved["images"], saved["labels"]
+            size = self.image_size
+            if (tuple(images.shape) != (total, 3, size, size) or images.dtype != torch.uint8
+                    or tuple(labels.shape) != (total, len(self.attributes))):
+                raise ValueError(f"it holds images {tuple(images.shape)} and labels {tuple(labels.shape)}")
+        except Exception as err:  # noqa: BLE001 (truncated, empty, foreign: any damage means rebuild)
+            reason = "it is empty" if path.stat().st_size == 0 else f"{type(err).__name__}: {str(err).strip()[:120]}"
+            warnings.warn(f"the shapes cache {path} is damaged ({reason}); rebuilding it", stacklevel=3)
+            return None
+        return images, labels
 
     def generate(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``count`` items of the split: (count, 3, S, S) uint8 and (count, 4) long."""

@@ -155,11 +155,11 @@ class GANLab(Lab):
             out["loss"] = out["loss"] + cfg.mismatch_weight * matching
             out["matching"], out["mismatch_score"] = matching, mismatched_scores.mean()
         if cfg.loss == "wgan_gp" and cfg.gp_weight > 0:
-            gp = gradient_penalty(lambda x_hat: self.critic(x_hat, text), x, fake)
+            gp = gradient_penalty(lambda x_hat: self.critic(x_hat, text.float()), x, fake)  # fp32 inside
             out["loss"] = out["loss"] + cfg.gp_weight * gp.penalty  # + lambda E[(||grad D(x_hat)|| - 1)^2]
             out["gradient_penalty"], out["interpolate_grad_norm"] = gp.penalty, gp.grad_norm.mean()
         if cfg.r1_gamma > 0:
-            r1 = r1_penalty(lambda x_real: self.critic(x_real, text), x)
+            r1 = r1_penalty(lambda x_real: self.critic(x_real, text.float()), x)
             out["loss"] = out["loss"] + cfg.r1_gamma / 2 * r1  # + gamma/2 E||grad_x D(x)||^2
             out["r1"] = r1
         return out

@@ -166,13 +166,18 @@ def gradient_penalty(critic: Critic, real: torch.Tensor, fake: torch.Tensor,
     (a second-order backward). The norm is per sample, which is why the critic must not use
     BatchNorm: it would make $D(\hat x_i)$ depend on the other samples of the batch.
     The caller multiplies by $\lambda$ (``gp_weight``, 10 in the paper).
+
+    Computed in fp32 whatever the surrounding autocast: under fp16 the inner gradient would be
+    taken on unscaled fp16 scores (the gradient scaler only scales the outer loss) and can
+    underflow to zero. ``critic`` must accept fp32 inputs (cast its other inputs with ``.float()``).
     """
     B = real.shape[0]
     if eps is None:
         eps = torch.rand(B, device=real.device)  # eps ~ U[0, 1], one per sample
-    x_hat = interpolate(real.detach(), fake.detach(), eps).requires_grad_(True)  # (B, ...)
-    scores = critic(x_hat)  # D(x_hat): (B,)
-    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)  # grad_x_hat D(x_hat): (B, ...)
+    x_hat = interpolate(real.detach().float(), fake.detach().float(), eps).requires_grad_(True)  # (B, ...)
+    with torch.autocast(x_hat.device.type, enabled=False):
+        scores = critic(x_hat).float()  # D(x_hat): (B,)
+        (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)  # grad_x_hat D(x_hat): (B, ...)
     grad_norm = grad.flatten(1).norm(2, dim=1)  # ||grad||_2 per sample: (B,)
     penalty = ((grad_norm - 1.0) ** 2).mean()  # E[(||grad||_2 - 1)^2]
     return GradientPenalty(penalty=penalty, grad_norm=grad_norm, interpolates=x_hat.detach(), eps=eps)
@@ -182,8 +187,10 @@ def r1_penalty(critic: Critic, real: torch.Tensor) -> torch.Tensor:
     r"""$\mathbb E_{x \sim p_\text{data}}\lVert\nabla_x D(x)\rVert_2^2$ (Mescheder et al. 2018, eq. 9, without $\gamma/2$).
 
     Penalises the critic's gradient on *real* data only, which makes the game locally
-    convergent; the caller multiplies by $\gamma / 2$ (``r1_gamma / 2``).
+    convergent; the caller multiplies by $\gamma / 2$ (``r1_gamma / 2``). In fp32 under any autocast,
+    like :func:`gradient_penalty`.
     """
-    x = real.detach().requires_grad_(True)  # (B, ...)
-    (grad,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)  # (B, ...)
+    x = real.detach().float().requires_grad_(True)  # (B, ...)
+    with torch.autocast(x.device.type, enabled=False):
+        (grad,) = torch.autograd.grad(critic(x).float().sum(), x, create_graph=True)  # (B, ...)
     return grad.flatten(1).pow(2).sum(dim=1).mean()
