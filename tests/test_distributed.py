@@ -112,3 +112,16 @@ def test_global_batch_that_does_not_split_is_a_clear_error(tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode != 0
     assert "trainer.batch_size=7 (the global batch) does not split over 2 processes" in result.stderr
+
+
+def test_a_nan_on_one_process_stops_every_process_together(tmp_path):
+    """nan_check=step: rank 1 alone sees a NaN loss; both ranks stop with the message (none waits in an
+    all-reduce for the other, none is killed by the launcher before it could say why)."""
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TINY),
+               str(tmp_path / "run"), *COMMON, "trainer.nan_check=step", "model.explode_at=3", "model.explode_rank=1"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "rank 1 stopped: loss for 'generator' became nan at step 3" in output, output[-3000:]
+    assert "rank 0 stopped: a loss on another process became nan at step 3" in output, output[-3000:]

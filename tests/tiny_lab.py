@@ -8,6 +8,7 @@ losses depend on the batch alone, which lets a test compare runs with different 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lab_utils.lab import DataInfo, Lab
+from lab_utils.registry import register_lab
 
 
 @dataclass
@@ -27,6 +29,7 @@ class TinyConfig:
     n_critic: int = 2
     z_dim: int = 4
     explode_at: Optional[int] = None  # the loss becomes NaN at this step (1-based): NaN-guard test
+    explode_rank: Optional[int] = None  # ... on this process only (None: on every process)
     sleep: float = 0.0  # seconds per step, so a test can kill the process mid-run
     noise: bool = True  # false: z is read off the images, so the loss is a function of the batch alone
 
@@ -98,7 +101,8 @@ class TinyLab(Lab):
                                        + self.critic.weight.pow(2).sum())
         real = batch["image"].flatten(1)
         z = self._noise(real)
-        explode = self.cfg.explode_at is not None and ctx.step + 1 >= self.cfg.explode_at
+        explode = (self.cfg.explode_at is not None and ctx.step + 1 >= self.cfg.explode_at
+                   and self.cfg.explode_rank in (None, int(os.environ.get("RANK", 0))))
 
         def generator_loss_fn() -> torch.Tensor:
             fake = self._generate(batch["caption"], z)
@@ -118,15 +122,17 @@ class TinyLab(Lab):
         return images.view(len(prompts), self.data_info.channels, size, size)
 
 
+register_lab(TinyLab)  # a user's own lab: registered by the code that uses it, never by a checkpoint
+
+
 if __name__ == "__main__":  # python tests/tiny_lab.py <run_dir> [--resume] [--sleep S] [--no-noise] [key=value ...]
     import argparse
-    import os
 
     import yaml
     from omegaconf import OmegaConf
 
     import tiny_lab  # the importable module, not __main__, so its TinyConfig is the one validate() sees
-    from lab_utils.trainer import train
+    from lab_utils.trainer import TrainingDiverged, train
 
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
@@ -139,6 +145,10 @@ if __name__ == "__main__":  # python tests/tiny_lab.py <run_dir> [--resume] [--s
     for item in args.overrides:
         key, _, value = item.partition("=")
         OmegaConf.update(config, key, yaml.safe_load(value))
-    result = train(config, resume=args.run_dir if args.resume else None)
+    try:
+        result = train(config, resume=args.run_dir if args.resume else None)
+    except TrainingDiverged as err:
+        print(f"rank {os.environ.get('RANK', 0)} stopped: {err}", flush=True)
+        raise SystemExit(3) from None
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"finished step {result.step}")
