@@ -4,6 +4,10 @@ A checkpoint is a plain dict that ``torch.load(weights_only=True)`` accepts (ten
 strings, lists, dicts): the resolved config, the ``DataInfo`` (vocabulary included), the model,
 EMA, optimiser and LR-schedule states, the trainer's counters and the RNG state. Because the
 config travels with the weights, ``load_lab(path)`` rebuilds the model with nothing else.
+
+A checkpoint is data from outside: it can name only a registered lab (``lab_utils.registry``), and
+it cannot choose where genlab writes (``data.download`` and ``data.cache_dir`` are reset to this
+machine's defaults when it is read; see ``lab_utils.data.base.WRITE_LOCATIONS``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lab_utils.config import check_section, lab_class
+from lab_utils.data.base import without_write_locations
 from lab_utils.lab import DataInfo, Lab
 
 FORMAT = "genlab-checkpoint"
@@ -139,21 +144,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{path} was written by a newer genlab (format {state['format_version']} > {FORMAT_VERSION}); upgrade genlab"
         )
+    config = state.get("config")
+    if isinstance(config, dict) and isinstance(config.get("data"), dict):  # where to write is not a file's choice
+        config["data"] = without_write_locations(config["data"])
     return state
 
 
-def first_line(err: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
+def first_line(err: BaseException | str, limit: int = 200) -> str:
+    """The first line of an exception's message or of a text ("" for an empty text, the type name for an
+    exception with an empty message)."""
     text = str(err).strip()
-    return text.splitlines()[0][:limit] if text else type(err).__name__
+    if not text:
+        return "" if isinstance(err, str) else type(err).__name__
+    return text.splitlines()[0][:limit]
 
 
 def _unreadable(path: Path, err: BaseException) -> str:
     others = [p.name for p in list_checkpoints(path.parent.parent) if p != path] if path.parent.name == "checkpoints" else []
     hint = f" Older checkpoints in the same folder: {', '.join(others)}." if others else ""
     size = path.stat().st_size if path.exists() else 0
-    detail = str(err).split("WeightsUnpickler error:")[-1] if "WeightsUnpickler error:" in str(err) else str(err)
-    what = "an empty file" if size == 0 else f"{type(err).__name__}: {first_line(detail) or type(err).__name__}"
+    detail = first_line(str(err).split("WeightsUnpickler error:")[-1])  # torch's own preamble comes before it
+    what = "an empty file" if size == 0 else f"{type(err).__name__}: {detail or type(err).__name__}"
     return f"{path} is not a readable checkpoint ({what}). It may be corrupt or truncated, or not written by genlab.{hint}"
 
 

@@ -136,9 +136,11 @@ def resume_config(run: str, overrides: list[str]) -> DictConfig:
     - ``run_dir=<folder>`` continues the run in that new folder, leaving the original untouched (the only way
       to continue a checkpoint that lies outside a run folder);
     - ``model.*``, ``data.*``, ``seed`` and the ``model``/``data``/``preset`` groups are the run's own (its
-      weights, optimiser state and data order belong to them): another value is refused.
+      weights, optimiser state and data order belong to them): another value is refused, except for where the
+      data lives (``data.root``, ``data.cache_dir``, ``data.download``, ``data.system_dirs``).
     """
     from lab_utils.checkpoint import load_checkpoint
+    from lab_utils.data.base import LOCATION_KEYS
     from lab_utils.run_folder import resume_source
 
     source = resume_source(run)
@@ -159,7 +161,7 @@ def resume_config(run: str, overrides: list[str]) -> DictConfig:
             continue
         if override.is_delete():
             raise UserError(f"~{key}: settings of a resumed run cannot be deleted; set a value instead")
-        if key.split(".")[0] in RUN_KEYS:
+        if key.split(".")[0] in RUN_KEYS and not (key.startswith("data.") and key[5:] in LOCATION_KEYS):
             was = OmegaConf.select(saved, key, default="<not set>")
             if isinstance(was, (DictConfig, ListConfig)):
                 was = OmegaConf.to_container(was)
@@ -169,8 +171,9 @@ def resume_config(run: str, overrides: list[str]) -> DictConfig:
                     f"state and data order come from its checkpoint; start a new run to train with {key}={value}"
                 )
             continue
-        if key.split(".")[0] != "trainer":
-            raise UserError(f"{key}={value}: only trainer.* settings and run_dir can be given when resuming")
+        if key.split(".")[0] not in ("trainer", "data"):
+            raise UserError(f"{key}={value}: only trainer.* settings, run_dir and where the data lives can be given "
+                            "when resuming")
         OmegaConf.update(saved, key, value, force_add=True)  # the trainer schema (validate) checks the key
     if run_dir is None:
         raise UserError(
@@ -286,6 +289,7 @@ def sample_command(cfg: DictConfig) -> None:
         print(f"wrote {path} ({cfg.n} test images, each above its reconstruction)")
         return
     warn_unknown_words(prompts, loaded.lab.data_info.vocab, loaded.cfg.data.name)
+    rows = len(prompts)
     prompts = [p for p in prompts for _ in range(cfg.n)]  # n images of each prompt, prompt by prompt
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     with torch.no_grad():
@@ -294,7 +298,7 @@ def sample_command(cfg: DictConfig) -> None:
         else:
             images = draw(fn, prompts, generator, cfg.batch_size, options)
     shown = ", ".join(f"{k}={v}" for k, v in options.items())
-    ncols = cfg.n if 1 < len(prompts) // cfg.n and cfg.n <= 16 else min(8, cfg.n)
+    ncols = cfg.n if rows > 1 and cfg.n <= 16 else min(8, cfg.n)  # several prompts: one row each
     path = save_grid(images, out, captions=prompts if len(prompts) <= 64 else None, ncols=ncols,
                      title=title + (f" ({shown})" if shown else "") + (f": {method}" if method != "sample" else ""))
     asked = ", ".join(repr(p) for p in dict.fromkeys(prompts))

@@ -642,8 +642,9 @@ def _open_run(cfg: DictConfig, resume: str | Path | None) -> tuple[Path, ResumeS
     """Rank 0, holding the lock: the run folder, where it resumes from, and the checkpoint (None: a new run)."""
     run_dir = Path(cfg.run_dir)
     remove_temporaries(run_dir)
-    if foreign_files(run_dir):  # e.g. run_dir=. in a project folder: its config.yaml would be overwritten
-        shown = ", ".join(foreign_files(run_dir)[:5])
+    foreign = foreign_files(run_dir)
+    if foreign:  # e.g. run_dir=. in a project folder: its config.yaml would be overwritten
+        shown = ", ".join(foreign[:5])
         raise RunFolderError(f"run_dir={run_dir} holds files a run does not write ({shown}); a run writes config.yaml, "
                              "metrics.jsonl, train.log, checkpoints/ and samples/ there: choose a new or empty folder")
     if resume is None:

@@ -238,6 +238,28 @@ def test_hostile_target_is_refused_in_process_before_import(tmp_path, runs):
     assert "probe_evil" not in sys.modules and not (tmp_path / MARKER).exists()
 
 
+def test_a_checkpoint_cannot_choose_where_genlab_writes(tmp_path, runs):
+    """data.cache_dir / data.download in a shipped checkpoint would make sample, eval or resume write elsewhere."""
+    from lab_utils.checkpoint import load_checkpoint
+
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    shutil.copytree(runs["vae"], run)
+    for path in (run / "checkpoints").glob("*.pt"):
+        state = torch.load(path, weights_only=True)
+        state["config"]["data"].update(cache_dir=str(elsewhere), download=True)
+        torch.save(state, path)
+    data = load_checkpoint(run)["config"]["data"]
+    assert data["cache_dir"] is None and data["download"] is False
+    out = genlab("sample", f"run={run}", "mode=reconstruct", "n=2", f"out={tmp_path / 'recon.png'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not elsewhere.exists() and (tmp_path / "recon.png").is_file()
+    # where the data lives is the user's to say on resume (it does not change the data)
+    from lab_utils.cli import resume_config
+
+    cfg = resume_config(str(run), [f"data.cache_dir={tmp_path / 'mine'}", "trainer.steps=6"])
+    assert cfg.data.cache_dir == str(tmp_path / "mine") and cfg.data.download is False
+
+
 def test_registered_labs_build_and_unregistered_ones_do_not(monkeypatch):
     from lab_utils import registry
 

@@ -61,6 +61,18 @@ class DataConfig:
             raise ValueError(f"data.subset must be a positive number of items or null, got {self.subset}")
 
 
+# Data keys that say where files are, not what the pixels and labels are: the evaluator cache leaves them out of
+# its key, and a resumed run may change them. Of these, the ones that choose where genlab *writes*, with the value
+# a file's config gets instead: a checkpoint cannot turn downloads on or move the dataset cache elsewhere.
+LOCATION_KEYS = ("root", "download", "cache_dir", "system_dirs")
+WRITE_LOCATIONS = {"download": False, "cache_dir": None}
+
+
+def without_write_locations(data: dict[str, Any]) -> dict[str, Any]:
+    """A data config read from a file, with :data:`WRITE_LOCATIONS` set to this machine's defaults."""
+    return {**data, **{key: value for key, value in WRITE_LOCATIONS.items() if key in data}}
+
+
 def cache_root(name: str) -> Path:
     """Default folder for generated or downloaded data: ``$GENLAB_CACHE/<name>`` or ``~/.cache/genlab/<name>``."""
     base = os.environ.get("GENLAB_CACHE")

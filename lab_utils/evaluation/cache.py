@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lab_utils.config import ConfigError
+from lab_utils.data.base import LOCATION_KEYS
 from lab_utils.evaluation.evaluator import Evaluator, EvaluatorLab, predict_from_logits, real_images
 
 log = logging.getLogger("genlab.eval")
@@ -33,8 +34,6 @@ log = logging.getLogger("genlab.eval")
 # Bump whenever a change to evaluator.py or this file changes what a trained evaluator computes
 # (network, loss, augmentation, how test accuracy is measured), so cached evaluators are retrained.
 EVALUATOR_CODE_VERSION = 1
-# Data keys that say where files are, not what the pixels and labels are: not part of the key.
-LOCATION_KEYS = ("root", "download", "cache_dir", "system_dirs")
 
 
 # ------------------------------------------------------------------------------------ accuracy
