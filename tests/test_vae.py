@@ -15,7 +15,7 @@ from lab_utils.config import ConfigError, compose
 from labs.text_encoder import TextEncoderConfig
 from labs.vae import (
     ConvNetConfig, Decoder, Encoder, VAEConfig, VAELab, bernoulli_nll, bits_per_dim, discretized_gaussian_nll,
-    gaussian_nll, kl_divergence, kl_weight, negative_elbo, reparameterize, slerp,
+    gaussian_kl, gaussian_nll, kl_divergence, kl_weight, negative_elbo, reparameterize, slerp,
 )
 
 
@@ -82,6 +82,38 @@ def test_closed_form_kl_matches_a_monte_carlo_estimate():
     assert torch.allclose(kl_divergence(mu, logvar), monte_carlo, rtol=0.02, atol=0.05)
     assert torch.allclose(kl_divergence(mu, logvar), torch.distributions.kl_divergence(
         torch.distributions.Normal(mu, torch.exp(0.5 * logvar)), p).sum(1), atol=1e-5)
+
+
+def test_kl_to_a_learned_prior_matches_torch_and_reduces_to_the_standard_one():
+    gen = torch.Generator().manual_seed(2)
+    mu, logvar, prior_mu, prior_logvar = (torch.randn(5, 4, generator=gen) for _ in range(4))
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mu, torch.exp(0.5 * logvar)),
+                                                 torch.distributions.Normal(prior_mu, torch.exp(0.5 * prior_logvar)))
+    assert torch.allclose(gaussian_kl(mu, logvar, prior_mu, prior_logvar), expected.sum(1), atol=1e-5)
+    zeros = torch.zeros_like(mu)
+    assert torch.allclose(gaussian_kl(mu, logvar, zeros, zeros), kl_divergence(mu, logvar), atol=1e-6)
+    assert torch.equal(gaussian_kl(prior_mu, prior_logvar, prior_mu, prior_logvar), torch.zeros(5))
+
+
+def test_the_learned_prior_starts_as_the_standard_normal_and_sampling_draws_from_it():
+    lab = tiny_lab()
+    prompts = ["a red circle", "a blue square at the top left", ""]
+    start = lab.prior_of(lab.encode_prompts(prompts), 3)
+    assert torch.equal(start.mu, torch.zeros(3, 8)) and torch.equal(start.logvar, torch.zeros(3, 8))
+    with torch.no_grad():  # a prior whose mean is 2 and whose std is 0.5 everywhere
+        lab.prior.net[-1].bias.copy_(torch.cat([torch.full((8,), 2.0), torch.full((8,), math.log(0.25))]))
+    eps = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
+    images = lab.sample(prompts, torch.Generator().manual_seed(4), temperature=0.5)
+    assert torch.allclose(images, lab.decode(2.0 + 0.5 * 0.5 * eps, prompts), atol=1e-6)
+    # the ELBO's KL is taken against p(z | c): a posterior equal to the prior costs nothing
+    x0 = torch.rand(3, 3, 16, 16) * 2 - 1
+    out = lab(x0, prompts)
+    prior = lab.prior_of(out.cond, 3)
+    assert torch.allclose(lab.elbo_terms(x0, prompts, generator=torch.Generator().manual_seed(0)).kl,
+                          gaussian_kl(out.mu, out.logvar, prior.mu, prior.logvar), atol=1e-5)
+    assert "prior" in lab.ema_modules()
+    plain = tiny_lab(prior="standard")
+    assert not hasattr(plain, "prior") and "prior" not in plain.ema_modules()
 
 
 def test_reparameterised_sample_has_the_right_moments_and_gradients():

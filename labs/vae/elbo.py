@@ -74,6 +74,19 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)  # (B,)
 
 
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor,
+                prior_logvar: torch.Tensor) -> torch.Tensor:
+    r"""$D_{KL}(\mathcal N(\mu, \operatorname{diag}\sigma^2) \Vert \mathcal N(m, \operatorname{diag}s^2))$ per example,
+    the KL to a *learned* prior (e.g. the conditional prior $p(z \mid c)$ of Sohn et al. 2015):
+
+    $D_{KL} = \tfrac12 \sum_j \big(\log s_j^2 - \log\sigma_j^2 + (\sigma_j^2 + (\mu_j - m_j)^2) / s_j^2 - 1\big)$
+
+    All four: (B, Z) (or broadcastable) -> (B,). With m = 0, log s^2 = 0 it is :func:`kl_divergence`.
+    """
+    return 0.5 * torch.sum(prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1,
+                           dim=1)  # (B,)
+
+
 # ------------------------------------------------------------------------------ likelihoods
 def gaussian_nll(x0: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     r"""$-\log \mathcal N(x; \hat x, \sigma^2 I)$ per image, normalising constant included (K&W Appendix C.2):

@@ -24,16 +24,18 @@ from typing import Any, NamedTuple
 import torch
 
 from lab_utils.config import as_dataclass
-from lab_utils.lab import DataInfo, Lab, StepContext
+from lab_utils.lab import DataInfo, Lab, StepContext, adam
 from labs.text_encoder import TextEncoder, TextEncoderConfig, Tokenizer, encode_prompts
 
 from .elbo import (
-    LIKELIHOODS, SIGMA_MODES, ELBOTerms, bits_per_dim, decoded_to_image, kl_divergence, kl_weight, negative_elbo,
+    LIKELIHOODS, SIGMA_MODES, ELBOTerms, bits_per_dim, decoded_to_image, gaussian_kl, kl_divergence, kl_weight,
+    negative_elbo,
     reconstruction_nll, reparameterize,
 )
-from .model import ConvNetConfig, Decoder, Encoder
+from .model import ConditionalPrior, ConvNetConfig, Decoder, Encoder, Posterior
 
 INTERPOLATIONS = ("slerp", "linear")
+PRIORS = ("learned", "standard")
 
 
 @dataclass
@@ -43,6 +45,8 @@ class VAEConfig:
     latent_dim: int = 16  # Z, the size of z
     conditional: bool = True  # false: a plain VAE that ignores prompts (no text encoder)
     p_uncond: float = 0.1  # probability of training on the empty prompt instead of the caption
+    # learned: p(z | c) from the prompt (ConditionalPrior; a conditional VAE only) | standard: N(0, I)
+    prior: str = "learned"
     net: ConvNetConfig = field(default_factory=ConvNetConfig)
     text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(dim=64, depth=2, heads=4))
     likelihood: str = "gaussian"  # gaussian | discretized_gaussian | bernoulli
@@ -64,6 +68,8 @@ class VAEConfig:
             raise ValueError(f"latent_dim must be positive, got {self.latent_dim}")
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {list(PRIORS)}, got {self.prior!r}")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {list(LIKELIHOODS)}, got {self.likelihood!r}")
         if self.sigma not in SIGMA_MODES:
@@ -94,6 +100,7 @@ class VAEOutput(NamedTuple):
     mu: torch.Tensor  # (B, Z)
     logvar: torch.Tensor  # (B, Z)
     z: torch.Tensor  # (B, Z) the latent that was decoded
+    cond: torch.Tensor | None = None  # (B, D_c) the pooled text vectors, None for an unconditional VAE
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -128,6 +135,9 @@ class VAELab(Lab):
             self.text_encoder = TextEncoder(config.text, self.tokenizer.vocab_size)
         self.encoder = Encoder(config.net, C, S, config.latent_dim, cond_dim)
         self.decoder = Decoder(config.net, C, S, config.latent_dim, cond_dim)
+        self.learned_prior = config.conditional and config.prior == "learned"  # an unconditional VAE has no c
+        if self.learned_prior:
+            self.prior = ConditionalPrior(cond_dim, config.latent_dim, config.net.hidden_dim)
         # log sigma of the Gaussian likelihood: one global value, a parameter only when learned
         log_sigma = torch.tensor(math.log(config.sigma_init))
         if config.sigma == "learned" and config.likelihood != "bernoulli":
@@ -142,6 +152,14 @@ class VAELab(Lab):
             return None
         return encode_prompts(self.tokenizer, self.text_encoder, list(prompts), device=self.device).pooled
 
+    def prior_of(self, cond: torch.Tensor | None, n: int) -> Posterior:
+        """(mu, logvar) of the prior for ``n`` prompts with pooled vectors ``cond``: p(z | c), or N(0, I)."""
+        if self.learned_prior:
+            mu, logvar = self.prior(cond)
+            return Posterior(mu.float(), logvar.float())
+        zeros = torch.zeros(n, self.config.latent_dim, device=self.device)
+        return Posterior(zeros, zeros)
+
     def likelihood_log_sigma(self) -> torch.Tensor:
         """The Gaussian likelihood's log sigma, floored at log(sigma_min) (a 0-dim tensor)."""
         return self.log_sigma.clamp(min=math.log(self.config.sigma_min))
@@ -151,7 +169,7 @@ class VAELab(Lab):
         cond = self.encode_prompts(prompts)  # (B, D_c) or None
         mu, logvar = self.encoder(x0, cond)  # 2 x (B, Z)
         z = reparameterize(mu, logvar, generator=generator) if self.config.sample_posterior else mu  # (B, Z)
-        return VAEOutput(recon=self.decoder(z, cond), mu=mu, logvar=logvar, z=z)
+        return VAEOutput(recon=self.decoder(z, cond), mu=mu, logvar=logvar, z=z, cond=cond)
 
     def elbo_terms(self, x0: torch.Tensor, prompts: list[str], beta: float = 1.0,
                    generator: torch.Generator | None = None) -> ELBOTerms:
@@ -159,7 +177,10 @@ class VAELab(Lab):
         out = self(x0, prompts, generator)
         log_sigma = self.likelihood_log_sigma()
         recon = reconstruction_nll(self.config.likelihood, x0, out.recon.float(), log_sigma)  # -log p(x|z)
-        kl = kl_divergence(out.mu.float(), out.logvar.float())  # D_KL(q(z|x) || p(z))
+        if self.learned_prior:  # D_KL(q(z|x, c) || p(z|c))
+            kl = gaussian_kl(out.mu.float(), out.logvar.float(), *self.prior_of(out.cond, len(x0)))
+        else:  # D_KL(q(z|x) || N(0, I))
+            kl = kl_divergence(out.mu.float(), out.logvar.float())
         return negative_elbo(recon, kl, beta)  # recon + beta * KL
 
     # ------------------------------------------------------------------ training
@@ -169,11 +190,12 @@ class VAELab(Lab):
         groups = [{"params": [p for p in self.parameters() if id(p) not in text_ids]}]
         if text:
             groups.append({"params": text, "lr": self.config.text_lr})
-        return {"model": torch.optim.AdamW(groups, lr=self.config.lr, betas=tuple(self.config.betas),
+        return {"model": adam(groups, lr=self.config.lr, betas=tuple(self.config.betas),
                                            weight_decay=self.config.weight_decay)}
 
     def ema_modules(self) -> list[str]:
-        return ["encoder", "decoder"] + (["text_encoder"] if self.config.conditional else [])
+        return (["encoder", "decoder"] + (["text_encoder"] if self.config.conditional else [])
+                + (["prior"] if self.learned_prior else []))
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         # Maximise the beta-ELBO: minimise -log p(x|z,c) + beta_t KL(q(z|x,c) || N(0, I)), all networks together.
@@ -210,21 +232,26 @@ class VAELab(Lab):
         decoded = self.decoder(z.to(self.device), self.encode_prompts(prompts))  # (N, C, H, W)
         return decoded_to_image(self.config.likelihood, decoded.float())
 
-    def _prior_draw(self, n: int, generator: torch.Generator | None, temperature: float) -> torch.Tensor:
-        """z ~ N(0, temperature^2 I): (n, Z), from ``generator`` only (a freshly seeded one if None)."""
+    def _noise(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        """eps ~ N(0, I): (n, Z), from ``generator`` only (a freshly seeded one if None)."""
         if generator is None:
             generator = torch.Generator()
             generator.seed()  # seeds this generator only, not the global RNG
-        z = torch.randn((n, self.config.latent_dim), generator=generator, device=generator.device)
-        return temperature * z.to(self.device)
+        return torch.randn((n, self.config.latent_dim), generator=generator, device=generator.device).to(self.device)
+
+    def prior_latents(self, eps: torch.Tensor, prompts: list[str], temperature: float) -> torch.Tensor:
+        """z = mu(c) + temperature * s(c) * eps: draws of the prior for each prompt (N(0, I): z = temperature * eps)."""
+        prior = self.prior_of(self.encode_prompts(prompts), len(prompts))
+        return prior.mu + temperature * torch.exp(0.5 * prior.logvar) * eps  # (N, Z)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator | None = None,
                temperature: float | None = None) -> torch.Tensor:
-        """z ~ N(0, I) decoded with each prompt: (N, C, H, W) in [-1, 1] ("" = unconditional)."""
+        """z ~ p(z | c) (or N(0, I)) decoded with each prompt: (N, C, H, W) in [-1, 1] ("" = unconditional)."""
         temperature = self.config.temperature if temperature is None else float(temperature)
-        z = self._prior_draw(len(prompts), generator, temperature)  # (N, Z)
-        return self.decode(z, list(prompts))
+        prompts = list(prompts)
+        z = self.prior_latents(self._noise(len(prompts), generator), prompts, temperature)  # (N, Z)
+        return self.decode(z, prompts)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -242,25 +269,28 @@ class VAELab(Lab):
     @torch.no_grad()
     def interpolate(self, prompts: list[str], generator: torch.Generator | None = None,
                     interpolation: str | None = None, temperature: float | None = None) -> torch.Tensor:
-        """Draw z0, z1 from the prior and decode z_i on the path at t_i = i / (N - 1) with prompt i.
+        """Draw two prior latents and decode z_i on the path between them at t_i = i / (N - 1) with prompt i.
 
         ``interpolation``: slerp (default, see :func:`slerp`) or linear. -> (N, C, H, W) in [-1, 1]."""
         interpolation = self.config.interpolation if interpolation is None else str(interpolation)
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {interpolation!r}")
         temperature = self.config.temperature if temperature is None else float(temperature)
+        prompts = list(prompts)
         n = len(prompts)
-        z0, z1 = self._prior_draw(2, generator, temperature).chunk(2)  # 2 x (1, Z)
+        # the path runs between two standard-normal draws eps0, eps1; each point is then mapped
+        # through its prompt's prior (z = mu(c) + s(c) eps), which with N(0, I) is the path itself
+        eps0, eps1 = self._noise(2, generator).chunk(2)  # 2 x (1, Z)
         t = torch.linspace(0, 1, n, device=self.device) if n > 1 else torch.zeros(1, device=self.device)  # (N,)
         if interpolation == "slerp":
-            z = slerp(z0, z1, t)[0]  # (N, Z)
+            eps = slerp(eps0, eps1, t)[0]  # (N, Z)
         else:
-            z = torch.lerp(z0, z1, t[:, None])  # (1, Z), (N, 1) -> (N, Z): (1 - t) z0 + t z1
-        return self.decode(z, list(prompts))
+            eps = torch.lerp(eps0, eps1, t[:, None])  # (1, Z), (N, 1) -> (N, Z): (1 - t) eps0 + t eps1
+        return self.decode(self.prior_latents(eps, prompts, temperature), prompts)
 
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts of the encoder, decoder, text encoder and the total."""
         counts = {name: sum(p.numel() for p in getattr(self, name).parameters())
-                  for name in ("encoder", "decoder", "text_encoder") if hasattr(self, name)}
+                  for name in ("encoder", "decoder", "prior", "text_encoder") if hasattr(self, name)}
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts

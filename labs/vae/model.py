@@ -142,6 +142,30 @@ class Encoder(nn.Module):
         return Posterior(mu, logvar)
 
 
+class ConditionalPrior(nn.Module):
+    r"""$p_\psi(z \mid c) = \mathcal N(\mu_\psi(c), \operatorname{diag}\exp(\log s^2_\psi(c)))$: the prior of a
+    conditional VAE learned from the prompt (Sohn et al. 2015, sec. 4), an MLP on the pooled text vector.
+
+    Why it is there: with the fixed prior $\mathcal N(0, I)$ the encoder sees the image and puts
+    where the shape is into $z$ long before the text path has learned the position words; the
+    decoder then reads position from $z$, and a prompt's "at the top left" has nothing to act on
+    when $z \sim \mathcal N(0, I)$ is drawn (measured: position at chance, 0.15-0.17). With a
+    learned prior, $z$ may still carry position, but the KL now charges it against $p(z \mid c)$,
+    whose mean learns where each prompt's shape is: drawing $z \sim p(z \mid c)$ puts it there.
+    The last layer starts at zero, so training starts from $p(z \mid c) = \mathcal N(0, I)$."""
+
+    def __init__(self, cond_dim: int, latent_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(cond_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 2 * latent_dim))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, cond: torch.Tensor) -> Posterior:
+        """cond: (B, D_c) -> (mu, logvar) of p(z | c), each (B, Z)."""
+        mu, logvar = self.net(cond).chunk(2, dim=1)
+        return Posterior(mu, logvar)
+
+
 class Decoder(nn.Module):
     r"""$p_\theta(x \mid z, c)$: an MLP embeds $e = \mathrm{MLP}([z; c])$, a linear map turns $e$ into a small
     feature map, and convolutions bring it up to the image; every residual block and the output
