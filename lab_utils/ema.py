@@ -2,6 +2,9 @@
 
 $\\theta_{\\text{ema}} \\leftarrow d\\,\\theta_{\\text{ema}} + (1-d)\\,\\theta$ after every optimisation step;
 samples are drawn with $\\theta_{\\text{ema}}$ swapped in (Ho et al. 2020 use $d = 0.9999$).
+
+The update is one fused call over all tracked tensors (``torch._foreach_lerp_``), not a Python loop of
+one kernel per tensor: the shadow tensors and the live tensors they follow sit in two aligned lists.
 """
 
 from __future__ import annotations
@@ -26,16 +29,43 @@ class EMA:
             for name, tensor in _tracked(model, module_names)
         }
         self.module_names = list(module_names)
+        # Aligned lists for the fused update: shadows[i] follows live[i]. The shadow tensors are never
+        # replaced (load_state_dict copies into them); the live ones are resolved by name in _bind.
+        self._shadows: list[torch.Tensor] = list(self.shadow.values())
+        self._bind(model)
+
+    def _bind(self, model: nn.Module) -> None:
+        """Resolve, by name, the live tensor of ``model`` that each shadow tensor follows."""
+        live = dict(_tracked(model, self.module_names))
+        missing = [name for name in self.shadow if name not in live]
+        if missing:
+            raise ValueError(f"the model has no tensors {missing[:3]}, which the EMA tracks")
+        self._model = model
+        self._live: list[torch.Tensor] = [live[name] for name in self.shadow]
+        # Where each live tensor is registered (its module's _parameters or _buffers dict, and its key):
+        # `.to()` replaces buffers (parameters keep their identity), `load_state_dict(assign=True)` and
+        # `module.weight = nn.Parameter(...)` replace parameters; _is_bound_to notices all of these.
+        self._slots: list[tuple[dict[str, torch.Tensor | None], str]] = []
+        for name in self.shadow:
+            module_path, _, key = name.rpartition(".")
+            owner = model.get_submodule(module_path)
+            self._slots.append((owner._parameters if key in owner._parameters else owner._buffers, key))
+
+    def _is_bound_to(self, model: nn.Module) -> bool:
+        """Whether the cached live tensors are still ``model``'s: one dict look-up per tensor, no traversal."""
+        return model is self._model and all(
+            slot.get(key) is tensor for (slot, key), tensor in zip(self._slots, self._live)
+        )
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Call after the optimiser step number ``step`` (1-based)."""
-        live = dict(_tracked(model, self.module_names))
-        for name, shadow in self.shadow.items():
-            if step <= self.start:
-                shadow.copy_(live[name])
-            else:
-                shadow.lerp_(live[name], 1.0 - self.decay)  # d * shadow + (1 - d) * theta
+        if not self._is_bound_to(model):
+            self._bind(model)
+        if step <= self.start:
+            torch._foreach_copy_(self._shadows, self._live)
+        else:
+            torch._foreach_lerp_(self._shadows, self._live, 1.0 - self.decay)  # d * shadow + (1 - d) * theta
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

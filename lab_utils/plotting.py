@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -133,38 +134,90 @@ def comparison_grid(
 
 def curve_scale(values: list[float]) -> tuple[str, dict[str, float]]:
     """A y-scale that shows ``values``: linear within two orders of magnitude; else log, or symlog
-    when some are negative (GAN and VAE losses; the unbiased KID dips below 0 near the floor)."""
+    when some are <= 0 (GAN and VAE losses; the unbiased KID dips below 0 near its floor).
+
+    A wide range with values <= 0 gets symlog (linear on [-linthresh, linthresh], logarithmic outside),
+    not a linear axis: a KID that falls over decades during training keeps its late differences between
+    families visible, where a linear axis would flatten them onto 0, and its negative estimates sit just
+    below the 0 line. linthresh is the power of ten at or below the smallest nonzero magnitude (so the
+    decade ticks fall on the edges of the linear band, not crowded inside it), at least 1e-3.
+    """
+    values = [v for v in values if math.isfinite(v)]
     magnitudes = [abs(v) for v in values if v != 0]
     if not magnitudes or max(magnitudes) / min(magnitudes) < 100:
         return "linear", {}
     if min(values) > 0:
         return "log", {}
-    return "symlog", {"linthresh": max(min(magnitudes), 1e-3)}
+    return "symlog", {"linthresh": max(10.0 ** math.floor(math.log10(min(magnitudes))), 1e-3)}
+
+
+def family_of(label: str) -> str:
+    """``"gan: loss/critic"`` -> ``"gan"``: compare labels curves ``family: key``; a bare label is a family."""
+    return label.split(": ", 1)[0]
+
+
+def family_colours(
+    curves: dict[str, dict[str, list[tuple[float, float]]]], colours: dict[str, str] | None = None
+) -> dict[str, str]:
+    """One colour per family for every panel: ``colours[family]`` where given, else matplotlib's default
+    cycle in the order the families first appear across all metrics."""
+    given = dict(colours or {})
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    unnamed: list[str] = []  # families without a given colour, in order of first appearance
+    for metric in curves.values():
+        for label in metric:
+            family = family_of(label)
+            if family not in given and family not in unnamed:
+                unnamed.append(family)
+    return {**given, **{family: cycle[index % len(cycle)] for index, family in enumerate(unnamed)}}
+
+
+def curves_figure(
+    curves: dict[str, dict[str, list[tuple[float, float]]]],
+    title: str | None = None,
+    colours: dict[str, str] | None = None,
+) -> plt.Figure:
+    """One panel per metric; ``curves[metric][label] = [(train_seconds, value), ...]``.
+
+    A family (``family_of(label)``) has one colour in every panel; its several curves in one panel
+    (a GAN's generator and critic losses) differ by line style.
+    """
+    metrics = list(curves)
+    colour_of = family_colours(curves, colours)
+    line_styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, len(metrics), squeeze=False, figsize=(5.2 * len(metrics), 3.8))
+    for ax, metric in zip(axes[0], metrics):
+        drawn: dict[str, int] = {}  # family -> index of its latest curve in this panel
+        for label, points in curves[metric].items():
+            if points:
+                family = family_of(label)
+                index = drawn[family] = drawn.get(family, -1) + 1
+                x, y = zip(*points)
+                ax.plot(x, y, marker="o" if len(points) < 30 else None, markersize=3, label=label,
+                        color=colour_of[family], linestyle=line_styles[index % len(line_styles)])
+        ax.set_xlabel("training time (s)")
+        ax.set_ylabel(metric)
+        values = [v for points in curves[metric].values() for _, v in points if math.isfinite(v)]
+        scale, options = curve_scale(values)
+        ax.set_yscale(scale, **options)
+        if values and min(values) < 0 < max(values):
+            ax.axhline(0.0, color="0.6", linewidth=0.8, zorder=0)  # KID's floor; losses change sign here
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def training_curves(
     curves: dict[str, dict[str, list[tuple[float, float]]]],
     path: str | Path,
     title: str | None = None,
+    colours: dict[str, str] | None = None,
 ) -> Path:
-    """One panel per metric; ``curves[metric][family] = [(train_seconds, value), ...]``."""
-    metrics = list(curves)
-    fig, axes = plt.subplots(1, len(metrics), squeeze=False, figsize=(5.2 * len(metrics), 3.8))
-    for ax, metric in zip(axes[0], metrics):
-        for label, points in curves[metric].items():
-            if points:
-                x, y = zip(*points)
-                ax.plot(x, y, marker="o" if len(points) < 30 else None, markersize=3, label=label)
-        ax.set_xlabel("training time (s)")
-        ax.set_ylabel(metric)
-        values = [v for points in curves[metric].values() for _, v in points]
-        scale, options = curve_scale(values)
-        ax.set_yscale(scale, **options)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    """Write :func:`curves_figure` to ``path`` (PNG)."""
+    fig = curves_figure(curves, title, colours)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

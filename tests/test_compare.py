@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -104,3 +105,41 @@ def test_curve_scales_follow_the_values():
     assert curve_scale([0.005, 0.3, 2.0]) == ("log", {})  # diffusion loss over training
     scale, options = curve_scale([-1800.0, -5.0, 0.01, 3.0])  # VAE nats beside GAN losses
     assert scale == "symlog" and options["linthresh"] == 0.01
+
+
+def test_training_curves_keep_one_colour_per_family():
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from lab_utils.plotting import curves_figure, family_of
+
+    seconds = [10.0, 20.0, 40.0, 80.0]
+    curves = {  # as compare draws them: several loss curves per family, one KID curve per family
+        "loss": {"vae: loss/recon": [(s, 300.0 / s) for s in seconds], "vae: loss/kl": [(s, 5.0) for s in seconds],
+                 "gan: loss/generator": [(s, 1.0) for s in seconds], "gan: loss/critic": [(s, -0.5) for s in seconds]},
+        "KID": {"gan": [(s, v) for s, v in zip(seconds, [0.4, 0.05, 0.004, -0.002])],  # other order than the losses
+                "vae": [(s, v) for s, v in zip(seconds, [0.3, 0.1, 0.03, 0.02])]},
+    }
+    fig = curves_figure(curves)
+    try:
+        loss_axis, kid_axis = fig.axes
+        colours = {ax: {line.get_label(): to_hex(line.get_color()) for line in ax.get_lines() if
+                        not line.get_label().startswith("_")} for ax in (loss_axis, kid_axis)}
+        for family in ("vae", "gan"):
+            used = {colour for ax in colours for label, colour in colours[ax].items() if family_of(label) == family}
+            assert len(used) == 1, (family, used)
+        assert colours[kid_axis]["vae"] != colours[kid_axis]["gan"]
+        styles = {line.get_label(): line.get_linestyle() for line in loss_axis.get_lines()}
+        assert styles["gan: loss/generator"] != styles["gan: loss/critic"]  # same colour, told apart by style
+        # KID below 0: a finite, non-log axis that still shows the decades (symlog)
+        assert kid_axis.get_yscale() == "symlog"
+        low, high = kid_axis.get_ylim()
+        assert math.isfinite(low) and math.isfinite(high) and low < -0.002 and high > 0.4
+    finally:
+        plt.close(fig)
+    fig = curves_figure(curves, colours={"gan": "#000000"})
+    try:
+        kid_colours = {line.get_label(): to_hex(line.get_color()) for line in fig.axes[1].get_lines()}
+        assert kid_colours["gan"] == "#000000"
+    finally:
+        plt.close(fig)

@@ -110,6 +110,49 @@ def test_batch_padding_and_mask(tokenizer):
     assert ids.shape == mask.shape == (1, 4)
 
 
+def padded_reference(tokenizer: Tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[bool]]]:
+    """The uncached path: ``encode`` each prompt, right-pad with [PAD] to the longest."""
+    encoded = [tokenizer.encode(text) for text in texts]
+    length = max(len(ids) for ids in encoded)
+    ids = [ids + [Tokenizer.PAD_ID] * (length - len(ids)) for ids in encoded]
+    return ids, [[index < len(row) for index in range(length)] for row in encoded]
+
+
+def test_cached_call_matches_encode(tokenizer):
+    texts = ["a red circle", "", "a red circle", "Green TRIANGLE, top!", "a purple circle", "", "a red circle"]
+    state = tokenizer.state_dict()
+    expected_ids, expected_mask = padded_reference(tokenizer, texts)
+    for _ in range(2):  # the second call reads every prompt from the memo
+        ids, mask = tokenizer(texts)
+        assert ids.dtype == torch.long and mask.dtype == torch.bool
+        assert ids.tolist() == expected_ids and mask.tolist() == expected_mask
+    assert len(tokenizer._ids_cache) == 4  # one entry per distinct prompt
+    assert tokenizer(["a red circle"]).ids.tolist() == [tokenizer.encode("a red circle")]  # shorter batch, no pad
+    assert tokenizer.state_dict() == state  # the memo is not state
+
+
+def test_cache_is_bounded():
+    tok = Tokenizer(Tokenizer.build_vocab(CAPTIONS), max_length=8, cache_size=2)
+    for text in ["a", "a red", "a red circle"]:
+        assert tok(text).ids.tolist() == [tok.encode(text)]
+    assert list(tok._ids_cache) == ["a red circle"]  # emptied when full, then filled again
+    uncached = Tokenizer(tok.vocab, max_length=8, cache_size=0)
+    assert uncached(["a red", "a red"]).ids.tolist() == [tok.encode("a red")] * 2 and not uncached._ids_cache
+    with pytest.raises(ValueError, match="cache_size"):
+        Tokenizer(tok.vocab, max_length=8, cache_size=-1)
+
+
+def test_truncation_warns_through_the_cache(tokenizer):
+    with pytest.warns(UserWarning, match="max_length=8"):
+        first = tokenizer([LONG_PROMPT, "a red circle"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a repeat may or may not warn again; the ids must not change
+        again = tokenizer([LONG_PROMPT, "a red circle"])
+        expected_ids, _ = padded_reference(tokenizer, [LONG_PROMPT, "a red circle"])
+    assert first.ids.tolist() == again.ids.tolist() == expected_ids
+    assert first.ids.shape == (2, 8)
+
+
 def test_state_dict_round_trip(tokenizer):
     state = tokenizer.state_dict()
     assert state == {"vocab": tokenizer.vocab, "max_length": 8}

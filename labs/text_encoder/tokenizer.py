@@ -8,6 +8,11 @@ lower-cased words is enough and keeps every token readable. A prompt becomes
 and a batch of prompts is right-padded with [PAD] to its longest member, with a boolean
 mask that is True on real tokens. The empty prompt is just ``[CLS]``: it is the
 "unconditional" prompt that classifier-free guidance needs.
+
+Training captions repeat (every caption of the dataset is drawn many times), so a tokenizer
+remembers the ids of the prompts it has encoded through ``__call__``: a dict from text to ids,
+at most ``cache_size`` entries, emptied when full. It is a cache only: not part of
+``state_dict``, and ``encode`` itself always tokenises afresh.
 """
 
 from __future__ import annotations
@@ -49,13 +54,14 @@ class Tokenizer:
 
     ``vocab`` is the full list of tokens: the special tokens ``SPECIALS`` first, in that
     order, then the words (see :meth:`build_vocab`). Token id ``i`` is ``vocab[i]``.
+    ``cache_size`` bounds the memo of encoded prompts that :meth:`__call__` keeps (0: none).
     """
 
     PAD, UNK, CLS = "[PAD]", "[UNK]", "[CLS]"
     SPECIALS: tuple[str, ...] = (PAD, UNK, CLS)
     PAD_ID, UNK_ID, CLS_ID = 0, 1, 2
 
-    def __init__(self, vocab: Sequence[str], max_length: int):
+    def __init__(self, vocab: Sequence[str], max_length: int, cache_size: int = 100_000):
         vocab = list(vocab)
         n_special = len(self.SPECIALS)
         if tuple(vocab[:n_special]) != self.SPECIALS:
@@ -78,9 +84,13 @@ class Tokenizer:
             )
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive int ([CLS] included), got {max_length!r}")
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+            raise ValueError(f"cache_size must be an int >= 0 (0: no cache), got {cache_size!r}")
         self.vocab: list[str] = vocab
         self.max_length = max_length
         self.token_to_id: dict[str, int] = {token: index for index, token in enumerate(vocab)}
+        self.cache_size = cache_size
+        self._ids_cache: dict[str, tuple[int, ...]] = {}  # text -> encode(text), see the module docstring
 
     @classmethod
     def build_vocab(cls, captions: Iterable[str], min_count: int = 1) -> list[str]:
@@ -109,6 +119,17 @@ class Tokenizer:
             ids = ids[: self.max_length]
         return ids
 
+    def _cached_ids(self, text: str) -> tuple[int, ...]:
+        """``encode(text)``, remembered. A truncated prompt warns the first time it is seen only."""
+        ids = self._ids_cache.get(text)
+        if ids is None:
+            ids = tuple(self.encode(text))
+            if self.cache_size:
+                if len(self._ids_cache) >= self.cache_size:
+                    self._ids_cache.clear()  # simpler than LRU; a caption set that fits never gets here
+                self._ids_cache[text] = ids
+        return ids
+
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         """Words of ``ids`` joined by spaces; ``[PAD]`` and ``[CLS]`` are dropped."""
         if isinstance(ids, torch.Tensor):
@@ -128,6 +149,7 @@ class Tokenizer:
         """Encode a prompt or a list of prompts into a padded :class:`TokenBatch` of shape (B, L).
 
         L is the length of the longest encoded prompt (so at least 1 and at most ``max_length``).
+        Each prompt's ids come from the memo when it was seen before (a long prompt warns once).
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -138,11 +160,10 @@ class Tokenizer:
             raise TypeError(f"every prompt must be a str, got {[type(b).__name__ for b in bad]}")
         if not texts:
             raise ValueError("cannot tokenize an empty list of prompts")
-        encoded = [self.encode(text) for text in texts]
+        encoded = [self._cached_ids(text) for text in texts]
         length = max(len(ids) for ids in encoded)
-        ids = torch.full((len(encoded), length), self.PAD_ID, dtype=torch.long)  # (B, L)
-        for row, sequence in enumerate(encoded):
-            ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        padded = [list(sequence) + [self.PAD_ID] * (length - len(sequence)) for sequence in encoded]
+        ids = torch.tensor(padded, dtype=torch.long)  # (B, L)
         mask = ids != self.PAD_ID  # (B, L), True on [CLS] and words; [PAD] never occurs in a prompt
         return TokenBatch(ids.to(device), mask.to(device))
 
