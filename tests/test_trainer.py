@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import subprocess
@@ -237,6 +238,78 @@ def test_ema_follows_its_equation():
         EMA(model, ["nope"], decay=0.9)
 
 
+def norm_model() -> nn.Module:
+    """Parameters, float buffers (BatchNorm's running statistics) and an integer one (num_batches_tracked)."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+    model.head = nn.Linear(4, 1)  # not tracked
+    return model
+
+
+def train_a_little(model: nn.Module) -> None:
+    """New weights and new BatchNorm statistics, as an optimiser step and a forward pass make."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param), alpha=0.1)
+        model.net(torch.randn(4, 3, 6, 6))  # train mode: updates running_mean / running_var
+
+
+def test_fused_ema_update_matches_the_per_tensor_loop():
+    model = norm_model()
+    decay, start = 0.9, 2
+    ema = EMA(model, ["net"], decay=decay, start=start)
+    tracked = dict(model.net.named_parameters()) | dict(model.net.named_buffers())
+    assert set(ema.shadow) == {f"net.{name}" for name, t in tracked.items() if t.is_floating_point()}
+    assert "net.2.running_mean" in ema.shadow and "net.2.num_batches_tracked" not in ema.shadow
+    reference = {name: tensor.clone() for name, tensor in ema.shadow.items()}
+    for step in range(1, 7):
+        train_a_little(model)
+        live = {f"net.{name}": tensor for name, tensor in tracked.items()}
+        expected = {}
+        for name, shadow in reference.items():  # the per-tensor loop, and the equation in float64
+            theta = live[name]
+            expected[name] = (theta.double() if step <= start
+                              else decay * shadow.double() + (1 - decay) * theta.double())
+            if step <= start:
+                shadow.copy_(theta)
+            else:
+                shadow.lerp_(theta, 1 - decay)
+        ema.update(model, step)
+        for name, shadow in ema.shadow.items():
+            assert torch.equal(shadow, reference[name]), (step, name)  # bit for bit the per-tensor lerp
+            # lerp rounds differently from d * shadow + (1 - d) * theta in fp32, by an ulp or two
+            torch.testing.assert_close(shadow.double(), expected[name], rtol=1e-6, atol=1e-6)
+            if step <= start:
+                assert torch.equal(shadow, live[name])  # the copy phase
+    assert not torch.equal(ema.shadow["net.0.weight"], model.net[0].weight)  # it did average
+    with ema.applied(model):
+        assert torch.equal(model.net[2].running_mean, reference["net.2.running_mean"])
+    assert torch.equal(ema.state_dict()["net.0.weight"], reference["net.0.weight"])
+
+
+def test_ema_follows_replaced_tensors_and_other_models():
+    model = norm_model()
+    ema = EMA(model, ["net"], decay=0.5)
+    # a buffer replaced (as .to() does) and a parameter replaced (load_state_dict(assign=True))
+    model.net[2].running_mean = torch.full((8,), 4.0)
+    model.net[0].bias = nn.Parameter(torch.full((8,), 2.0))
+    before = {name: tensor.clone() for name, tensor in ema.shadow.items()}
+    ema.update(model, step=1)
+    for name, live in [("net.2.running_mean", model.net[2].running_mean), ("net.0.bias", model.net[0].bias)]:
+        assert torch.equal(ema.shadow[name], before[name].lerp(live, 0.5))
+    other = norm_model()
+    with torch.no_grad():
+        other.net[3].weight.fill_(1.0)
+    previous = ema.shadow["net.3.weight"].clone()
+    ema.update(other, step=2)
+    assert torch.equal(ema.shadow["net.3.weight"], previous.lerp(other.net[3].weight, 0.5))
+    bare = nn.Module()
+    bare.net = nn.Identity()
+    with pytest.raises(ValueError, match="no tensors"):
+        ema.update(bare, step=3)
+
+
 def test_warmup_is_linear():
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)
@@ -301,3 +374,23 @@ def test_mixed_precision_training_on_cuda(tmp_path, precision):
     assert load_lab(result.run_dir, device="cuda").lab.device.type == "cuda"
     cfg.trainer.steps = 10  # ... and resumes with it
     assert train(cfg, resume=result.run_dir).step == 10
+
+
+def test_fast_adam_matches_the_reference_implementation():
+    from lab_utils.lab import adam
+
+    for decoupled, kind in ((True, torch.optim.AdamW), (False, torch.optim.Adam)):
+        torch.manual_seed(0)
+        fast_model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GroupNorm(1, 7), torch.nn.Linear(7, 1))
+        slow_model = copy.deepcopy(fast_model)
+        fast = adam(fast_model.parameters(), decoupled=decoupled, lr=1e-2, betas=(0.5, 0.9), weight_decay=0.1)
+        slow = kind(slow_model.parameters(), lr=1e-2, betas=(0.5, 0.9), weight_decay=0.1, foreach=False)
+        assert fast.defaults.get("fused") or fast.defaults.get("foreach")
+        for step in range(5):
+            x = torch.randn(16, 5, generator=torch.Generator().manual_seed(step))
+            for model, optimizer in ((fast_model, fast), (slow_model, slow)):
+                optimizer.zero_grad()
+                model(x).pow(2).mean().backward()
+                optimizer.step()
+        for a, b in zip(fast_model.parameters(), slow_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

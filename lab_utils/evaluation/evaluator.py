@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from lab_utils.lab import DataInfo, Lab, StepContext
+from lab_utils.lab import DataInfo, Lab, StepContext, adam
 
 
 
@@ -173,7 +173,7 @@ class EvaluatorLab(Lab):
         decay = [p for p in self.net.parameters() if p.ndim > 1]  # conv and linear weights
         no_decay = [p for p in self.net.parameters() if p.ndim <= 1]  # biases, GroupNorm scales and shifts
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self._optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        self._optimizer = adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
         return {"model": self._optimizer}
 
     def lr_factor(self, step: int) -> float:

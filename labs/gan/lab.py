@@ -30,12 +30,12 @@ could use them. The encoder is in the EMA with the generator, so sampling uses a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from lab_utils.config import as_dataclass
-from lab_utils.lab import DataInfo, Lab, StepContext
+from lab_utils.lab import DataInfo, Lab, StepContext, adam
 from labs.text_encoder import TextEncoder, TextEncoderConfig, Tokenizer, encode_prompts
 
 from .losses import LOSSES, critic_loss, generator_loss, gradient_penalty, matching_loss, r1_penalty
@@ -64,6 +64,7 @@ class DCGANConfig:
     #                               (x, its prompt) above (x, another image's prompt); 0 = off
     lr_generator: float = 1e-4  # TTUR: the players have their own learning rates
     lr_critic: float = 3e-4
+    text_lr: Optional[float] = None  # the text encoder's learning rate (trained with the critic); null = lr_critic
     betas_generator: list[float] = field(default_factory=lambda: [0.0, 0.9])  # Adam (Gulrajani et al.)
     betas_critic: list[float] = field(default_factory=lambda: [0.0, 0.9])
 
@@ -84,6 +85,8 @@ class DCGANConfig:
             raise ValueError("critic.norm=batch cannot be used with a gradient penalty (loss=wgan_gp or r1_gamma > 0): "
                              "the penalty is per sample and BatchNorm mixes the samples of a batch; "
                              "use critic.norm=none or layer")
+        if self.text_lr is not None and self.text_lr <= 0:
+            raise ValueError(f"text_lr must be positive or null (= lr_critic), got {self.text_lr}")
         if self.lr_generator <= 0 or self.lr_critic <= 0:
             raise ValueError(f"lr_generator and lr_critic must be positive, got {self.lr_generator}, {self.lr_critic}")
         _betas("betas_generator", self.betas_generator)
@@ -107,11 +110,12 @@ class GANLab(Lab):
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         cfg = self.config
-        critic_params = list(self.critic.parameters()) + list(self.text_encoder.parameters())  # see the docstring
+        critic_params = [{"params": list(self.critic.parameters())},  # the text encoder learns with the critic
+                         {"params": list(self.text_encoder.parameters()), "lr": cfg.text_lr or cfg.lr_critic}]
         return {
-            "generator": torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_generator,
-                                          betas=tuple(cfg.betas_generator)),
-            "critic": torch.optim.Adam(critic_params, lr=cfg.lr_critic, betas=tuple(cfg.betas_critic)),
+            "generator": adam(self.generator.parameters(), decoupled=False, lr=cfg.lr_generator,
+                              betas=tuple(cfg.betas_generator)),
+            "critic": adam(critic_params, decoupled=False, lr=cfg.lr_critic, betas=tuple(cfg.betas_critic)),
         }
 
     def ema_modules(self) -> list[str]:
