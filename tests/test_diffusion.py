@@ -422,3 +422,74 @@ def test_coordinate_channels_hold_x_and_y_and_feed_the_first_convolution():
     plain, coords = UNet(UNetConfig(**small), 3, 16), UNet(UNetConfig(**small, coord_channels=True), 3, 16)
     assert plain.conv_in.in_channels == 3 and coords.conv_in.in_channels == 5
     assert UNetConfig().coord_channels is False  # checkpoints saved before the option load unchanged
+
+
+def test_patches_fold_pixels_into_channels_and_unfold_them_exactly():
+    from labs.diffusion import UNet, UNetConfig
+
+    small = dict(base_channels=8, channel_mults=[1, 2], heads=2, groups=4, self_attention_levels=[1],
+                 cross_attention_levels=[1], coord_channels=True)
+    unet = UNet(UNetConfig(**small, patch_size=2), 3, 16)
+    assert unet.conv_in.in_channels == 3 * 4 + 2 and unet.conv_out.out_channels == 3 * 4
+    randomize_zero_inits(unet)
+    cond = tiny_lab().encode(["a red circle", "a blue square"])
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 40])
+    with torch.no_grad():
+        out = unet(x, t, cond)
+        assert out.shape == (2, 3, 16, 16)
+        # the output's pixel (y, x) is channel c * 4 + (y % 2) * 2 + (x % 2) of the last conv at (y // 2, x // 2)
+        h = unet.conv_out.register_forward_hook(lambda m, i, o: setattr(m, "seen", o))
+        unet(x, t, cond)
+        h.remove()
+        folded = unet.conv_out.seen  # (2, 12, 8, 8)
+        assert torch.equal(out[:, 1, 3, 4], folded[:, 1 * 4 + 1 * 2 + 0, 1, 2])
+    with pytest.raises(ValueError, match="patch_size"):
+        unet(torch.randn(1, 3, 15, 15), torch.tensor([1]), tiny_lab().encode(["a"]))
+    with pytest.raises(ValueError, match="patch_size=3 does not divide"):
+        DiffusionLab(tiny_config(unet=UNetConfig(**small, patch_size=3)), data_info())
+
+
+def test_text_map_starts_as_no_change_and_then_writes_where_the_prompt_says():
+    from labs.diffusion import UNet, UNetConfig
+
+    small = dict(base_channels=8, channel_mults=[1, 2], heads=2, groups=4, self_attention_levels=[1],
+                 cross_attention_levels=[1])
+    torch.manual_seed(0)
+    plain = UNet(UNetConfig(**small), 3, 16)
+    torch.manual_seed(0)
+    mapped = UNet(UNetConfig(**small, text_map_channels=4, text_map_size=4), 3, 16)
+    missing, unexpected = mapped.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("text_map") for name in missing)
+    randomize_zero_inits(plain)
+    mapped.load_state_dict(plain.state_dict(), strict=False)
+    cond = tiny_lab().encode(["a red circle at the top left", "a red circle at the bottom right"])
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 10])
+    with torch.no_grad():
+        assert torch.allclose(mapped(x, t, cond), plain(x, t, cond), atol=1e-6)  # zero-initialised: no change
+        mapped.text_map_out.weight.normal_()
+        changed = mapped(x, t, cond) - plain(x, t, cond)
+    assert changed.abs().amax(dim=(1, 2, 3)).min() > 1e-4  # both prompts now write into the bottleneck
+    with pytest.raises(ValueError, match="text_map_channels"):
+        UNetConfig(**small, text_map_channels=-1)
+
+
+def test_snr_shift_divides_the_snr_by_shift_squared_and_one_is_no_shift():
+    plain = NoiseScheduler(SchedulerConfig())
+    assert torch.equal(NoiseScheduler(SchedulerConfig(snr_shift=1.0)).alpha_bar, plain.alpha_bar)
+    shifted = NoiseScheduler(SchedulerConfig(snr_shift=3.0))
+    t = torch.arange(0, 900, 7)  # below the last few levels, where max_beta clips the betas
+    torch.testing.assert_close(shifted.snr(t), plain.snr(t) / 9, rtol=1e-4, atol=0)
+    assert (shifted.alpha_bar.diff() < 0).all() and shifted.alpha_bar[-1] < plain.alpha_bar[-1] + 1e-12
+    with pytest.raises(ValueError, match="snr_shift"):
+        SchedulerConfig(snr_shift=0.0)
+
+
+def test_text_encoder_gets_its_own_learning_rate():
+    lab = tiny_lab(lr=2e-3, text_lr=1e-4)
+    (optimizer,) = lab.configure_optimizers().values()
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert all(rates[id(p)] == 1e-4 for p in lab.text_encoder.parameters())
+    assert all(rates[id(p)] == 2e-3 for p in lab.unet.parameters())
+    assert len(rates) == sum(1 for _ in lab.parameters())  # every parameter, once
+    (same,) = tiny_lab(lr=2e-3).configure_optimizers().values()
+    assert {group["lr"] for group in same.param_groups} == {2e-3}  # text_lr null: the one rate

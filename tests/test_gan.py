@@ -360,3 +360,15 @@ def test_exercise_checks_pass_the_reference_and_name_the_usual_mistakes(capsys, 
         assert not check(wrong)
         line = capsys.readouterr().out
         assert line.startswith("❌") and words in line, line
+
+
+def test_the_text_encoder_learns_with_the_critic_at_its_own_rate():
+    lab = tiny_lab(lr_critic=1e-3, text_lr=1e-4)
+    optimizers = lab.configure_optimizers()
+    rates = {id(p): group["lr"] for group in optimizers["critic"].param_groups for p in group["params"]}
+    assert all(rates[id(p)] == 1e-4 for p in lab.text_encoder.parameters())
+    assert all(rates[id(p)] == 1e-3 for p in lab.critic.parameters())
+    generator_params = {id(p) for group in optimizers["generator"].param_groups for p in group["params"]}
+    assert generator_params == {id(p) for p in lab.generator.parameters()}  # G never trains the text encoder
+    default = tiny_lab(lr_critic=1e-3).configure_optimizers()["critic"]
+    assert {group["lr"] for group in default.param_groups} == {1e-3}

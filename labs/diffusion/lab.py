@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lab_utils.config import as_dataclass
-from lab_utils.lab import DataInfo, Lab, StepContext
+from lab_utils.lab import DataInfo, Lab, StepContext, adam
 from labs.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, Tokenizer, encode_prompts
 
 from .sampling import SAMPLERS, SamplerOutput, classifier_free_guidance
@@ -62,6 +62,7 @@ class DDPMConfig:
     p_uncond: float = 0.1  # probability of replacing a caption by "" during training (Ho & Salimans sec. 3.2)
     min_snr_gamma: Optional[float] = None  # min-SNR loss weighting (Hang et al.); null = plain MSE
     lr: float = 1e-3  # AdamW learning rate
+    text_lr: Optional[float] = None  # the text encoder's own learning rate; null = lr (see configure_optimizers)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
 
@@ -75,6 +76,8 @@ class DDPMConfig:
             raise ValueError(f"min_snr_gamma must be positive or null, got {self.min_snr_gamma}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.text_lr is not None and self.text_lr <= 0:
+            raise ValueError(f"text_lr must be positive or null (= lr), got {self.text_lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         if self.weight_decay < 0:
@@ -90,6 +93,9 @@ class DiffusionLab(Lab):
     def __init__(self, cfg: Any, data_info: DataInfo):
         super().__init__(cfg, data_info)
         self.config = config = as_dataclass(DDPMConfig, cfg)  # typed copy of cfg
+        if data_info.image_size % config.unet.patch_size:
+            raise ValueError(f"unet.patch_size={config.unet.patch_size} does not divide the image size "
+                             f"{data_info.image_size}; choose a divisor (1 = plain pixels)")
         self.tokenizer = Tokenizer(data_info.vocab, max_length=config.text.max_length)
         self.text_encoder = TextEncoder(config.text, self.tokenizer.vocab_size)
         self.unet = UNet(config.unet, data_info.channels, cond_dim=config.text.dim)
@@ -98,8 +104,10 @@ class DiffusionLab(Lab):
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"model": torch.optim.AdamW(self.parameters(), lr=self.config.lr, betas=tuple(self.config.betas),
-                                           weight_decay=self.config.weight_decay)}
+        text = list(self.text_encoder.parameters())
+        groups = [{"params": list(self.unet.parameters())}, {"params": text, "lr": self.config.text_lr or self.config.lr}]
+        return {"model": adam(groups, lr=self.config.lr, betas=tuple(self.config.betas),
+                              weight_decay=self.config.weight_decay)}
 
     def ema_modules(self) -> list[str]:
         return ["unet", "text_encoder"]

@@ -29,6 +29,9 @@ class SchedulerConfig:
     beta_end: float = 0.02  # beta_T of the linear schedule
     cosine_s: float = 0.008  # offset s of the cosine schedule (Nichol & Dhariwal eq. 17)
     max_beta: float = 0.999  # the cosine schedule's betas are clipped here (near t = T)
+    # SNR(t) divided by snr_shift^2 at every t: the schedule shifted towards noise (Hoogeboom et al. 2023,
+    # "simple diffusion", sec. 3.1; Esser et al. 2024 sec. 5.3.2). 1 = the schedule as defined above.
+    snr_shift: float = 1.0
     prediction_type: str = "eps"  # what the network predicts: eps | v
     variance_type: str = "fixed_small"  # DDPM sampler variance: fixed_small (beta_tilde) | fixed_large (beta)
     clip_x0: bool = True  # clip the predicted x0 to [-clip_range, clip_range] while sampling
@@ -43,6 +46,8 @@ class SchedulerConfig:
             raise ValueError(f"scheduler needs 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
         if not 0.0 < self.max_beta < 1.0:
             raise ValueError(f"scheduler.max_beta must be in (0, 1), got {self.max_beta}")
+        if self.snr_shift <= 0:
+            raise ValueError(f"scheduler.snr_shift must be positive (1 = no shift), got {self.snr_shift}")
         if self.cosine_s < 0:
             raise ValueError(f"scheduler.cosine_s must be >= 0, got {self.cosine_s}")
         if self.prediction_type not in ("eps", "v"):
@@ -76,6 +81,21 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Ten
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)  # beta_t, (T,)
 
 
+def shift_snr(betas: torch.Tensor, shift: float, max_beta: float = 0.999) -> torch.Tensor:
+    r"""The betas whose $\mathrm{SNR}'(t) = \mathrm{SNR}(t) / \mathrm{shift}^2$, i.e.
+    $\log\mathrm{SNR}'(t) = \log\mathrm{SNR}(t) - 2\log\mathrm{shift}$ (Hoogeboom et al. 2023, eq. 4):
+    $\bar\alpha'_t = \bar\alpha_t / (\bar\alpha_t + \mathrm{shift}^2(1 - \bar\alpha_t))$, then
+    $\beta'_t = 1 - \bar\alpha'_t / \bar\alpha'_{t-1}$, clipped at ``max_beta``. (T,) float64.
+
+    Uniform t then spends more of training, and a sampler's steps, at high noise, where the *layout* of
+    an image is decided: on ``shapes`` a shape's position can be read from x_t only once SNR > ~0.03
+    (t/T < 0.9 on the cosine schedule), so below that the prompt alone must say where it goes."""
+    alpha_bar = torch.cumprod(1 - betas, dim=0)
+    shifted = alpha_bar / (alpha_bar + shift**2 * (1 - alpha_bar))
+    previous = torch.cat([torch.ones(1, dtype=shifted.dtype), shifted[:-1]])
+    return (1 - shifted / previous).clamp(max=max_beta)
+
+
 class NoiseScheduler:
     """The schedule and the update rules. Holds tensors, but no ``nn.Parameter`` and no network."""
 
@@ -87,6 +107,8 @@ class NoiseScheduler:
             self.betas = linear_betas(T, cfg.beta_start, cfg.beta_end)  # beta_t, (T,)
         else:
             self.betas = cosine_betas(T, cfg.cosine_s, cfg.max_beta)  # beta_t, (T,)
+        if cfg.snr_shift != 1.0:
+            self.betas = shift_snr(self.betas, cfg.snr_shift, cfg.max_beta)
         # alpha_t = 1 - beta_t
         self.alphas = 1.0 - self.betas
         # alpha_bar_t = prod_{s <= t} alpha_s  (Ho et al., above eq. 4)

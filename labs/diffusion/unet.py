@@ -8,6 +8,10 @@ positions to the text encoder's token states) and of GLIDE (Nichol et al. 2022: 
 text vector added to the time embedding). Residual blocks apply the embedding as a
 scale and shift of the normalised features (AdaGN, Dhariwal & Nichol 2021, sec. 3).
 
+Two options for small budgets: ``patch_size`` folds p x p pixel patches into channels before the first
+convolution (the patch size of DiT, Peebles & Xie 2023, and U-ViT), and ``text_map_channels`` lets the
+pooled prompt write a spatial map into the bottleneck, the way a GAN generator's first layer does.
+
 The network only predicts; the scheduler (``scheduler.py``) owns the mathematics.
 """
 
@@ -193,9 +197,20 @@ class UNetConfig:
     # Two extra input channels holding x and y in [-1, 1] (CoordConv, Liu et al. 2018): convolutions are
     # translation-equivariant, so without them "at the top left" reaches the network only through padding.
     coord_channels: bool = False
+    # Pixels per side of a patch: the image is folded into (C * p^2, H / p, W / p) before the first conv and
+    # unfolded after the last (pixel_unshuffle / pixel_shuffle, the "patch size" of DiT and U-ViT), so every
+    # level runs at 1 / p^2 of the positions. 1 = plain pixels.
+    patch_size: int = 1
+    # A spatial "where" map from the pooled prompt, added at the lowest resolution: Linear(pooled) -> (k, s, s),
+    # resized to the bottleneck, 1x1 conv to its channels (k = text_map_channels, s = text_map_size; 0 = off).
+    # The GAN and the VAE decoder start from a Linear(text) -> 4x4 map, so a prompt writes *where* directly into
+    # space; a UNet otherwise gets the pooled prompt only as a per-channel scale and shift (no spatial extent) and
+    # through cross-attention, whose queries must first learn where they are. See conf/preset_model/ddpm_cpu.yaml.
+    text_map_channels: int = 0
+    text_map_size: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("base_channels", "num_res_blocks", "heads", "groups", "emb_mult"):
+        for name in ("base_channels", "num_res_blocks", "heads", "groups", "emb_mult", "patch_size", "text_map_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"unet.{name} must be >= 1, got {getattr(self, name)}")
         if not self.channel_mults or min(self.channel_mults) < 1:
@@ -211,6 +226,8 @@ class UNetConfig:
                                  f"groups={self.groups} and heads={self.heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"unet.dropout must be in [0, 1), got {self.dropout}")
+        if self.text_map_channels < 0:
+            raise ValueError(f"unet.text_map_channels must be >= 0 (0 = off), got {self.text_map_channels}")
 
 
 def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +254,8 @@ class UNet(nn.Module):
 
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.cond_proj = nn.Linear(cond_dim, emb_dim)  # pooled text vector -> added to the time embedding
-        self.conv_in = nn.Conv2d(image_channels + (2 if cfg.coord_channels else 0), ch, 3, padding=1)
+        p2 = cfg.patch_size ** 2
+        self.conv_in = nn.Conv2d(image_channels * p2 + (2 if cfg.coord_channels else 0), ch, 3, padding=1)
 
         # down path: remember the channels of every tensor pushed on the skip stack
         skip_channels, channels = [ch], ch
@@ -252,6 +270,14 @@ class UNet(nn.Module):
             if level < levels - 1:
                 self.downsamples.append(Downsample(channels))
                 skip_channels.append(channels)
+
+        # the prompt's "where" map, added at the lowest resolution (see UNetConfig.text_map_channels)
+        k, side = cfg.text_map_channels, cfg.text_map_size
+        self.text_map = nn.Linear(cond_dim, k * side * side) if k else None
+        self.text_map_out = nn.Conv2d(k, channels, 1) if k else None
+        if self.text_map_out is not None:
+            nn.init.zeros_(self.text_map_out.weight)  # starts as no change
+            nn.init.zeros_(self.text_map_out.bias)
 
         # middle, at the lowest resolution: attention there is cheap
         last = levels - 1
@@ -273,7 +299,7 @@ class UNet(nn.Module):
                 self.upsamples.append(Upsample(channels))
 
         self.norm_out = nn.GroupNorm(cfg.groups, channels)
-        self.conv_out = nn.Conv2d(channels, image_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(channels, image_channels * p2, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # predicts 0 at init
         nn.init.zeros_(self.conv_out.bias)
 
@@ -285,9 +311,13 @@ class UNet(nn.Module):
         # emb = MLP(sinusoid(t)) + W pooled(c)
         emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels)) \
             + self.cond_proj(cond.pooled.to(xt.dtype))  # (B, E)
+        p = self.cfg.patch_size
+        if xt.shape[-1] % p or xt.shape[-2] % p:
+            raise ValueError(f"image size {tuple(xt.shape[-2:])} is not a multiple of unet.patch_size={p}")
+        xt = F.pixel_unshuffle(xt, p) if p > 1 else xt  # (B, C p^2, H / p, W / p): each p x p patch as channels
         if self.cfg.coord_channels:
-            xt = torch.cat([xt, coordinate_grid(xt)], dim=1)  # (B, C + 2, H, W)
-        h = self.conv_in(xt)  # (B, ch, H, W)
+            xt = torch.cat([xt, coordinate_grid(xt)], dim=1)  # (B, C p^2 + 2, H / p, W / p)
+        h = self.conv_in(xt)  # (B, ch, H / p, W / p)
         skips = [h]
         for level, blocks in enumerate(self.down_blocks):
             for block in blocks:
@@ -296,6 +326,12 @@ class UNet(nn.Module):
             if level < len(self.downsamples):
                 h = self.downsamples[level](h)  # (B, C, H/2, W/2)
                 skips.append(h)
+        if self.text_map is not None:
+            side = self.cfg.text_map_size
+            where = self.text_map(cond.pooled.to(h.dtype)).view(-1, self.cfg.text_map_channels, side, side)
+            if where.shape[-2:] != h.shape[-2:]:
+                where = F.interpolate(where, size=h.shape[-2:], mode="bilinear", align_corners=False)
+            h = h + self.text_map_out(where)  # (B, C, H_low, W_low)
         for block in self.mid:
             h = block(h, emb, cond)
         for i, blocks in enumerate(self.up_blocks):
@@ -303,4 +339,5 @@ class UNet(nn.Module):
                 h = block(torch.cat([h, skips.pop()], dim=1), emb, cond)  # concat skip: (B, C + C_skip, H, W)
             if i < len(self.upsamples):
                 h = self.upsamples[i](h, size=skips[-1].shape[-2:])  # (B, C, 2H, 2W)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_image, H, W)
+        out = self.conv_out(F.silu(self.norm_out(h)))  # (B, C_image p^2, H / p, W / p)
+        return F.pixel_shuffle(out, p) if p > 1 else out  # (B, C_image, H, W)
