@@ -131,7 +131,7 @@ def train_family(cfg: DictConfig, model: str, evaluator, out_dir: Path) -> dict[
 def preset_sample_options(state: dict[str, Any]) -> dict[str, Any]:
     """The sampling options of the family's preset (``trainer.sample_options``): what its training grids and
     KID probes use, so the final numbers, the probes and ``samples.png`` all come from the same sampler
-    (DDIM-25 for the DDPM on ``preset=cpu``, which keeps ``make demo`` within its 15 minutes)."""
+    (DDIM-25 for the DDPM on ``preset=cpu``, which keeps ``make demo`` within its 10 minutes)."""
     return dict(state["config"]["trainer"].get("sample_options") or {})
 
 
