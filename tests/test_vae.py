@@ -29,7 +29,8 @@ def _one_thread():
 
 def tiny_config(**changes) -> VAEConfig:
     cfg = VAEConfig(latent_dim=8, net=ConvNetConfig(channels=[16, 32], groups=4, hidden_dim=64),
-                    text=TextEncoderConfig(dim=16, depth=1, heads=2, max_length=24), kl_warmup_steps=0)
+                    text=TextEncoderConfig(dim=16, depth=1, heads=2, max_length=24), kl_warmup_steps=0,
+                    prior="learned")  # conf/model/vae.yaml's prior
     for key, value in changes.items():
         setattr(cfg, key, value)
     VAEConfig.__post_init__(cfg)
@@ -114,6 +115,7 @@ def test_the_learned_prior_starts_as_the_standard_normal_and_sampling_draws_from
     assert "prior" in lab.ema_modules()
     plain = tiny_lab(prior="standard")
     assert not hasattr(plain, "prior") and "prior" not in plain.ema_modules()
+    assert VAEConfig().prior == "standard"  # checkpoints saved before the option load unchanged
 
 
 def test_reparameterised_sample_has_the_right_moments_and_gradients():

@@ -104,8 +104,8 @@ class DiffusionLab(Lab):
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        text = list(self.text_encoder.parameters())
-        groups = [{"params": list(self.unet.parameters())}, {"params": text, "lr": self.config.text_lr or self.config.lr}]
+        groups = [{"params": list(self.unet.parameters())},
+                  {"params": list(self.text_encoder.parameters()), "lr": self.config.text_lr or self.config.lr}]
         return {"model": adam(groups, lr=self.config.lr, betas=tuple(self.config.betas),
                               weight_decay=self.config.weight_decay)}
 

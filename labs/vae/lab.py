@@ -45,8 +45,9 @@ class VAEConfig:
     latent_dim: int = 16  # Z, the size of z
     conditional: bool = True  # false: a plain VAE that ignores prompts (no text encoder)
     p_uncond: float = 0.1  # probability of training on the empty prompt instead of the caption
-    # learned: p(z | c) from the prompt (ConditionalPrior; a conditional VAE only) | standard: N(0, I)
-    prior: str = "learned"
+    # learned: p(z | c) from the prompt (ConditionalPrior; a conditional VAE only; conf/model/vae.yaml's
+    # choice) | standard: N(0, I), the default here so that checkpoints saved before the option load unchanged
+    prior: str = "standard"
     net: ConvNetConfig = field(default_factory=ConvNetConfig)
     text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(dim=64, depth=2, heads=4))
     likelihood: str = "gaussian"  # gaussian | discretized_gaussian | bernoulli
@@ -191,7 +192,7 @@ class VAELab(Lab):
         if text:
             groups.append({"params": text, "lr": self.config.text_lr})
         return {"model": adam(groups, lr=self.config.lr, betas=tuple(self.config.betas),
-                                           weight_decay=self.config.weight_decay)}
+                              weight_decay=self.config.weight_decay)}
 
     def ema_modules(self) -> list[str]:
         return (["encoder", "decoder"] + (["text_encoder"] if self.config.conditional else [])
@@ -229,7 +230,11 @@ class VAELab(Lab):
     @torch.no_grad()
     def decode(self, z: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Images for latents z: (N, Z) and their prompts, (N, C, H, W) in [-1, 1]."""
-        decoded = self.decoder(z.to(self.device), self.encode_prompts(prompts))  # (N, C, H, W)
+        return self._decode(z, self.encode_prompts(prompts))
+
+    def _decode(self, z: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """Images for latents z: (N, Z) and pooled prompt vectors ``cond`` (or None), in [-1, 1]."""
+        decoded = self.decoder(z.to(self.device), cond)  # (N, C, H, W)
         return decoded_to_image(self.config.likelihood, decoded.float())
 
     def _noise(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -239,9 +244,10 @@ class VAELab(Lab):
             generator.seed()  # seeds this generator only, not the global RNG
         return torch.randn((n, self.config.latent_dim), generator=generator, device=generator.device).to(self.device)
 
-    def prior_latents(self, eps: torch.Tensor, prompts: list[str], temperature: float) -> torch.Tensor:
-        """z = mu(c) + temperature * s(c) * eps: draws of the prior for each prompt (N(0, I): z = temperature * eps)."""
-        prior = self.prior_of(self.encode_prompts(prompts), len(prompts))
+    def prior_latents(self, eps: torch.Tensor, cond: torch.Tensor | None, temperature: float) -> torch.Tensor:
+        """z = mu(c) + temperature * s(c) * eps: prior draws for eps (N, Z) and pooled prompts ``cond``
+        (N(0, I): z = temperature * eps)."""
+        prior = self.prior_of(cond, len(eps))
         return prior.mu + temperature * torch.exp(0.5 * prior.logvar) * eps  # (N, Z)
 
     @torch.no_grad()
@@ -250,8 +256,9 @@ class VAELab(Lab):
         """z ~ p(z | c) (or N(0, I)) decoded with each prompt: (N, C, H, W) in [-1, 1] ("" = unconditional)."""
         temperature = self.config.temperature if temperature is None else float(temperature)
         prompts = list(prompts)
-        z = self.prior_latents(self._noise(len(prompts), generator), prompts, temperature)  # (N, Z)
-        return self.decode(z, prompts)
+        cond = self.encode_prompts(prompts)  # (N, D_c) or None: encoded once, for the prior and the decoder
+        z = self.prior_latents(self._noise(len(prompts), generator), cond, temperature)  # (N, Z)
+        return self._decode(z, cond)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -286,7 +293,8 @@ class VAELab(Lab):
             eps = slerp(eps0, eps1, t)[0]  # (N, Z)
         else:
             eps = torch.lerp(eps0, eps1, t[:, None])  # (1, Z), (N, 1) -> (N, Z): (1 - t) eps0 + t eps1
-        return self.decode(self.prior_latents(eps, prompts, temperature), prompts)
+        cond = self.encode_prompts(prompts)  # (N, D_c) or None
+        return self._decode(self.prior_latents(eps, cond, temperature), cond)
 
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts of the encoder, decoder, text encoder and the total."""
