@@ -104,8 +104,10 @@ class DiffusionLab(Lab):
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        groups = [{"params": list(self.unet.parameters())},
-                  {"params": list(self.text_encoder.parameters()), "lr": self.config.text_lr or self.config.lr}]
+        groups = [{"params": list(self.parameters())}]
+        if self.config.text_lr is not None:  # one group otherwise, as runs saved before the option have
+            groups = [{"params": list(self.unet.parameters())},
+                      {"params": list(self.text_encoder.parameters()), "lr": self.config.text_lr}]
         return {"model": adam(groups, lr=self.config.lr, betas=tuple(self.config.betas),
                               weight_decay=self.config.weight_decay)}
 

@@ -110,8 +110,12 @@ class GANLab(Lab):
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         cfg = self.config
-        critic_params = [{"params": list(self.critic.parameters())},  # the text encoder learns with the critic
-                         {"params": list(self.text_encoder.parameters()), "lr": cfg.text_lr or cfg.lr_critic}]
+        # the text encoder learns with the critic (see the docstring), in a group of its own when text_lr is set
+        # (one group otherwise, as runs saved before the option have, so that they resume)
+        critic_params = [{"params": list(self.critic.parameters()) + list(self.text_encoder.parameters())}]
+        if cfg.text_lr is not None:
+            critic_params = [{"params": list(self.critic.parameters())},
+                             {"params": list(self.text_encoder.parameters()), "lr": cfg.text_lr}]
         return {
             "generator": adam(self.generator.parameters(), decoupled=False, lr=cfg.lr_generator,
                               betas=tuple(cfg.betas_generator)),
