@@ -372,3 +372,38 @@ def test_the_text_encoder_learns_with_the_critic_at_its_own_rate():
     assert generator_params == {id(p) for p in lab.generator.parameters()}  # G never trains the text encoder
     default = tiny_lab(lr_critic=1e-3).configure_optimizers()["critic"]
     assert {group["lr"] for group in default.param_groups} == {1e-3}
+
+
+@pytest.mark.parametrize("penalty", [{"loss": "wgan_gp"}, {"loss": "bce", "gp_weight": 0.0, "r1_gamma": 2.0}],
+                         ids=["gradient_penalty", "r1"])
+def test_lazy_penalty_is_k_times_the_penalty_on_one_critic_update_in_k(penalty):
+    # penalty_every=k: critic updates 0, k, 2k, ... carry k x the penalty, the others none; with the same
+    # weights, batch and RNG the loss of a penalised update is the plain loss plus k times the eager penalty
+    key = "gradient_penalty" if penalty["loss"] == "wgan_gp" else "r1"
+    lab, eager = tiny_lab(penalty_every=3, **penalty), tiny_lab(**penalty)
+    eager.load_state_dict(lab.state_dict())
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    captions = ["a red circle", "a blue square", "a", ""]
+
+    def loss(model, weight):
+        torch.manual_seed(1)
+        return model.critic_step(x, captions, weight)
+
+    with_penalty, without = loss(lab, 3.0), loss(lab, 0.0)
+    full = loss(eager, 1.0)
+    weight = lab.config.gp_weight if key == "gradient_penalty" else lab.config.r1_gamma / 2
+    assert torch.allclose(without["loss"] + weight * full[key], full["loss"], atol=1e-5)
+    assert torch.allclose(without["loss"] + 3 * weight * full[key], with_penalty["loss"], atol=1e-5)
+    assert without[key] == with_penalty[key]  # a skipped update logs the last measured penalty
+
+    calls: list[float] = []
+    original = lab.critic_step
+    lab.critic_step = lambda x, c, w=1.0: calls.append(w) or original(x, c, w)
+    batch = {"image": x, "caption": captions}
+    ctx = RecordingContext(lab, batch)
+    for step in range(3):  # n_critic = 2: critic updates 0..5
+        ctx.step = step
+        lab.training_step(batch, ctx)
+    assert calls == [3.0, 0.0, 0.0, 3.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="penalty_every"):
+        tiny_config(penalty_every=0)

@@ -58,6 +58,8 @@ class DCGANConfig:
     n_critic: int = 5  # critic updates per generator update (Gulrajani et al.: 5)
     gp_weight: float = 10.0  # lambda of the gradient penalty (wgan_gp only; Gulrajani et al.: 10)
     r1_gamma: float = 0.0  # gamma of the R1 penalty on real data (Mescheder et al.); 0 = off
+    penalty_every: int = 1  # lazy regularisation (Karras et al. 2020): the gradient penalty and R1 on one critic
+    #                         update in k, weighted by k; 1 = every update
     label_smoothing: float = 0.0  # bce only: real target 1 - s (one-sided, Salimans et al.: s = 0.1)
     non_saturating: bool = True  # bce only: G minimises -log D(G(z)) instead of log(1 - D(G(z)))
     mismatch_weight: float = 1.0  # matching-aware critic (after Reed et al. 2016): weight of the term that ranks
@@ -73,6 +75,8 @@ class DCGANConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {self.n_critic}")
+        if isinstance(self.penalty_every, bool) or not isinstance(self.penalty_every, int) or self.penalty_every < 1:
+            raise ValueError(f"penalty_every must be an int >= 1 (1 = every critic update), got {self.penalty_every!r}")
         if self.gp_weight < 0 or self.r1_gamma < 0:
             raise ValueError(f"gp_weight and r1_gamma must be >= 0, got {self.gp_weight} and {self.r1_gamma}")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -106,6 +110,8 @@ class GANLab(Lab):
         C, size = data_info.channels, data_info.image_size
         self.generator = Generator(config.generator, C, size, text_dim=config.text.dim)
         self.critic = Critic(config.critic, C, size, text_dim=config.text.dim)
+        # the last gradient-penalty / R1 statistics, logged on the updates that skip them (penalty_every > 1)
+        self._penalty_stats: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -142,8 +148,14 @@ class GANLab(Lab):
         z = torch.randn(n, self.config.generator.z_dim, generator=generator, device=generator.device)
         return z.to(self.device)
 
-    def critic_step(self, x: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
-        """The critic's loss on one real batch (B, C, H, W) and fresh fakes, with its statistics."""
+    def critic_step(self, x: torch.Tensor, captions: list[str], penalty_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        r"""The critic's loss on one real batch (B, C, H, W) and fresh fakes, with its statistics.
+
+        ``penalty_weight`` multiplies the gradient penalty and R1: ``penalty_every`` $k$ on the critic
+        updates that take them, 0 on the others (lazy regularisation: the penalties are skipped, not
+        computed and zeroed, so the double backward is saved). Their statistics are those of the last
+        update that took them.
+        """
         cfg = self.config
         text = self.encode(captions)  # c: (B, text_dim); the critic's loss trains the text encoder
         with torch.no_grad():  # G does not learn from the critic's loss
@@ -162,14 +174,16 @@ class GANLab(Lab):
             matching = matching_loss(real_scores, mismatched_scores)  # E[softplus(D(x, c_wrong) - D(x, c))]
             out["loss"] = out["loss"] + cfg.mismatch_weight * matching
             out["matching"], out["mismatch_score"] = matching, mismatched_scores.mean()
-        if cfg.loss == "wgan_gp" and cfg.gp_weight > 0:
+        if cfg.loss == "wgan_gp" and cfg.gp_weight > 0 and penalty_weight > 0:
             gp = gradient_penalty(lambda x_hat: self.critic(x_hat, text.float()), x, fake)  # fp32 inside
-            out["loss"] = out["loss"] + cfg.gp_weight * gp.penalty  # + lambda E[(||grad D(x_hat)|| - 1)^2]
-            out["gradient_penalty"], out["interpolate_grad_norm"] = gp.penalty, gp.grad_norm.mean()
-        if cfg.r1_gamma > 0:
+            out["loss"] = out["loss"] + penalty_weight * cfg.gp_weight * gp.penalty  # + lambda E[(||grad D|| - 1)^2]
+            self._penalty_stats["gradient_penalty"] = gp.penalty.detach()
+            self._penalty_stats["interpolate_grad_norm"] = gp.grad_norm.mean().detach()
+        if cfg.r1_gamma > 0 and penalty_weight > 0:
             r1 = r1_penalty(lambda x_real: self.critic(x_real, text.float()), x)
-            out["loss"] = out["loss"] + cfg.r1_gamma / 2 * r1  # + gamma/2 E||grad_x D(x)||^2
-            out["r1"] = r1
+            out["loss"] = out["loss"] + penalty_weight * cfg.r1_gamma / 2 * r1  # + gamma/2 E||grad_x D(x)||^2
+            self._penalty_stats["r1"] = r1.detach()
+        out.update(self._penalty_stats)
         return out
 
     def generator_loss(self, captions: list[str]) -> torch.Tensor:
@@ -187,7 +201,9 @@ class GANLab(Lab):
         for i in range(cfg.n_critic):
             if i > 0:
                 batch = ctx.next_batch()
-            out = ctx.optimize("critic", lambda: self.critic_step(batch["image"], list(batch["caption"])))
+            update = ctx.step * cfg.n_critic + i  # the critic updates made before this one
+            weight = float(cfg.penalty_every) if update % cfg.penalty_every == 0 else 0.0  # lazy: k on 1 update in k
+            out = ctx.optimize("critic", lambda: self.critic_step(batch["image"], list(batch["caption"]), weight))
             for key, value in out.items():
                 stats[key] = stats.get(key, 0.0) + value.detach() / cfg.n_critic  # mean over critic updates
         # (2) Update G: maximise E[D(G(z, c), c)] (wgan_gp, hinge) or E[log D(G(z, c), c)] (bce,
