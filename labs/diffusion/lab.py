@@ -104,8 +104,9 @@ class DiffusionLab(Lab):
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        groups = [{"params": list(self.parameters())}]
-        if self.config.text_lr is not None:  # one group otherwise, as runs saved before the option have
+        if self.config.text_lr is None:  # one group, as runs saved before the option have
+            groups = [{"params": list(self.parameters())}]
+        else:
             groups = [{"params": list(self.unet.parameters())},
                       {"params": list(self.text_encoder.parameters()), "lr": self.config.text_lr}]
         return {"model": adam(groups, lr=self.config.lr, betas=tuple(self.config.betas),

@@ -118,8 +118,9 @@ class GANLab(Lab):
         cfg = self.config
         # the text encoder learns with the critic (see the docstring), in a group of its own when text_lr is set
         # (one group otherwise, as runs saved before the option have, so that they resume)
-        critic_params = [{"params": list(self.critic.parameters()) + list(self.text_encoder.parameters())}]
-        if cfg.text_lr is not None:
+        if cfg.text_lr is None:
+            critic_params = [{"params": list(self.critic.parameters()) + list(self.text_encoder.parameters())}]
+        else:
             critic_params = [{"params": list(self.critic.parameters())},
                              {"params": list(self.text_encoder.parameters()), "lr": cfg.text_lr}]
         return {
