@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from lab_utils.config import check_section, to_container, validate
+from lab_utils.trainer import effective_precision
 
 log = logging.getLogger("genlab.bench")
 
@@ -48,7 +49,7 @@ FEATURES = {  # a feature turned on alone over the eager fp32 baseline
     "channels_last": {"channels_last": True},
     "compile": {"compile": True},
 }
-CUDA_ONLY = ("bf16", "fp16", "tf32")
+CUDA_ONLY = ("fp16", "tf32")
 
 
 @dataclass
@@ -77,7 +78,7 @@ class BenchConfig:
 def default_variants(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return ["eager_fp32", "preset", *FEATURES]
-    return ["eager_fp32", "preset", "channels_last"]
+    return ["eager_fp32", "preset", "bf16", "channels_last"]
 
 
 def variant_switches(name: str, cfg: DictConfig) -> dict[str, Any]:
@@ -93,11 +94,10 @@ def synchronize(device: torch.device) -> None:
 
 def compute_dtype(switches: dict[str, Any], device: torch.device) -> str:
     """The dtype the matmuls of a variant run in (what its peak is measured in)."""
-    if device.type != "cuda":
-        return "fp32"
-    if switches["precision"] in ("bf16", "fp16"):
-        return switches["precision"]
-    return "tf32" if switches["tf32"] else "fp32"
+    precision = effective_precision(switches["precision"], device)
+    if precision != "fp32":
+        return precision
+    return "tf32" if switches["tf32"] and device.type == "cuda" else "fp32"
 
 
 def matmul_peak(device: torch.device, dtype: str, size: int, seconds: float = 0.5) -> float:

@@ -28,7 +28,7 @@ def bench_config(model: str, *extra: str):
 def test_bench_runs_for_every_family_with_consistent_figures(model):
     result = bench(bench_config(model))
     rows = {row["variant"]: row for row in result["variants"]}
-    expected = ["eager_fp32", "preset", "channels_last"] if not torch.cuda.is_available() else list(rows)
+    expected = ["eager_fp32", "preset", "bf16", "channels_last"] if not torch.cuda.is_available() else list(rows)
     assert list(rows) == expected and not any("error" in row for row in rows.values())
     assert rows["eager_fp32"]["speedup"] == 1.0
     assert result["flops_per_step"] > 0 and result["parameters"] > 0

@@ -362,6 +362,64 @@ def test_device_choice():
             pick_device("cuda")
 
 
+def test_bf16_autocast_trains_on_the_cpu_with_fp32_weights(tmp_path, monkeypatch):
+    """trainer.precision=bf16 runs the loss under CPU autocast: the layers compute in bf16, the weights,
+    optimiser state and checkpoint stay fp32, and the losses are those of fp32 to bf16's precision."""
+    from lab_utils.trainer import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU emulates bf16, so trainer.precision=bf16 trains in fp32 here")
+    seen = []
+    linear_forward = nn.Linear.forward
+
+    def recording_forward(self, x):
+        out = linear_forward(self, x)
+        if self.out_features == 1:  # the tiny lab's critic, which runs inside ctx.optimize only
+            seen.append(out.dtype)
+        return out
+
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = tiny_config(tmp_path / precision, noise=False)
+        cfg.trainer.precision, cfg.trainer.steps, cfg.trainer.log_every = precision, 2, 1
+        seen.clear()
+        monkeypatch.setattr(nn.Linear, "forward", recording_forward)
+        runs[precision] = train(cfg)
+        monkeypatch.setattr(nn.Linear, "forward", linear_forward)
+        assert set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    state = load_checkpoint(runs["bf16"].run_dir)
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+    assert not state["scalers"]  # bf16 needs no loss scaling
+    for key, value in runs["fp32"].losses.items():
+        assert runs["bf16"].losses[key] == pytest.approx(value, rel=0.05, abs=1e-3), key
+
+
+def test_bf16_falls_back_to_fp32_on_a_cpu_that_would_emulate_it(tmp_path, monkeypatch, caplog):
+    from lab_utils import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: False)
+    assert trainer_module.effective_precision("bf16", torch.device("cpu")) == "fp32"
+    with trainer_module.precision_autocast("bf16", torch.device("cpu")):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    cfg = tiny_config(tmp_path / "run")
+    cfg.trainer.precision, cfg.trainer.steps = "bf16", 2
+    with caplog.at_level("WARNING", logger="genlab"):
+        assert train(cfg).step == 2
+    assert "trainer.precision=bf16 is not used on a CPU without AMX or AVX-512 BF16; training in fp32" in caplog.text
+
+
+def test_precision_autocast_per_device():
+    from lab_utils import trainer as trainer_module
+    from lab_utils.trainer import precision_autocast
+
+    if not trainer_module.cpu_has_native_bf16():
+        pytest.skip("this CPU emulates bf16, so trainer.precision=bf16 trains in fp32 here")
+    a = torch.randn(4, 4)
+    for precision, expected in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float32)):
+        with precision_autocast(precision, torch.device("cpu")):  # fp16 autocast is CUDA's only
+            assert (a @ a).dtype == expected, precision
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_training_on_cuda(tmp_path, precision):
