@@ -292,7 +292,10 @@ def effective_precision(precision: str, device: torch.device) -> str:
 
 def precision_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast of ``trainer.precision`` on ``device`` (see ``effective_precision``)."""
-    effective = effective_precision(precision, device)
+    return _autocast(effective_precision(precision, device), device)
+
+
+def _autocast(effective: str, device: torch.device) -> contextlib.AbstractContextManager:
     if effective == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if effective == "bf16" else torch.float16)
@@ -330,7 +333,8 @@ class Trainer:
         if not self.optimizers:
             raise ValueError(f"{type(lab).__name__}.configure_optimizers() returned no optimiser")
         self.schedulers = {name: warmup_schedule(opt, tcfg.warmup_steps) for name, opt in self.optimizers.items()}
-        fp16 = effective_precision(tcfg.precision, device) == "fp16"
+        self.precision = effective_precision(tcfg.precision, device)  # resolved once, not on every step
+        fp16 = self.precision == "fp16"
         self.scalers = {name: torch.amp.GradScaler("cuda") for name in self.optimizers} if fp16 else {}
         # The EMA, logs, grids and checkpoints live on rank 0 only.
         use_ema = tcfg.ema_decay > 0 and dist_info.is_main
@@ -357,9 +361,10 @@ class Trainer:
         self.step, self.images_seen, self.train_seconds = 0, 0, 0.0
         self.last_checkpoint: Path | None = None
         self.writer = self._tensorboard() if tcfg.tensorboard and dist_info.is_main else None
-        if effective_precision(tcfg.precision, device) != tcfg.precision:
-            where = "a CPU without AMX or AVX-512 BF16" if device.type == "cpu" and tcfg.precision == "bf16" else \
-                device.type
+        if self.precision != tcfg.precision:
+            where = device.type
+            if device.type == "cpu" and tcfg.precision == "bf16":
+                where = "a CPU without AMX or AVX-512 BF16"
             log.warning("trainer.precision=%s is not used on %s; training in fp32", tcfg.precision, where)
 
     def release(self) -> None:
@@ -435,7 +440,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- helpers
     def autocast(self) -> contextlib.AbstractContextManager:
-        return precision_autocast(self.cfg.trainer.precision, self.device)
+        return _autocast(self.precision, self.device)
 
     def diverged_message(self, what: str, value: torch.Tensor) -> str:
         kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
