@@ -14,7 +14,7 @@ from lab_utils.config import ConfigError, compose
 from labs.diffusion import (
     CrossAttention, DDPMConfig, DiffusionLab, NoiseScheduler, SamplingConfig, SchedulerConfig, UNet, UNetConfig,
     attention,
-    classifier_free_guidance, cosine_betas, ddim_sample,
+    classifier_free_guidance, cosine_betas, ddim_sample, ddpm_sample, sample_loop,
 )
 from labs.text_encoder import TextEncoderConfig
 
@@ -493,3 +493,45 @@ def test_text_encoder_gets_its_own_learning_rate():
     assert len(rates) == sum(1 for _ in lab.parameters())  # every parameter, once
     (same,) = tiny_lab(lr=2e-3).configure_optimizers().values()
     assert {group["lr"] for group in same.param_groups} == {2e-3}  # text_lr null: the one rate
+
+
+def test_one_sampling_loop_matches_a_hand_written_ancestral_loop():
+    """`sample_loop` with the DDPM step is Algorithm 2 written out: same noise draws, same images."""
+    scheduler = NoiseScheduler(SchedulerConfig(num_train_timesteps=20))
+    weight = torch.linspace(-0.5, 0.5, 3).view(1, 3, 1, 1)
+
+    def denoise(xt, t):  # an analytic "network": eps prediction depending on x_t and t
+        return torch.tanh(xt * weight) * (t.float().view(-1, 1, 1, 1) + 1) / 20
+
+    out = sample_loop(denoise, scheduler, (2, 3, 4, 4), 5, torch.Generator().manual_seed(3), sampler="ddpm",
+                      return_intermediates=True)
+    generator = torch.Generator().manual_seed(3)
+    xt = torch.randn((2, 3, 4, 4), generator=generator)  # x_T
+    levels = scheduler.inference_timesteps(5).tolist() + [-1]
+    for t, prev_t in zip(levels[:-1], levels[1:]):
+        xt = scheduler.ddpm_step(denoise(xt, torch.full((2,), t)), t, xt, prev_t, generator=generator).prev_sample
+    assert torch.equal(out.images, xt.clamp(-1, 1))
+    assert len(out.intermediates) == 6 and out.timesteps.tolist() == levels[:-1]
+    assert torch.equal(out.images, ddpm_sample(denoise, scheduler, (2, 3, 4, 4), 5,
+                                               torch.Generator().manual_seed(3)).images)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        sample_loop(denoise, scheduler, (2, 3, 4, 4), 5, torch.Generator(), sampler="euler")
+
+
+def test_scheduler_indexes_its_tables_on_the_tensors_device():
+    """With x0, eps and t on the meta device (no data, so any copy to the host fails), the training
+    path and a sampling step still run: the tables are indexed on t's device, never through the CPU."""
+    scheduler = NoiseScheduler(SchedulerConfig(num_train_timesteps=50, prediction_type="v"))
+    x0 = torch.empty(4, 3, 8, 8, device="meta")
+    t = torch.empty(4, dtype=torch.long, device="meta")
+    assert scheduler.add_noise(x0, x0, t).device.type == "meta"
+    assert scheduler.target(x0, x0, t).device.type == "meta"
+    assert scheduler.snr(t).device.type == "meta" and scheduler.snr(t).dtype == torch.float32
+    assert scheduler.pred_x0(x0, x0, t).device.type == "meta"
+    # a sampling step at one level for the batch (an int t): coefficients are CPU scalars, no copy
+    step = scheduler.ddim_step(x0, 10, x0, 5)
+    assert step.prev_sample.device.type == "meta" and step.pred_x0.device.type == "meta"
+    # and on the CPU the per-sample and the scalar paths give the same numbers
+    x0 = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    per_sample = scheduler.add_noise(x0, -x0, torch.tensor([7, 7, 7]))
+    assert torch.allclose(per_sample, scheduler.add_noise(x0, -x0, 7), atol=1e-7)

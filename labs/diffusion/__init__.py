@@ -2,7 +2,7 @@
 
     scheduler.py  the noise schedule, forward process and reverse updates (no network, no parameters)
     unet.py       the UNet eps_theta(x_t, t, c) with self- and cross-attention
-    sampling.py   the DDPM and DDIM loops over the scheduler, and classifier-free guidance
+    sampling.py   one sampling loop over the scheduler's DDPM or DDIM step, and classifier-free guidance
     lab.py        DDPMConfig and DiffusionLab (training loss, the sampling pipeline)
 
     genlab train model=ddpm data=shapes preset=cpu
@@ -10,7 +10,9 @@
 """
 
 from .lab import DDPMConfig, DiffusionLab, SamplingConfig
-from .sampling import SAMPLERS, SamplerOutput, classifier_free_guidance, ddim_sample, ddpm_sample
+from .sampling import (
+    SAMPLER_STEPS, SAMPLERS, SamplerOutput, classifier_free_guidance, ddim_sample, ddpm_sample, sample_loop,
+)
 from .scheduler import NoiseScheduler, SchedulerConfig, SchedulerStep, cosine_betas, linear_betas
 from .unet import (
     CrossAttention, ResBlock, SelfAttention, UNet, UNetConfig, attention, coordinate_grid, timestep_embedding,
@@ -18,6 +20,7 @@ from .unet import (
 
 __all__ = [
     "SAMPLERS",
+    "SAMPLER_STEPS",
     "CrossAttention",
     "DDPMConfig",
     "DiffusionLab",
@@ -37,5 +40,6 @@ __all__ = [
     "ddim_sample",
     "ddpm_sample",
     "linear_betas",
+    "sample_loop",
     "timestep_embedding",
 ]

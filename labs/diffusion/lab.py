@@ -26,7 +26,7 @@ from lab_utils.config import as_dataclass
 from lab_utils.lab import DataInfo, Lab, StepContext, adam
 from labs.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, Tokenizer, encode_prompts
 
-from .sampling import SAMPLERS, SamplerOutput, classifier_free_guidance
+from .sampling import SAMPLERS, SamplerOutput, classifier_free_guidance, sample_loop
 from .scheduler import NoiseScheduler, SchedulerConfig
 from .unet import UNet, UNetConfig
 
@@ -199,10 +199,9 @@ class DiffusionLab(Lab):
             out_cond, out_uncond = both.chunk(2)  # 2 x (N, C, H, W)
             return classifier_free_guidance(out_uncond, out_cond, w)
 
-        loop = SAMPLERS[options.sampler]
-        kwargs = {"eta": options.eta} if options.sampler == "ddim" else {}
-        return loop(denoise, self.scheduler, (N, *self.image_shape), options.steps, generator, self.device,
-                    return_intermediates=return_intermediates, nfe_per_step=1 if w in (0.0, 1.0) else 2, **kwargs)
+        return sample_loop(denoise, self.scheduler, (N, *self.image_shape), options.steps, generator, self.device,
+                           sampler=options.sampler, eta=options.eta, return_intermediates=return_intermediates,
+                           nfe_per_step=1 if w in (0.0, 1.0) else 2)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator | None = None, sampler: str | None = None,

@@ -1,7 +1,8 @@
 r"""Samplers: short loops over the scheduler's update rule, and classifier-free guidance.
 
-A sampler starts from $x_T \sim \mathcal N(0, I)$ and calls a ``denoise(xt, t)`` function
-(the network, with guidance already applied) once per step. All randomness comes from the
+A sampler is one shared loop (``sample_loop``) around its own update rule (``SAMPLER_STEPS``). It starts
+from $x_T \sim \mathcal N(0, I)$ and calls a ``denoise(xt, t)`` function (the network, with guidance
+already applied) once per step. All randomness comes from the
 ``generator`` passed in, so the same seed gives the same images and sampling never touches
 the global RNG that training uses.
 
@@ -21,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .scheduler import NoiseScheduler
+from .scheduler import NoiseScheduler, SchedulerStep
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (xt (B,C,H,W), t (B,)) -> model output
 
@@ -49,43 +50,58 @@ def _start(shape: tuple[int, ...], generator: torch.Generator, device: torch.dev
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 
-def ddpm_sample(denoise: Denoiser, scheduler: NoiseScheduler, shape: tuple[int, ...], steps: int,
-                generator: torch.Generator, device: torch.device | str = "cpu",
-                return_intermediates: bool = False, nfe_per_step: int = 1) -> SamplerOutput:
-    """Ancestral sampling (Ho et al. Algorithm 2); ``steps = T`` is the paper's sampler, fewer skip levels."""
+def _ddpm_step(scheduler: NoiseScheduler, model_output: torch.Tensor, t: int, xt: torch.Tensor, prev_t: int,
+               generator: torch.Generator, eta: float) -> SchedulerStep:
+    """Ancestral: x_{t-1} ~ p(x_{t-1} | x_t) (``eta`` is DDIM's and is not used here)."""
+    return scheduler.ddpm_step(model_output, t, xt, prev_t, generator=generator)
+
+
+def _ddim_step(scheduler: NoiseScheduler, model_output: torch.Tensor, t: int, xt: torch.Tensor, prev_t: int,
+               generator: torch.Generator, eta: float) -> SchedulerStep:
+    """DDIM: x_t -> x_{t_prev}, deterministic for ``eta = 0``."""
+    return scheduler.ddim_step(model_output, t, xt, prev_t, eta=eta, generator=generator)
+
+
+# The update rule each sampler applies once per level; the loop around it is shared (``sample_loop``).
+SAMPLER_STEPS: dict[str, Callable[..., SchedulerStep]] = {"ddpm": _ddpm_step, "ddim": _ddim_step}
+
+
+def sample_loop(denoise: Denoiser, scheduler: NoiseScheduler, shape: tuple[int, ...], steps: int,
+                generator: torch.Generator, device: torch.device | str = "cpu", sampler: str = "ddim",
+                eta: float = 0.0, return_intermediates: bool = False, nfe_per_step: int = 1) -> SamplerOutput:
+    """The one sampling loop: from x_T, call ``denoise`` and the named sampler's step at each of ``steps`` levels."""
+    if sampler not in SAMPLER_STEPS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLER_STEPS)}, got {sampler!r}")
+    step_fn = SAMPLER_STEPS[sampler]
     timesteps = scheduler.inference_timesteps(steps)  # (steps,), T-1 ... 0
+    levels = timesteps.tolist() + [-1]  # -1: the clean image, after the last step
     xt = _start(shape, generator, device)  # x_T
     intermediates, pred_x0s = [xt.cpu()] if return_intermediates else [], []
-    for i, t in enumerate(timesteps.tolist()):
-        prev_t = timesteps[i + 1].item() if i + 1 < steps else -1  # -1: the clean image
+    for t, prev_t in zip(levels[:-1], levels[1:]):
         model_output = denoise(xt, torch.full((shape[0],), t, device=xt.device, dtype=torch.long))
-        step = scheduler.ddpm_step(model_output, t, xt, prev_t, generator=generator)  # x_{t-1} ~ p(x_{t-1} | x_t)
+        step = step_fn(scheduler, model_output, t, xt, prev_t, generator, eta)
         xt = step.prev_sample
         if return_intermediates:
             intermediates.append(xt.cpu())
             pred_x0s.append(step.pred_x0.cpu())
     return SamplerOutput(images=xt.clamp(-1, 1), timesteps=timesteps, nfe=steps * nfe_per_step,
                          intermediates=intermediates, pred_x0=pred_x0s)
+
+
+def ddpm_sample(denoise: Denoiser, scheduler: NoiseScheduler, shape: tuple[int, ...], steps: int,
+                generator: torch.Generator, device: torch.device | str = "cpu",
+                return_intermediates: bool = False, nfe_per_step: int = 1) -> SamplerOutput:
+    """Ancestral sampling (Ho et al. Algorithm 2); ``steps = T`` is the paper's sampler, fewer skip levels."""
+    return sample_loop(denoise, scheduler, shape, steps, generator, device, sampler="ddpm",
+                       return_intermediates=return_intermediates, nfe_per_step=nfe_per_step)
 
 
 def ddim_sample(denoise: Denoiser, scheduler: NoiseScheduler, shape: tuple[int, ...], steps: int,
                 generator: torch.Generator, device: torch.device | str = "cpu", eta: float = 0.0,
                 return_intermediates: bool = False, nfe_per_step: int = 1) -> SamplerOutput:
     """DDIM (Song et al. eq. 12) over ``steps`` evenly spaced levels; ``eta = 0`` is deterministic given x_T."""
-    timesteps = scheduler.inference_timesteps(steps)  # (steps,), T-1 ... 0
-    xt = _start(shape, generator, device)  # x_T
-    intermediates, pred_x0s = [xt.cpu()] if return_intermediates else [], []
-    for i, t in enumerate(timesteps.tolist()):
-        prev_t = timesteps[i + 1].item() if i + 1 < steps else -1  # -1: the clean image
-        model_output = denoise(xt, torch.full((shape[0],), t, device=xt.device, dtype=torch.long))
-        step = scheduler.ddim_step(model_output, t, xt, prev_t, eta=eta, generator=generator)  # x_t -> x_{t_prev}
-        xt = step.prev_sample
-        if return_intermediates:
-            intermediates.append(xt.cpu())
-            pred_x0s.append(step.pred_x0.cpu())
-    return SamplerOutput(images=xt.clamp(-1, 1), timesteps=timesteps, nfe=steps * nfe_per_step,
-                         intermediates=intermediates, pred_x0=pred_x0s)
+    return sample_loop(denoise, scheduler, shape, steps, generator, device, sampler="ddim", eta=eta,
+                       return_intermediates=return_intermediates, nfe_per_step=nfe_per_step)
 
 
 SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample}
-

@@ -10,7 +10,8 @@ used by the sampling loops in ``labs/diffusion/sampling.py``); the network only 
 
 Indexing: the code's ``t`` runs over ``0 .. T-1`` and is the paper's $t = 1..T$; ``t = -1``
 stands for "no noise at all", $\bar\alpha_{-1} = 1$ (the paper's $\bar\alpha_0 = 1$).
-The schedule is kept in float64 (on the CPU) and cast to the data's dtype and device on use.
+The schedule is kept in float64 on the CPU, copied once to each device a (B,) ``t`` lives on (so
+training and sampling index it without a host round trip), and cast to the data's dtype on use.
 """
 
 from __future__ import annotations
@@ -117,19 +118,36 @@ class NoiseScheduler:
         self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
         # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t  (Ho et al. eq. 7)
         self.posterior_variance = (1 - self.alpha_bar_prev) / (1 - self.alpha_bar) * self.betas
+        self._tables: dict[torch.device, torch.Tensor] = {}  # alpha_bar copied to each device it is used on
 
     # ----------------------------------------------------------------- helpers
+    def _alpha_bar_on(self, device: torch.device) -> torch.Tensor:
+        r"""The $\bar\alpha$ table on ``device``, copied there once and kept (float32 where the device has no
+        float64, as MPS): indexing it with a (B,) ``t`` on that device needs no host round trip."""
+        table = self._tables.get(device)
+        if table is None:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            table = self._tables[device] = self.alpha_bar.to(device=device, dtype=dtype)
+        return table
+
     def _alpha_bar64(self, t: torch.Tensor | int) -> torch.Tensor:
-        r"""$\bar\alpha_t$ in float64 on the CPU, () or (B,); $\bar\alpha_{-1} = 1$."""
-        t = torch.as_tensor(t, dtype=torch.long).cpu()
-        return torch.where(t >= 0, self.alpha_bar[t.clamp(min=0)], torch.ones((), dtype=torch.float64))
+        r"""$\bar\alpha_t$ with $\bar\alpha_{-1} = 1$: (B,) on ``t``'s device for a (B,) tensor ``t``,
+        else a () float64 CPU tensor (which PyTorch combines with tensors on any device as a plain scalar)."""
+        if isinstance(t, torch.Tensor) and t.ndim > 0:
+            table = self._alpha_bar_on(t.device)
+            return torch.where(t >= 0, table[t.clamp(min=0)], torch.ones((), dtype=table.dtype, device=t.device))
+        level = int(t)
+        return self.alpha_bar[level] if level >= 0 else torch.ones((), dtype=torch.float64)
 
     @staticmethod
     def _like(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A float64 () or (B,) coefficient cast and shaped to broadcast against ``like`` (B, C, H, W)."""
-        if values.ndim == 1:
-            values = values.view(-1, *([1] * (like.ndim - 1)))  # (B, 1, 1, 1)
-        return values.to(device=like.device, dtype=like.dtype)
+        """A () or (B,) coefficient cast and shaped to broadcast against ``like`` (B, C, H, W).
+
+        A () coefficient stays on the CPU (a scalar operand, no copy to the device); a (B,) one is on
+        ``like``'s device already (see ``_alpha_bar64``)."""
+        if values.ndim == 0:
+            return values.to(dtype=like.dtype)
+        return values.view(-1, *([1] * (like.ndim - 1))).to(device=like.device, dtype=like.dtype)  # (B, 1, 1, 1)
 
     def alpha_bar_at(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
         r"""$\bar\alpha_t$ shaped to broadcast against ``like`` (B, C, H, W); $\bar\alpha_{-1} = 1$.
@@ -139,8 +157,9 @@ class NoiseScheduler:
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         r"""Signal-to-noise ratio $\mathrm{SNR}(t) = \bar\alpha_t / (1 - \bar\alpha_t)$ (Kingma et al. 2021), (B,) float32."""
-        alpha_bar = self.alpha_bar[torch.as_tensor(t).cpu()]
-        return (alpha_bar / (1 - alpha_bar)).to(device=torch.as_tensor(t).device, dtype=torch.float32)
+        t = torch.as_tensor(t)
+        alpha_bar = self._alpha_bar_on(t.device)[t]  # indexed on t's device
+        return (alpha_bar / (1 - alpha_bar)).to(dtype=torch.float32)
 
     # ------------------------------------------------------- forward process
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
