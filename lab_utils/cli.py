@@ -443,6 +443,22 @@ def precheck(config_name: str, command: str, args: list[str]) -> str | None:
     return None
 
 
+# Where each command writes; Hydra's own output folder (``hydra.run.dir``) is not used by any of them.
+OUTPUT_KEYS = {"train": "run_dir=<folder>", "compare": "out_dir=<folder>", "bench": "out_dir=<folder>",
+               "sample": "out=<file.png or folder>", "data": "out=<file.png>",
+               "eval": "run=<run folder> (eval writes eval.json into it)"}
+
+
+def hydra_dir_problem(command: str, args: list[str]) -> str | None:
+    """``hydra.run.dir=X`` (or ``hydra.sweep.dir``) would be silently ignored: name the key that is used."""
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.output_subdir"):
+            return (f"`{key}` is not used by genlab {command} (it writes no Hydra output folder); "
+                    f"to choose where it writes, pass {OUTPUT_KEYS[command]}")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -455,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genlab: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     config_name, task = COMMANDS[command]
+    problem = hydra_dir_problem(command, rest)
+    if problem is not None:
+        print(f"genlab: error: {problem}", file=sys.stderr)
+        return 1
     if not any(arg.startswith("-") for arg in rest):  # --help, --cfg job, -m: Hydra's own flags
         problem = precheck(config_name, command, rest)
         if problem is not None:
