@@ -20,15 +20,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from lab_utils import registry
+from lab_utils.schema import ConfigError, as_dataclass, check_section, to_container  # re-exported: one home each
 
 CONFIG_MODULE = "genlab_conf"  # `conf/` is installed as this package (see pyproject.toml)
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, of the wrong type or out of range."""
 
 
 @dataclass
@@ -109,29 +105,6 @@ def _non_negative(obj: Any, *names: str) -> None:
             raise ValueError(f"{name} must be >= 0, got {getattr(obj, name)}")
 
 
-def check_section(section: DictConfig, schema: type, where: str) -> DictConfig:
-    """Merge ``section`` onto ``schema`` (types, unknown keys) and run the schema's own checks."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), section)
-        OmegaConf.to_object(merged)  # instantiates the dataclass: runs __post_init__ checks
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"bad value in `{where}`: {err.msg if hasattr(err, 'msg') else err}".strip()
-                          + f"\n  (see the schema {schema.__module__}.{schema.__qualname__})") from None
-    except ValueError as err:
-        raise ConfigError(f"bad value in `{where}`: {err}") from None
-    return merged
-
-
-def as_dataclass(schema: type, cfg: Any) -> Any:
-    """``schema`` (a config dataclass) from an instance of it, a DictConfig or a plain dict; building it
-    runs the schema's own checks. How each lab turns ``cfg.model`` into its typed config."""
-    if isinstance(cfg, schema):
-        return cfg
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.create(cfg)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
-
-
 def lab_class(model_cfg: DictConfig) -> type:
     """The Lab class named by ``model._target_``, if it is one genlab knows (``lab_utils.registry``):
     an unknown name is refused before anything is imported."""
@@ -143,7 +116,9 @@ def lab_class(model_cfg: DictConfig) -> type:
 
 def validate(cfg: DictConfig) -> DictConfig:
     """Type-check and range-check a composed training config; returns it with defaults filled."""
-    from lab_utils.data import dataset_class  # local import: data imports config
+    # Imported here, not at the top, for speed only (no cycle: lab_utils.data imports lab_utils.schema, not
+    # this module): lab_utils.data imports torch (~3 s), and the CLI composes and refuses configs without it.
+    from lab_utils.data import dataset_class
 
     out = cfg.copy()
     OmegaConf.set_struct(out, False)
@@ -173,8 +148,3 @@ def compose(overrides: list[str] | None = None, config_name: str = "train", chec
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
     return validate(cfg) if check else cfg
-
-
-def to_container(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain dicts/lists (what checkpoints and config.yaml store)."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

@@ -24,8 +24,10 @@ BUILTIN_LABS: dict[str, str] = {  # model._target_ -> the family it is (model.na
     "labs.diffusion.DiffusionLab": "ddpm",
     "labs.gan.GANLab": "dcgan",
     "labs.vae.VAELab": "vae",
-    "lab_utils.evaluation.EvaluatorLab": "evaluator",
+    "labs.evaluator.EvaluatorLab": "evaluator",
 }
+# Names genlab's own labs had before they moved: a checkpoint saved then still loads (as the new class).
+MOVED_LABS: dict[str, str] = {"lab_utils.evaluation.EvaluatorLab": "labs.evaluator.EvaluatorLab"}
 ENV_VAR = "GENLAB_LABS"  # comma-separated module.Class names of the user's own labs
 
 _registered: dict[str, type | None] = {}  # target -> class (None: by name, imported on first use)
@@ -72,6 +74,7 @@ def lab_class(target: Any) -> type:
     if not isinstance(target, str) or not target:
         raise UnknownLab("`model._target_` is missing: a model config must name its Lab class, one of "
                          f"{', '.join(BUILTIN_LABS)}")
+    target = MOVED_LABS.get(target, target)
     if target not in known_labs():
         raise UnknownLab(
             f"`model._target_={target}` is not a lab genlab knows, so it is not imported (a config or checkpoint "

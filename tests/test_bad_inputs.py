@@ -264,6 +264,16 @@ def test_a_checkpoint_cannot_choose_where_genlab_writes(tmp_path, runs):
     assert cfg.data.cache_dir == str(tmp_path / "mine") and cfg.data.download is False
 
 
+def test_a_moved_lab_keeps_loading_under_its_old_name():
+    """The evaluator moved from lab_utils.evaluation to labs.evaluator: checkpoints saved before still load."""
+    from lab_utils import registry
+    from labs.evaluator import EvaluatorLab
+
+    assert registry.lab_class("labs.evaluator.EvaluatorLab") is EvaluatorLab
+    assert registry.lab_class("lab_utils.evaluation.EvaluatorLab") is EvaluatorLab
+    assert registry.target_of(EvaluatorLab) == "labs.evaluator.lab.EvaluatorLab"
+
+
 def test_registered_labs_build_and_unregistered_ones_do_not(monkeypatch):
     from lab_utils import registry
 

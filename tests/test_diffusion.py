@@ -385,7 +385,7 @@ def test_train_checkpoint_then_genlab_sample_reproduces_pixels(tmp_path, monkeyp
 
 # ------------------------------------------------------------------------------ notebook exercises
 def test_exercise_checks_pass_the_reference_and_catch_known_mistakes(capsys):
-    from lab_utils.exercises import diffusion as ex
+    from labs.diffusion import exercises as ex
 
     def add_noise(x0, eps, t, alpha_bar):
         a = alpha_bar[t].view(-1, 1, 1, 1)

@@ -270,7 +270,7 @@ def test_evaluator_is_a_lab_the_harness_trains(smoke_setup):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"loss/loss", "stats/acc_shape", "stats/acc_position"} <= set(rows[-1])
     saved = OmegaConf.load(run / "config.yaml")
-    assert saved.model._target_ == "lab_utils.evaluation.EvaluatorLab" and saved.data.held_out == []
+    assert saved.model._target_ == "labs.evaluator.EvaluatorLab" and saved.data.held_out == []
     from lab_utils.checkpoint import load_lab
 
     lab = load_lab(run).lab

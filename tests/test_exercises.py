@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lab_utils.exercises import Case, ExerciseFailed, check_function, check_module, check_value, compare, smoke_mode
-from lab_utils.exercises.text import attention_cases, check_attention
+from labs.text_encoder.exercises import attention_cases, check_attention
 from lab_utils.notebooks import make_student_versions, strip_solutions
 from labs.text_encoder import scaled_dot_product_attention
 

@@ -326,7 +326,7 @@ def test_train_checkpoint_then_sample_reproduces_pixels(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ exercise checks
 def test_exercise_checks_pass_the_reference_and_name_the_usual_mistakes(capsys, monkeypatch):
-    from lab_utils.exercises.gan import (
+    from labs.gan.exercises import (
         check_bce_critic_loss, check_generator_loss, check_gradient_penalty, check_projection_head,
     )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lab_utils.config import ConfigError
+from lab_utils.schema import ConfigError
 from lab_utils.data.base import CaptionedDataset, CorruptData, DataConfig, DataNotFound, uint8_to_image
 from lab_utils.data.captions import SPECIAL_TOKENS, build_vocab, words
 from lab_utils.data.cifar import CIFAR10Dataset

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from lab_utils.config import check_section
+from lab_utils.schema import check_section
 from lab_utils.data.captions import build_vocab, fix_articles, pick_template
 from lab_utils.lab import DataInfo
 

@@ -1,10 +1,11 @@
 """Evaluation: a classifier trained on the dataset as the feature network, and the metrics on its features.
 
-    evaluator.py  EvaluatorLab (trained by the harness: ``genlab train model=evaluator``) and the frozen
-                  Evaluator wrapper (uint8 images in, features and per-attribute logits out)
+    (labs/evaluator: EvaluatorLab, trained by the harness as ``genlab train model=evaluator``, and the
+                  frozen Evaluator wrapper, uint8 images in, features and per-attribute logits out)
     cache.py      get_evaluator: trained once per dataset + config + code version, then cached
     metrics.py    FID, KID, IS (through torchmetrics, on precomputed features), the same equations
                   written out, precision/recall (k-NN manifolds) and prompt alignment
+    exercises.py  the checks of notebook 05's metric exercises
     evaluate.py   evaluate_lab / evaluate_run: generated vs real, beside real vs real at the same count;
                   eval_command_main is ``genlab eval run=<dir>``
 
@@ -20,7 +21,7 @@ from lab_utils.evaluation.cache import (
     EVALUATOR_CODE_VERSION, evaluator_config, evaluator_from_run, evaluator_key, get_evaluator, load_evaluator,
     measure_accuracy,
 )
-from lab_utils.evaluation.evaluator import (
+from labs.evaluator import (
     Evaluator, EvaluatorConfig, EvaluatorLab, EvaluatorNet, EvaluatorOutput, joint_log_probs, predict_from_logits,
     quantize, random_translate, real_images,
 )

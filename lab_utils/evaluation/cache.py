@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lab_utils.config import ConfigError
 from lab_utils.data.base import LOCATION_KEYS
-from lab_utils.evaluation.evaluator import Evaluator, EvaluatorLab, predict_from_logits, real_images
+from labs.evaluator import Evaluator, EvaluatorLab, predict_from_logits, real_images
 
 log = logging.getLogger("genlab.eval")
 

@@ -33,7 +33,7 @@ from torch import nn
 from lab_utils.checkpoint import first_line
 from lab_utils.config import ConfigError, check_section
 from lab_utils.evaluation.cache import evaluator_from_run, get_evaluator
-from lab_utils.evaluation.evaluator import (
+from labs.evaluator import (
     Evaluator, EvaluatorOutput, joint_log_probs, predict_from_logits, quantize, real_images,
 )
 from lab_utils.evaluation.metrics import fid, inception_score, kid, precision_recall, prompt_alignment

@@ -8,7 +8,7 @@ import torch
 
 from lab_utils.evaluation.metrics import frechet_distance, gaussian_stats, kid_unbiased
 
-from . import Case, check_function
+from lab_utils.exercises import Case, check_function
 
 FRECHET_HINT = (
     "d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)); Tr((S1 S2)^(1/2)) is the sum of the square "

@@ -13,7 +13,8 @@ precision/recall; its logits feed the Inception Score and prompt alignment.
                    cross-entropy summed over the heads, $\\mathcal{L} = \\sum_a \\mathrm{CE}(y_a, p_\\theta(y_a|x))$
     Evaluator      the frozen wrapper that metrics use: takes uint8 images, never leaves eval mode
 
-Training, caching and loading (``get_evaluator``) live in ``cache.py``.
+Training, caching and loading (``get_evaluator``) live in ``lab_utils/evaluation/cache.py``: this lab is
+content (a model family like the others, built through the registry); the evaluation application uses it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from lab_utils.lab import DataInfo, Lab, StepContext, adam
 class EvaluatorConfig:
     """Schema of ``cfg.model`` for ``model=evaluator`` (values and why: ``conf/model/evaluator.yaml``)."""
 
-    _target_: str = "lab_utils.evaluation.EvaluatorLab"
+    _target_: str = "labs.evaluator.EvaluatorLab"
     name: str = "evaluator"
     width: int = 32  # channels of the first stage
     channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4])  # one stage per entry, /2 px between

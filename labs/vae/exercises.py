@@ -18,7 +18,7 @@ import torch
 
 from labs.vae import gaussian_nll, kl_divergence, negative_elbo, reparameterize
 
-from . import Case, check_function
+from lab_utils.exercises import Case, check_function
 
 
 def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 from labs.diffusion import CrossAttention, NoiseScheduler, SchedulerConfig, attention, classifier_free_guidance
 from labs.text_encoder import TextEncoding
 
-from . import Case, check_function, check_module
+from lab_utils.exercises import Case, check_function, check_module
 
 
 def _scheduler(schedule: str = "linear", T: int = 1000) -> NoiseScheduler:

@@ -9,7 +9,7 @@ import torch
 
 from labs.text_encoder import scaled_dot_product_attention
 
-from . import Case, check_function
+from lab_utils.exercises import Case, check_function
 
 ATTENTION_HINT = (
     "weights = softmax(q @ k.transpose(-2, -1) / sqrt(d_k)) over the last dim (the keys), "

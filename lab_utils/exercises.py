@@ -22,8 +22,10 @@ printing, so running the *solution* notebooks in the test suite fails when a sol
 reference it is compared with) is broken. ``GENLAB_SMOKE=1`` asks notebooks for tiny,
 fast settings (:func:`smoke_mode`).
 
-Topic-specific checks (``check_attention`` ...) live in submodules such as
-:mod:`lab_utils.exercises.text`; they are thin wrappers that fix the cases and hints.
+This module knows no lab. The topic-specific checks (``check_attention`` ...) live next to what they
+check, as content of that lab: ``labs/<family>/exercises.py`` (``labs.text_encoder.exercises``,
+``labs.gan.exercises`` ...) and ``lab_utils/evaluation/exercises.py`` for the metrics; they are thin
+wrappers that fix the cases and hints.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from torch import nn
 from labs.gan.losses import bce_critic_loss, bce_generator_loss, gradient_penalty
 from labs.gan.model import ProjectionHead
 
-from . import Case, check_function, check_module
+from lab_utils.exercises import Case, check_function, check_module
 
 
 def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:

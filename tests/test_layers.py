@@ -1,0 +1,114 @@
+"""The layers of lab_utils/__init__.py hold: every import of every module (at the top or inside a function)
+goes to the same layer or a lower one, no lab imports another lab, and no set of modules imports in a circle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from lab_utils import LAYERS, ORDER
+
+SHARED_LAB = "labs.text_encoder"  # the text encoder every family uses
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for top in ("lab_utils", "labs", "genlab"):
+        for path in (REPO / top).rglob("*.py"):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join(parts)] = path
+    return found
+
+
+def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The project modules ``name`` imports anywhere in its file (relative imports resolved)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module
+            targets.add(module)
+            targets.update(f"{module}.{alias.name}" for alias in node.names if f"{module}.{alias.name}" in known)
+    result = set()
+    for target in targets:
+        while target and target not in known:
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            result.add(target)
+    return result
+
+
+def layer(name: str) -> str:
+    prefixes = [p for p in LAYERS if name == p or name.startswith(p + ".")]
+    assert prefixes, f"{name} has no layer: add it to LAYERS in lab_utils/__init__.py"
+    return LAYERS[max(prefixes, key=len)]
+
+
+def lab_of(name: str) -> str | None:
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "labs" and len(parts) > 1 else None
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imported(name, path, known) for name, path in known.items()}
+
+
+def test_every_module_has_a_layer_and_no_import_runs_upward(graph):
+    upward = [f"{a} ({layer(a)}) imports {b} ({layer(b)})" for a, targets in graph.items() for b in targets
+              if ORDER.index(layer(b)) > ORDER.index(layer(a))]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_lab_imports_another_lab(graph):
+    crossing = [f"{a} imports {b}" for a, targets in graph.items() for b in targets
+                if lab_of(a) and lab_of(b) and lab_of(a) != lab_of(b) and lab_of(b) != SHARED_LAB]
+    assert not crossing, "\n".join(crossing)
+
+
+def test_no_circle_of_imports(graph):
+    """Depth-first search; a module met again while still on the path closes a circle."""
+    state: dict[str, str] = {}
+    circles = []
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if name.startswith(target + "."):
+                continue  # a module importing its own package (``from . import x``) is Python's normal way
+            if state.get(target) == "open":
+                circles.append(" -> ".join(path[path.index(target):] + [target]))
+            elif target not in state:
+                visit(target, path + [target])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not circles, "\n".join(circles)
+
+
+def test_the_walker_sees_function_level_and_relative_imports(tmp_path):
+    """The checks above are only as good as the walker: it must find imports inside functions."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("def f():\n    from .b import g\n    import pkg.c\n")
+    (package / "b.py").write_text("from pkg import a\n")
+    (package / "c.py").write_text("")
+    known = {"pkg": package / "__init__.py", "pkg.a": package / "a.py", "pkg.b": package / "b.py",
+             "pkg.c": package / "c.py"}
+    assert imported("pkg.a", known["pkg.a"], known) == {"pkg.b", "pkg.c"}
+    assert imported("pkg.b", known["pkg.b"], known) == {"pkg", "pkg.a"}
