@@ -36,7 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from lab_utils.config import check_section, to_container, validate
+from lab_utils.config import to_container, validate
+from lab_utils.schema import typed_section
 from lab_utils.trainer import effective_precision
 
 log = logging.getLogger("genlab.bench")
@@ -223,7 +224,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
 
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)
-    options: BenchConfig = OmegaConf.to_object(check_section(cfg.get("bench") or {}, BenchConfig, "bench"))
+    options: BenchConfig = typed_section(cfg.get("bench") or {}, BenchConfig, "bench")
     cfg = validate(cfg)
     device = pick_device(cfg.trainer.device)
     names = options.variants or default_variants(device)

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lab_utils.config import check_section, lab_class
+from lab_utils.config import lab_class
+from lab_utils.schema import typed_section
 from lab_utils.data.base import without_write_locations
 from lab_utils.lab import DataInfo, Lab
 
@@ -177,10 +178,9 @@ class LoadedLab:
 
 
 def build_lab(cfg: DictConfig, data_info: DataInfo) -> Lab:
-    """Instantiate the lab named by ``cfg.model._target_`` (validating ``cfg.model``)."""
+    """Instantiate the lab named by ``cfg.model._target_`` with its typed config (``cfg.model`` checked once, here)."""
     cls = lab_class(cfg.model)
-    model_cfg = check_section(cfg.model, cls.Config, "model")
-    return cls(model_cfg, data_info)
+    return cls(typed_section(cfg.model, cls.Config, "model"), data_info)  # the lab takes the instance as is
 
 
 def load_state_into(lab: Lab, weights: dict[str, torch.Tensor], path: Path, model_name: str) -> None:

@@ -17,7 +17,6 @@ the composed config without running.
 from __future__ import annotations
 
 import errno
-import inspect
 import logging
 import os
 import re
@@ -204,7 +203,9 @@ def train_command(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------ sample
-SAMPLE_OPTIONS = ("sampler", "steps", "guidance", "eta", "temperature")
+# The settings of `genlab sample` itself; every other key of conf/sample.yaml is a family's sampling option,
+# which the loaded lab's SampleOptions accepts or refuses (the CLI names no family's options).
+SAMPLE_KEYS = ("run", "prompt", "n", "seed", "batch_size", "out", "device", "ema", "mode")
 MAX_SAMPLES = 256  # images per `genlab sample` grid (n x number of prompts); `genlab eval` draws thousands
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
@@ -269,19 +270,18 @@ def sample_command(cfg: DictConfig) -> None:
     device = pick_device(cfg.device)
     loaded = load_lab(cfg.run, device=device, ema=cfg.ema)
     lab = loaded.lab
-    options = {key: cfg[key] for key in SAMPLE_OPTIONS if cfg.get(key) is not None}
     method = {"sample": "sample", "reconstruct": "reconstruct", "interpolate": "interpolate"}.get(cfg.mode)
     if method is None or not hasattr(lab, method):
         modes = [m for m in ("sample", "reconstruct", "interpolate") if hasattr(lab, m)]
         raise UserError(f"mode={cfg.mode} is not available for model {loaded.cfg.model.name}; choose one of {modes}")
     fn = getattr(lab, method)
-    accepted = inspect.signature(fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-        unknown = [key for key in options if key not in accepted]
-        if unknown:
-            takes = [k for k in accepted if k in SAMPLE_OPTIONS]
-            raise UserError(f"model {loaded.cfg.model.name} does not take option(s) {unknown} in mode={cfg.mode}; "
-                            f"it takes {takes or 'no options'}")
+    try:
+        options = lab.sample_options({key: value for key, value in cfg.items() if key not in SAMPLE_KEYS})
+    except ValueError as err:
+        raise UserError(f"model {loaded.cfg.model.name}: {err}") from None
+    if method == "reconstruct" and options:
+        raise UserError(f"mode=reconstruct takes no sampling options (got {', '.join(options)}): it decodes the "
+                        "posterior mean of each test image")
     title = f"{loaded.cfg.model.name} step {loaded.state['trainer']['step']}"
     if method == "reconstruct":
         images, captions = _reconstructions(loaded, fn, cfg.n, cfg.seed, device)

@@ -3,8 +3,9 @@
 For each family in ``models``: train with the preset's matched budget (``compare.max_seconds`` of
 training time or ``compare.max_images`` images drawn, whichever the preset sets) while a callback
 measures KID on a small sample at evenly spaced training times; then evaluate with the same
-settings for every family (``lab_utils.evaluation``), each sampling with its preset's
-``trainer.sample_options`` (the sampler its training grids use). Writes into ``out_dir``:
+settings for every family (``lab_utils.evaluation``). Every family samples with its model's own
+defaults (``Lab.SampleOptions``: e.g. ``model.sampling`` of the DDPM, DDIM-25 on ``preset=cpu``), the
+same as its training grids, ``genlab sample`` and ``genlab eval``. Writes into ``out_dir``:
 
     results.json, results.md   one row per family: size, budget spent, speed, metrics beside real data
     samples.png                the same prompts (rows) and seeds (columns) for every family
@@ -81,7 +82,7 @@ def run_finished(state: dict[str, Any]) -> bool:
             or (trainer.get("max_seconds") is not None and counters["train_seconds"] >= trainer["max_seconds"]))
 
 
-def kid_probe(cfg: DictConfig, evaluator, sample_options: dict[str, Any]):
+def kid_probe(cfg: DictConfig, evaluator):
     """A callback that measures KID of ``curve_samples`` generated images against as many real ones."""
     from lab_utils.data import build_dataset
     from lab_utils.evaluation import choose_items, kid, real_images
@@ -95,7 +96,7 @@ def kid_probe(cfg: DictConfig, evaluator, sample_options: dict[str, Any]):
 
     def probe(trainer) -> dict[str, float]:
         with trainer.sampling_weights() as lab:
-            images, _ = generate(lab, prompts, cfg.seed, cfg.compare.eval_batch_size, sample_options, trainer.device)
+            images, _ = generate(lab, prompts, cfg.seed, cfg.compare.eval_batch_size, {}, trainer.device)
         fake = evaluator.embed(images)
         kid_mean, _ = kid(reference.features, fake.features, subset_size=min(n, 100), subsets=20, seed=cfg.seed)
         return {"curve/kid": kid_mean}
@@ -119,7 +120,7 @@ def train_family(cfg: DictConfig, model: str, evaluator, out_dir: Path) -> dict[
     if state is not None and run_finished(state):
         log.info("%s: reusing the finished run %s", model, run_dir)
         return {"run_dir": run_dir, "wall_seconds": 0.0, "reused": True}
-    probe = kid_probe(cfg, evaluator, dict(family.trainer.sample_options))
+    probe = kid_probe(cfg, evaluator)
     callbacks = (Callback(probe, every_seconds=cfg.compare.curve_seconds),)
     if state is not None:
         log.info("%s: resuming %s at step %d", model, run_dir, state["trainer"]["step"])
@@ -128,13 +129,6 @@ def train_family(cfg: DictConfig, model: str, evaluator, out_dir: Path) -> dict[
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def preset_sample_options(state: dict[str, Any]) -> dict[str, Any]:
-    """The sampling options of the family's preset (``trainer.sample_options``): what its training grids and
-    KID probes use, so the final numbers, the probes and ``samples.png`` all come from the same sampler
-    (DDIM-25 for the DDPM on ``preset=cpu``, which keeps ``make demo`` within its 10 minutes)."""
-    return dict(state["config"]["trainer"].get("sample_options") or {})
-
-
 def evaluate_family(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], float]:
     from lab_utils.checkpoint import load_checkpoint
     from lab_utils.evaluation import evaluate_run
@@ -142,8 +136,7 @@ def evaluate_family(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], flo
     state = load_checkpoint(run_dir)
     step = state["trainer"]["step"]
     settings = {"num_samples": cfg.compare.eval_samples, "seed": cfg.seed, "batch_size": cfg.compare.eval_batch_size,
-                "evaluator_preset": cfg.compare.evaluator_preset, "device": cfg.device,
-                "sample_options": preset_sample_options(state)}
+                "evaluator_preset": cfg.compare.evaluator_preset, "device": cfg.device}
     path = run_dir / "eval.json"
     if cfg.reuse and path.exists():
         previous = json.loads(path.read_text())
@@ -157,13 +150,12 @@ def evaluate_family(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], flo
 
 # ------------------------------------------------------------------------------------ figures and table
 @torch.no_grad()
-def sample_block(lab, prompts: list[str], seeds: int, device: torch.device,
-                 sample_options: dict[str, Any] | None = None) -> torch.Tensor:
+def sample_block(lab, prompts: list[str], seeds: int, device: torch.device) -> torch.Tensor:
     """(P, S, C, H, W): column s uses a generator seeded with s, the same for every family."""
     columns = []
     for seed in range(seeds):
         generator = torch.Generator(device=device).manual_seed(seed)
-        columns.append(lab.sample(prompts, generator=generator, **(sample_options or {})).cpu())
+        columns.append(lab.sample(prompts, generator=generator).cpu())
     return torch.stack(columns, dim=1)
 
 
@@ -235,7 +227,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def compare(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole comparison described by ``cfg`` (composed ``conf/compare.yaml``); returns results.json's content."""
-    from lab_utils.checkpoint import load_checkpoint, load_lab
+    from lab_utils.checkpoint import load_lab
     from lab_utils.evaluation import get_evaluator
     from lab_utils.plotting import comparison_grid, training_curves
     from lab_utils.trainer import pick_device
@@ -271,8 +263,8 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         tick = time.perf_counter()
         loaded = load_lab(trained["run_dir"], device=device)
         prompts = prompts or list(loaded.lab.data_info.prompts[: cfg.compare.num_prompts])
-        state = load_checkpoint(trained["run_dir"])
-        blocks[model] = sample_block(loaded.lab, prompts, cfg.compare.seeds, device, preset_sample_options(state))
+        state = loaded.state
+        blocks[model] = sample_block(loaded.lab, prompts, cfg.compare.seeds, device)
         n_params = sum(p.numel() for p in loaded.lab.parameters())
         rows.append(results_row(model, state, evaluation, n_params))
         for name, points in read_curves(trained["run_dir"], model).items():

@@ -59,7 +59,8 @@ class TrainerConfig:
     sample_seed: int = 0  # the same seed at every grid so progress is comparable
     num_sample_prompts: int = 8
     samples_per_prompt: int = 4
-    sample_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # passed to Lab.sample
+    # the grids' sampling options, {} = the model's defaults (Lab.SampleOptions: one home, the model config)
+    sample_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     num_workers: int = 0
     tensorboard: bool = False
     progress: bool = True  # progress bar on stderr

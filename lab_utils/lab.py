@@ -16,18 +16,20 @@ diffusion model all train through the same loop without special cases:
   for sampling;
 - ``sample(prompts, generator=..., **options)`` returns images in [-1, 1].
 
-A lab is rebuilt from a checkpoint alone: ``Lab(cfg.model, DataInfo)`` where both come from
+A lab is rebuilt from a checkpoint alone: ``Lab(<its Config>, DataInfo)`` where both come from
 the checkpoint (see ``lab_utils.checkpoint``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, ClassVar, Protocol
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 import torch
 from torch import nn
+
+from lab_utils.schema import as_dataclass
 
 
 @dataclass
@@ -52,6 +54,17 @@ class DataInfo:
         return cls(**state)
 
 
+@dataclass
+class SampleOptions:
+    """The options ``Lab.sample`` takes besides the prompts and the generator; a family subclasses it.
+
+    Each field defaults to None, which means the model's configured default: the default itself has one
+    home, the model's config (``model.sampling`` of the DDPM, ``model.temperature`` of the VAE), so the
+    training grids, ``genlab sample``, ``genlab eval`` and ``genlab compare`` draw alike unless told
+    otherwise. The commands read the option names from here (``Lab.sample_options``), never a list of
+    their own."""
+
+
 class StepContext(Protocol):
     """What the trainer hands to ``Lab.training_step`` (implemented in ``lab_utils.trainer``)."""
 
@@ -74,13 +87,16 @@ class Lab(nn.Module):
     """Base class of every model family. Subclasses set ``Config`` and implement the methods."""
 
     Config: ClassVar[type]  # the dataclass schema of ``cfg.model``
+    SampleOptions: ClassVar[type[SampleOptions]] = SampleOptions  # what ``sample`` takes (none by default)
     # DistributedDataParallel must look for parameters a loss did not use (a GAN's critic update leaves
     # the generator out). A family whose every update uses every parameter sets False: cheaper.
     ddp_find_unused_parameters: ClassVar[bool] = True
 
-    def __init__(self, cfg: Any, data_info: DataInfo):
+    def __init__(self, config: Any, data_info: DataInfo):
         super().__init__()
-        self.cfg = cfg
+        # The typed config: ``build_lab`` hands over the ``Config`` instance it validated (used as is); a dict
+        # or DictConfig (notebooks, tests) is checked and typed here, once.
+        self.config = as_dataclass(type(self).Config, config)
         self.data_info = data_info
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -99,6 +115,19 @@ class Lab(nn.Module):
     ) -> torch.Tensor:
         """Images for ``prompts``, shape (len(prompts), C, H, W), values in [-1, 1]."""
         raise NotImplementedError
+
+    @classmethod
+    def sample_options(cls, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The options of ``options`` that are set (None = the model's default), as keyword arguments for
+        ``sample``. A name this family does not take is a ValueError that lists the ones it does."""
+        names = [f.name for f in fields(cls.SampleOptions)]
+        given = {str(key): value for key, value in dict(options or {}).items() if value is not None}
+        unknown = [key for key in given if key not in names]
+        if unknown:
+            raise ValueError(f"{cls.__name__}.sample does not take option(s) {unknown}; it takes "
+                             f"{', '.join(names) if names else 'no options'}")
+        chosen = asdict(cls.SampleOptions(**given))
+        return {key: value for key, value in chosen.items() if value is not None}
 
     def compile_blocker(self) -> str | None:
         """Why ``torch.compile`` cannot train this lab as configured (None: it can)."""

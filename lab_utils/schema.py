@@ -17,17 +17,28 @@ class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
 
 
-def check_section(section: DictConfig, schema: type, where: str) -> DictConfig:
-    """Merge ``section`` onto ``schema`` (types, unknown keys) and run the schema's own checks."""
+def _merged(section: DictConfig, schema: type, where: str) -> tuple[DictConfig, Any]:
+    """``section`` merged onto ``schema`` (types, unknown keys) and the dataclass instance built from it (which
+    runs the schema's own ``__post_init__`` checks); a bad value is one ConfigError naming ``where``."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), section)
-        OmegaConf.to_object(merged)  # instantiates the dataclass: runs __post_init__ checks
+        return merged, OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"bad value in `{where}`: {err.msg if hasattr(err, 'msg') else err}".strip()
                           + f"\n  (see the schema {schema.__module__}.{schema.__qualname__})") from None
     except ValueError as err:
         raise ConfigError(f"bad value in `{where}`: {err}") from None
-    return merged
+
+
+def check_section(section: DictConfig, schema: type, where: str) -> DictConfig:
+    """``section`` checked against ``schema`` and with its defaults filled, still a DictConfig (what a run's
+    config.yaml and checkpoint store)."""
+    return _merged(section, schema, where)[0]
+
+
+def typed_section(section: DictConfig, schema: type, where: str) -> Any:
+    """``section`` as an instance of ``schema`` (the typed config a lab is built with), checked the same way."""
+    return _merged(section, schema, where)[1]
 
 
 def as_dataclass(schema: type, cfg: Any) -> Any:

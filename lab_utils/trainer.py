@@ -483,7 +483,7 @@ class Trainer:
         prompts = [p for p in prompts for _ in range(tcfg.samples_per_prompt)]
         generator = torch.Generator(device=self.device).manual_seed(tcfg.sample_seed)
         with self.sampling_weights():
-            images = self.lab.sample(prompts, generator=generator, **dict(tcfg.sample_options))
+            images = self.lab.sample(prompts, generator=generator, **self.lab.sample_options(tcfg.sample_options))
         return save_grid(images, self.run_dir / "samples" / f"step_{self.step:06d}.png", captions=prompts,
                          ncols=tcfg.samples_per_prompt, title=f"{self.cfg.model.name} step {self.step}")
 

@@ -469,13 +469,13 @@ def test_sample_options_prompts_and_unknown_words(tmp_path, runs):
 def test_vae_temperature_reaches_the_sampler(runs):
     """`temperature=` on the command line is passed to VAELab.sample and changes the images."""
     from lab_utils.checkpoint import load_lab
-    from lab_utils.cli import SAMPLE_OPTIONS
+    from lab_utils.cli import SAMPLE_KEYS
     from lab_utils.config import compose
 
     cfg = compose([f"run={runs['vae']}", "temperature=0.5"], config_name="sample", check=False)
-    options = {key: cfg[key] for key in SAMPLE_OPTIONS if cfg.get(key) is not None}
-    assert options == {"temperature": 0.5}
     lab = load_lab(runs["vae"]).lab
+    options = lab.sample_options({key: value for key, value in cfg.items() if key not in SAMPLE_KEYS})
+    assert options == {"temperature": 0.5}
     cold = lab.sample(["a red circle"] * 4, torch.Generator().manual_seed(0), **options)
     default = lab.sample(["a red circle"] * 4, torch.Generator().manual_seed(0))
     assert not torch.equal(cold, default)

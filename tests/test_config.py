@@ -101,3 +101,45 @@ def test_pyproject_lists_every_package():
              for p in (REPO / top).rglob("__init__.py")}
     assert found <= listed, f"add to pyproject.toml: {sorted(found - listed)}"
     assert "genlab_conf" in listed
+
+
+def test_the_commands_offer_exactly_the_families_sampling_options():
+    """conf/sample.yaml and eval.sample_options list the union of every family's SampleOptions, all unset
+    (None = the model's default), so nothing names an option that no family takes or hides one that one does."""
+    from dataclasses import fields
+
+    from lab_utils import registry
+    from lab_utils.cli import SAMPLE_KEYS
+
+    offered = set()
+    for target in registry.BUILTIN_LABS:
+        offered |= {f.name for f in fields(registry.lab_class(target).SampleOptions)}
+    sample = compose(["run=x"], config_name="sample", check=False)
+    family_keys = {key for key in sample if key not in SAMPLE_KEYS}
+    assert family_keys == offered == {"sampler", "steps", "guidance", "eta", "temperature"}
+    assert all(sample[key] is None for key in family_keys)
+    eval_options = compose(["run=x"], config_name="eval", check=False).eval.sample_options
+    assert set(eval_options) == offered and all(value is None for value in eval_options.values())
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
+def test_sampling_defaults_have_one_home(preset):
+    """The grids pass no options of their own (so they, `genlab sample`, `eval` and `compare` all sample with
+    the model's `sampling` section), and the DDPM's resolved options are exactly that section."""
+    import torch
+
+    from lab_utils.checkpoint import build_lab
+    from lab_utils.lab import DataInfo
+
+    for model in ("dcgan", "vae", "ddpm"):
+        cfg = compose([f"model={model}", "data=shapes", f"preset={preset}"])
+        assert dict(cfg.trainer.sample_options) == {}, (model, preset)
+    cfg = compose(["model=ddpm", "data=shapes", f"preset={preset}"])
+    info = DataInfo("shapes", 3, 32, {"colour": ["red"]}, ["[PAD]", "[UNK]", "[CLS]", "a", "red"])
+    with torch.device("meta"):
+        lab = build_lab(cfg, info)
+    assert lab.sample_options({"steps": None}) == {}  # unset: left to the model
+    resolved = lab._options(sampler=None, steps=None, guidance=None, eta=None)
+    assert (resolved.sampler, resolved.steps, resolved.guidance, resolved.eta) == tuple(
+        cfg.model.sampling[key] for key in ("sampler", "steps", "guidance", "eta"))
+    assert cfg.model.sampling.steps == {"smoke": 4, "cpu": 25, "gpu": 50}[preset]

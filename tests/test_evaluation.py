@@ -344,7 +344,7 @@ def test_eval_config_errors_are_clear(smoke_setup):
         eval_config({"features": "inception"})
     with pytest.raises(ConfigError, match="features"):
         eval_config({"features": "clip"})
-    with pytest.raises(ConfigError, match="not options of TinyLab.sample"):
+    with pytest.raises(ConfigError, match=r"eval.sample_options: TinyLab.sample does not take option\(s\) \['steps'\]; it takes scale"):
         eval_command_main(compose([f"run={run_dir}", "eval.sample_options.steps=3", "eval.num_samples=8",
                                    "eval.evaluator_preset=smoke", f"eval.cache_dir={cache}"],
                                   config_name="eval", check=False))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lab_utils.lab import DataInfo, Lab
+from lab_utils.lab import DataInfo, Lab, SampleOptions
 from lab_utils.registry import register_lab
 
 
@@ -53,26 +53,31 @@ def tiny_config(run_dir, **model):
     cfg = compose(tiny_overrides(run_dir), check=False)
     OmegaConf.set_struct(cfg, False)
     cfg.model = OmegaConf.merge(OmegaConf.structured(TinyConfig), model)
-    cfg.trainer.sample_options = {}  # the composed ddpm preset's sampler options mean nothing here
     return validate(cfg)
+
+
+@dataclass
+class TinySampleOptions(SampleOptions):
+    scale: Optional[float] = None  # the noise's scale (1 by default)
 
 
 class TinyLab(Lab):
     Config = TinyConfig
+    SampleOptions = TinySampleOptions
 
     def __init__(self, cfg, data_info: DataInfo):
         super().__init__(cfg, data_info)
         pixels = data_info.channels * data_info.image_size**2
         self.index = {word: i for i, word in enumerate(data_info.vocab)}
         self.words = nn.EmbeddingBag(len(data_info.vocab), 8)  # caption -> mean word vector
-        self.generator = nn.Linear(8 + cfg.z_dim, pixels)
+        self.generator = nn.Linear(8 + self.config.z_dim, pixels)
         self.critic = nn.Linear(pixels, 1)
 
     def configure_optimizers(self):
         return {
             "generator": torch.optim.Adam(list(self.generator.parameters()) + list(self.words.parameters()),
-                                          lr=self.cfg.lr),
-            "critic": torch.optim.SGD(self.critic.parameters(), lr=self.cfg.lr),
+                                          lr=self.config.lr),
+            "critic": torch.optim.SGD(self.critic.parameters(), lr=self.config.lr),
         }
 
     def ema_modules(self):
@@ -84,15 +89,15 @@ class TinyLab(Lab):
         return self.words(torch.cat(ids).to(self.device), offsets.to(self.device))  # (B, 8)
 
     def _noise(self, real: torch.Tensor) -> torch.Tensor:
-        if self.cfg.noise:
-            return torch.randn(len(real), self.cfg.z_dim, device=self.device)  # global RNG
-        return real[:, : self.cfg.z_dim]  # (B, z_dim): a function of the batch
+        if self.config.noise:
+            return torch.randn(len(real), self.config.z_dim, device=self.device)  # global RNG
+        return real[:, : self.config.z_dim]  # (B, z_dim): a function of the batch
 
     def _generate(self, captions: list[str], z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.generator(torch.cat([self._cond(captions), z], dim=1)))  # (B, pixels)
 
     def training_step(self, batch, ctx):
-        for i in range(self.cfg.n_critic):
+        for i in range(self.config.n_critic):
             data = batch if i == 0 else ctx.next_batch()
             real = data["image"].flatten(1)
             z = self._noise(real)
@@ -101,8 +106,8 @@ class TinyLab(Lab):
                                        + self.critic.weight.pow(2).sum())
         real = batch["image"].flatten(1)
         z = self._noise(real)
-        explode = (self.cfg.explode_at is not None and ctx.step + 1 >= self.cfg.explode_at
-                   and self.cfg.explode_rank in (None, int(os.environ.get("RANK", 0))))
+        explode = (self.config.explode_at is not None and ctx.step + 1 >= self.config.explode_at
+                   and self.config.explode_rank in (None, int(os.environ.get("RANK", 0))))
 
         def generator_loss_fn() -> torch.Tensor:
             fake = self._generate(batch["caption"], z)
@@ -110,13 +115,14 @@ class TinyLab(Lab):
             return loss * float("nan") if explode else loss
 
         generator_loss = ctx.optimize("generator", generator_loss_fn)
-        if self.cfg.sleep:
-            time.sleep(self.cfg.sleep)
+        if self.config.sleep:
+            time.sleep(self.config.sleep)
         return {"critic": critic_loss.detach(), "generator": generator_loss.detach()}
 
     @torch.no_grad()
-    def sample(self, prompts, generator=None, scale: float = 1.0):
-        z = torch.randn(len(prompts), self.cfg.z_dim, generator=generator, device=self.device)
+    def sample(self, prompts, generator=None, scale: float | None = None):
+        scale = 1.0 if scale is None else scale
+        z = torch.randn(len(prompts), self.config.z_dim, generator=generator, device=self.device)
         images = self._generate(list(prompts), scale * z)
         size = self.data_info.image_size
         return images.view(len(prompts), self.data_info.channels, size, size)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from lab_utils.schema import check_section
+from lab_utils.schema import typed_section
 from lab_utils.data.captions import build_vocab, fix_articles, pick_template
 from lab_utils.lab import DataInfo
 
@@ -126,7 +126,7 @@ class CaptionedDataset(Dataset):
             return cfg
         if not isinstance(cfg, DictConfig):
             cfg = OmegaConf.create(cfg)
-        return OmegaConf.to_object(check_section(cfg, cls.Config, "data"))  # raises ConfigError
+        return typed_section(cfg, cls.Config, "data")  # raises ConfigError
 
     def _set_data(self, pixels: torch.Tensor, labels: torch.Tensor) -> None:
         """Keep the first ``cfg.subset`` items of (N, C, H, W) uint8 ``pixels`` and (N, A) ``labels``."""

@@ -31,7 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lab_utils.checkpoint import first_line
-from lab_utils.config import ConfigError, check_section
+from lab_utils.config import ConfigError
+from lab_utils.schema import typed_section
 from lab_utils.evaluation.cache import evaluator_from_run, get_evaluator
 from labs.evaluator import (
     Evaluator, EvaluatorOutput, joint_log_probs, predict_from_logits, quantize, real_images,
@@ -207,14 +208,16 @@ def nfe_per_sample(lab: nn.Module, sample_options: dict[str, Any]) -> int:
     return int(nfe(**{k: v for k, v in sample_options.items() if takes_all or k in params}))
 
 
-def check_sample_options(lab: nn.Module, sample_options: dict[str, Any]) -> None:
-    params = inspect.signature(lab.sample).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = [key for key in sample_options if key not in params]
-    if unknown:
-        raise ConfigError(f"eval.sample_options {unknown} are not options of {type(lab).__name__}.sample; it takes "
-                          f"{[k for k in params if k not in ('prompts', 'generator')]}")
+def check_sample_options(lab: nn.Module, sample_options: dict[str, Any]) -> dict[str, Any]:
+    """The set options (None = the model's default) for ``lab.sample``, checked against the lab's
+    ``SampleOptions``; a name it does not take is a ConfigError naming ``eval.sample_options``."""
+    check = getattr(type(lab), "sample_options", None)  # a Lab; a plain module gets its options as given
+    if check is None:
+        return {key: value for key, value in dict(sample_options or {}).items() if value is not None}
+    try:
+        return check(sample_options)
+    except ValueError as err:
+        raise ConfigError(f"eval.sample_options: {err}") from None
 
 
 @torch.no_grad()
@@ -294,8 +297,7 @@ def evaluate_lab(
 
     started = time.perf_counter()
     device = torch.device(device)
-    sample_options = {k: v for k, v in dict(sample_options or {}).items() if v is not None}  # None = the default
-    check_sample_options(lab, sample_options)
+    sample_options = check_sample_options(lab, sample_options)  # None = the model's default: left out
     train_set, test_set = build_dataset(data_cfg, "train"), build_dataset(data_cfg, "test")
     attributes = list(train_set.attributes)
     if list(evaluator.attributes) != attributes:
@@ -359,7 +361,7 @@ def eval_config(cfg: Any) -> EvalConfig:
     if isinstance(cfg, EvalConfig):
         return cfg
     section = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg or {})
-    return OmegaConf.to_object(check_section(section, EvalConfig, "eval"))
+    return typed_section(section, EvalConfig, "eval")
 
 
 def evaluate_run(run_dir: str | Path, eval_cfg: Any = None) -> dict[str, Any]:
@@ -373,7 +375,7 @@ def evaluate_run(run_dir: str | Path, eval_cfg: Any = None) -> dict[str, Any]:
     if loaded.cfg.model.get("name") == "evaluator":
         raise ValueError(f"{run_dir} is an evaluator run; `genlab eval` evaluates generative models")
     run_path = loaded.path.parent.parent  # <run>/checkpoints/<file>.pt -> <run>
-    check_sample_options(loaded.lab, {k: v for k, v in cfg.sample_options.items() if v is not None})  # fail early
+    check_sample_options(loaded.lab, cfg.sample_options)  # fail early
     if cfg.evaluator_run:
         evaluator = evaluator_from_run(cfg.evaluator_run, device=device)
     else:

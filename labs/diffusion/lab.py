@@ -22,8 +22,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from lab_utils.config import as_dataclass
-from lab_utils.lab import DataInfo, Lab, StepContext, adam
+from lab_utils.lab import DataInfo, Lab, SampleOptions, StepContext, adam
 from labs.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, Tokenizer, encode_prompts
 
 from .sampling import SAMPLERS, SamplerOutput, classifier_free_guidance, sample_loop
@@ -84,15 +83,26 @@ class DDPMConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
 
+@dataclass
+class DiffusionSampleOptions(SampleOptions):
+    """What ``DiffusionLab.sample`` takes; None = the model's ``sampling`` section (``SamplingConfig``)."""
+
+    sampler: Optional[str] = None  # ddpm | ddim
+    steps: Optional[int] = None  # noise levels visited; NFE = steps, x2 with guidance
+    guidance: Optional[float] = None  # classifier-free guidance scale w (1 = off)
+    eta: Optional[float] = None  # DDIM stochasticity
+
+
 class DiffusionLab(Lab):
     """A text-conditioned DDPM: a text encoder, a UNet and a noise scheduler."""
 
     Config = DDPMConfig
+    SampleOptions = DiffusionSampleOptions
     ddp_find_unused_parameters = False  # every update uses every parameter
 
-    def __init__(self, cfg: Any, data_info: DataInfo):
-        super().__init__(cfg, data_info)
-        self.config = config = as_dataclass(DDPMConfig, cfg)  # typed copy of cfg
+    def __init__(self, config: DDPMConfig | Any, data_info: DataInfo):
+        super().__init__(config, data_info)
+        config = self.config  # the typed config (Lab.__init__)
         if data_info.image_size % config.unet.patch_size:
             raise ValueError(f"unet.patch_size={config.unet.patch_size} does not divide the image size "
                              f"{data_info.image_size}; choose a divisor (1 = plain pixels)")

@@ -160,9 +160,8 @@ class EvaluatorLab(Lab):
     ddp_find_unused_parameters = False  # every update uses every parameter
     generative = False  # the harness's sample grids mean nothing for this lab
 
-    def __init__(self, cfg: Any, data_info: DataInfo):
-        super().__init__(cfg, data_info)
-        self.config = cfg if isinstance(cfg, EvaluatorConfig) else OmegaConf.to_object(cfg)
+    def __init__(self, config: EvaluatorConfig | Any, data_info: DataInfo):
+        super().__init__(config, data_info)
         if not data_info.attributes:
             raise ValueError(f"dataset {data_info.name!r} has no attributes to classify")
         heads = {name: len(values) for name, values in data_info.attributes.items()}

@@ -34,7 +34,6 @@ from typing import Any, Optional
 
 import torch
 
-from lab_utils.config import as_dataclass
 from lab_utils.lab import DataInfo, Lab, StepContext, adam
 from labs.text_encoder import TextEncoder, TextEncoderConfig, Tokenizer, encode_prompts
 
@@ -102,9 +101,9 @@ class GANLab(Lab):
 
     Config = DCGANConfig
 
-    def __init__(self, cfg: Any, data_info: DataInfo):
-        super().__init__(cfg, data_info)
-        self.config = config = as_dataclass(DCGANConfig, cfg)  # typed copy of cfg
+    def __init__(self, config: DCGANConfig | Any, data_info: DataInfo):
+        super().__init__(config, data_info)
+        config = self.config  # the typed config (Lab.__init__)
         self.tokenizer = Tokenizer(data_info.vocab, max_length=config.text.max_length)
         self.text_encoder = TextEncoder(config.text, self.tokenizer.vocab_size)
         C, size = data_info.channels, data_info.image_size

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 
-from lab_utils.config import as_dataclass
-from lab_utils.lab import DataInfo, Lab, StepContext, adam
+from lab_utils.lab import DataInfo, Lab, SampleOptions, StepContext, adam
 from labs.text_encoder import TextEncoder, TextEncoderConfig, Tokenizer, encode_prompts
 
 from .elbo import (
@@ -119,15 +118,23 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return w0 * z0[:, None] + w1 * z1[:, None]  # (B, N, Z)
 
 
+@dataclass
+class VAESampleOptions(SampleOptions):
+    """What ``VAELab.sample`` (and ``interpolate``) take; None = the model's config."""
+
+    temperature: Optional[float] = None  # std of the prior draws (1 = the prior; model.temperature by default)
+
+
 class VAELab(Lab):
     """A (conditional) convolutional VAE: text encoder, encoder, decoder and the ELBO."""
 
     Config = VAEConfig
+    SampleOptions = VAESampleOptions
     ddp_find_unused_parameters = False  # every update uses every parameter
 
-    def __init__(self, cfg: Any, data_info: DataInfo):
-        super().__init__(cfg, data_info)
-        self.config = config = as_dataclass(VAEConfig, cfg)  # typed copy of cfg
+    def __init__(self, config: VAEConfig | Any, data_info: DataInfo):
+        super().__init__(config, data_info)
+        config = self.config  # the typed config (Lab.__init__)
         C, S = data_info.channels, data_info.image_size
         self.image_shape = (C, S, S)
         cond_dim = config.text.dim if config.conditional else 0
