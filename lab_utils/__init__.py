@@ -5,7 +5,8 @@
                   (which Lab classes may be built), data (datasets and their registry), exercises (the
                   notebook check machinery), evaluation.metrics (FID, KID, IS ... on features), plotting
     harness       trains any Lab and knows no family: imports core only.
-                  trainer (the loop), checkpoint, run_folder, ema, distributed, progress
+                  training (train(): a run from config to checkpoint), trainer (the loop), step_context,
+                  data_stream, devices, checkpoint, run_folder (resuming), ema, distributed, progress
     content       what needs a lab: the families in labs/ (each imports core only, plus the shared
                   labs.text_encoder; a lab never imports another lab), each lab's exercises
                   (labs/<family>/exercises.py), the evaluator family (labs/evaluator) and the metric
@@ -31,6 +32,10 @@ LAYERS: dict[str, str] = {
     "lab_utils.evaluation.metrics": "core",
     "lab_utils.plotting": "core",
     "lab_utils.trainer": "harness",
+    "lab_utils.training": "harness",
+    "lab_utils.step_context": "harness",
+    "lab_utils.data_stream": "harness",
+    "lab_utils.devices": "harness",
     "lab_utils.checkpoint": "harness",
     "lab_utils.run_folder": "harness",
     "lab_utils.ema": "harness",

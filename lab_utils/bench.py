@@ -38,7 +38,7 @@ from torch.utils.flop_counter import flop_registry
 
 from lab_utils.config import to_container, validate
 from lab_utils.schema import typed_section
-from lab_utils.trainer import effective_precision
+from lab_utils.devices import effective_precision
 
 log = logging.getLogger("genlab.bench")
 
@@ -134,7 +134,8 @@ def peak_memory_mb(device: torch.device) -> float:
 def make_trainer(cfg: DictConfig, switches: dict[str, Any], train_set, data_info, device: torch.device,
                  run_dir: Path):
     from lab_utils.checkpoint import build_lab
-    from lab_utils.trainer import Trainer, speed_setup
+    from lab_utils.devices import speed_setup
+    from lab_utils.trainer import Trainer
 
     variant = cfg.copy()
     OmegaConf.set_struct(variant, False)
@@ -220,7 +221,7 @@ def time_sampling(lab, samplers: dict[str, dict[str, Any]], batch: int, device: 
 def bench(cfg: DictConfig) -> dict[str, Any]:
     """Run ``genlab bench`` for the composed ``conf/bench.yaml``; returns what it writes to bench.json."""
     from lab_utils.data import build_dataset
-    from lab_utils.trainer import pick_device
+    from lab_utils.devices import pick_device
 
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)

@@ -24,9 +24,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
-from lab_utils.config import CONFIG_MODULE, ConfigError, validate
+from lab_utils.config import CONFIG_MODULE, ConfigError, parse_overrides, validate
 
 log = logging.getLogger("genlab")
 
@@ -44,9 +44,6 @@ commands:
 `genlab <command> --help` lists the config groups and options; `--cfg job` prints the config.
 Several processes or GPUs: torchrun --nproc_per_node=N -m genlab train ...
 """
-
-GROUP_KEYS = ("model", "data", "preset")  # group choices a resumed run cannot change
-
 
 class UserError(Exception):
     """An error caused by the user's input, reported as one clear message (no traceback)."""
@@ -109,7 +106,7 @@ def _command_line_overrides() -> list[str]:
 def _refuse_unknown_settings(cfg: DictConfig) -> None:
     """``+name=value`` for a top-level name the command does not have would be silently ignored: refuse it.
     (Nested additions, such as ``+eval.sample_options.k=v``, go to a section whose schema checks them.)"""
-    added = [o.key_or_group for o in _parse(_command_line_overrides()) if o.is_add()]
+    added = [o.key_or_group for o in parse_overrides(_command_line_overrides()) if o.is_add()]
     unknown = [key for key in added if "." not in key and key != "hydra"]
     if unknown:
         known = [key for key in cfg if key not in unknown]
@@ -117,83 +114,17 @@ def _refuse_unknown_settings(cfg: DictConfig) -> None:
                         f"{', '.join(known)} (set one as key=value, without +)")
 
 
-def _parse(overrides: list[str]) -> list:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create().parse_overrides(overrides)
-
-
 # ------------------------------------------------------------------------------------ train
-RUN_KEYS = ("model", "data", "seed")  # sections that belong to a run: they cannot change on resume
-
-
-def resume_config(run: str, overrides: list[str]) -> DictConfig:
-    """The saved config of the run at ``run`` with the command line's overrides applied, truthfully.
-
-    - ``trainer.*`` values take effect: they are applied to the run's config (and so recorded in its
-      ``config.yaml``);
-    - ``run_dir=<folder>`` continues the run in that new folder, leaving the original untouched (the only way
-      to continue a checkpoint that lies outside a run folder);
-    - ``model.*``, ``data.*``, ``seed`` and the ``model``/``data``/``preset`` groups are the run's own (its
-      weights, optimiser state and data order belong to them): another value is refused, except for where the
-      data lives (``data.root``, ``data.cache_dir``, ``data.download``, ``data.system_dirs``).
-    """
-    from lab_utils.checkpoint import load_checkpoint
-    from lab_utils.data.base import LOCATION_KEYS
-    from lab_utils.run_folder import resume_source
-
-    source = resume_source(run)
-    saved = OmegaConf.create(load_checkpoint(source.checkpoint)["config"])
-    run_dir = source.run_dir
-    for override in _parse(overrides):
-        key = override.key_or_group
-        if key == "resume" or key.split(".")[0] == "hydra":
-            continue
-        value = override.value()
-        if key in GROUP_KEYS:
-            was = saved.get("preset_name") if key == "preset" else saved[key].get("name")
-            if value != was:
-                raise UserError(f"the run at {run} was trained with {key}={was}; it cannot resume as {key}={value}")
-            continue
-        if key == "run_dir":
-            run_dir = Path(str(value))
-            continue
-        if override.is_delete():
-            raise UserError(f"~{key}: settings of a resumed run cannot be deleted; set a value instead")
-        if key.split(".")[0] in RUN_KEYS and not (key.startswith("data.") and key[5:] in LOCATION_KEYS):
-            was = OmegaConf.select(saved, key, default="<not set>")
-            if isinstance(was, (DictConfig, ListConfig)):
-                was = OmegaConf.to_container(was)
-            if was != value:
-                raise UserError(
-                    f"{key}={value} cannot change when resuming (the run has {key}={was}): its weights, optimiser "
-                    f"state and data order come from its checkpoint; start a new run to train with {key}={value}"
-                )
-            continue
-        if key.split(".")[0] not in ("trainer", "data"):
-            raise UserError(f"{key}={value}: only trainer.* settings, run_dir and where the data lives can be given "
-                            "when resuming")
-        OmegaConf.update(saved, key, value, force_add=True)  # the trainer schema (validate) checks the key
-    if run_dir is None:
-        raise UserError(
-            f"{source.checkpoint} is a checkpoint outside a run folder (a run keeps its checkpoints in "
-            "<run>/checkpoints/), so there is no run to continue in place; to continue training from it, "
-            "give a new folder to write into: run_dir=<new folder>"
-        )
-    saved.run_dir = str(run_dir)
-    saved.resume = str(source.checkpoint)
-    return saved
-
-
 @_report
 def train_command(cfg: DictConfig) -> None:
     from lab_utils.distributed import env_info
-    from lab_utils.trainer import train
+    from lab_utils.run_folder import resume_point
+    from lab_utils.training import train
 
+    resume = None
     if cfg.get("resume"):
-        cfg = resume_config(cfg.resume, _command_line_overrides())
-    cfg = validate(cfg)
-    result = train(cfg, resume=cfg.get("resume"))
+        cfg, resume = resume_point(cfg.resume, _command_line_overrides())  # the checkpoint, read once
+    result = train(validate(cfg), resume=resume)
     if not env_info().is_main:
         return  # under torchrun, rank 0 reports
     print(f"run: {result.run_dir}")
@@ -256,7 +187,7 @@ def sample_command(cfg: DictConfig) -> None:
 
     from lab_utils.checkpoint import load_lab
     from lab_utils.plotting import save_grid
-    from lab_utils.trainer import pick_device
+    from lab_utils.devices import pick_device
 
     prompts = prompt_list(cfg.prompt)
     if not isinstance(cfg.n, int) or cfg.n <= 0:

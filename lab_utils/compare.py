@@ -106,7 +106,8 @@ def kid_probe(cfg: DictConfig, evaluator):
 
 def train_family(cfg: DictConfig, model: str, evaluator, out_dir: Path) -> dict[str, Any]:
     from lab_utils.checkpoint import CheckpointError, load_checkpoint
-    from lab_utils.trainer import Callback, train
+    from lab_utils.trainer import Callback
+    from lab_utils.training import train
 
     run_dir = out_dir / model
     family = family_config(cfg, model, run_dir)
@@ -230,7 +231,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     from lab_utils.checkpoint import load_lab
     from lab_utils.evaluation import get_evaluator
     from lab_utils.plotting import comparison_grid, training_curves
-    from lab_utils.trainer import pick_device
+    from lab_utils.devices import pick_device
 
     stages: dict[str, float] = {}
     started = time.perf_counter()

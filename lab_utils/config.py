@@ -135,6 +135,13 @@ def validate(cfg: DictConfig) -> DictConfig:
     return out
 
 
+def parse_overrides(overrides: list[str]) -> list:
+    """Hydra's own parse of ``key=value`` command-line overrides (``+key``, ``~key``, lists, quoting)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(overrides)
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "train", check: bool = True) -> DictConfig:
     """Compose a config the way the ``genlab`` command does (for notebooks and tests).
 

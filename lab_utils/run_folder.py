@@ -1,4 +1,4 @@
-"""Run folders: what a resume may point at, one training per folder at a time, and leftovers of a kill.
+"""Run folders: what a resume may point at and how it continues, one training per folder, leftovers of a kill.
 
 A run folder is what ``genlab train`` writes: ``config.yaml``, ``checkpoints/`` (``step_<N>.pt``,
 ``last.pt``), ``metrics.jsonl``, ``train.log``, ``samples/``. Three rules keep it whole:
@@ -29,7 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lab_utils.checkpoint import resolve_checkpoint
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lab_utils.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from lab_utils.data.base import LOCATION_KEYS
+from lab_utils.config import parse_overrides
+from lab_utils.schema import ConfigError
 
 log = logging.getLogger("genlab.train")
 
@@ -45,6 +50,14 @@ class RunFolderError(ValueError):
 class ResumeSource:
     checkpoint: Path  # the file training continues from
     run_dir: Path | None  # the run folder it belongs to (None: a checkpoint outside any run folder)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a run continues from and that checkpoint, read once (by ``resume_point`` or ``open_run``)."""
+
+    source: ResumeSource
+    state: dict[str, Any]
 
 
 def resume_source(path: str | Path) -> ResumeSource:
@@ -76,6 +89,127 @@ def holds_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` already holds a run's checkpoints."""
     folder = run_dir / "checkpoints"
     return folder.is_dir() and any(p.suffix == ".pt" for p in folder.iterdir())
+
+
+# ------------------------------------------------------------------------------------ resuming
+GROUP_KEYS = ("model", "data", "preset")  # group choices a resumed run cannot change
+RUN_KEYS = ("model", "data", "seed")  # sections that belong to a run: they cannot change on resume
+
+
+def resume_point(run: str, overrides: list[str]) -> tuple[DictConfig, Resume]:
+    """The saved config of the run at ``run`` with the command line's overrides applied, truthfully, and
+    where it resumes from (the checkpoint, read here once: ``train`` takes it as is).
+
+    - ``trainer.*`` values take effect: they are applied to the run's config (and so recorded in its
+      ``config.yaml``);
+    - ``run_dir=<folder>`` continues the run in that new folder, leaving the original untouched (the only way
+      to continue a checkpoint that lies outside a run folder);
+    - ``model.*``, ``data.*``, ``seed`` and the ``model``/``data``/``preset`` groups are the run's own (its
+      weights, optimiser state and data order belong to them): another value is refused, except for where the
+      data lives (``data.root``, ``data.cache_dir``, ``data.download``, ``data.system_dirs``).
+    """
+    source = resume_source(run)
+    state = load_checkpoint(source.checkpoint)
+    saved = OmegaConf.create(state["config"])
+    run_dir = source.run_dir
+    for override in parse_overrides(overrides):
+        key = override.key_or_group
+        if key == "resume" or key.split(".")[0] == "hydra":
+            continue
+        value = override.value()
+        if key in GROUP_KEYS:
+            was = saved.get("preset_name") if key == "preset" else saved[key].get("name")
+            if value != was:
+                raise ConfigError(f"the run at {run} was trained with {key}={was}; it cannot resume as {key}={value}")
+            continue
+        if key == "run_dir":
+            run_dir = Path(str(value))
+            continue
+        if override.is_delete():
+            raise ConfigError(f"~{key}: settings of a resumed run cannot be deleted; set a value instead")
+        if key.split(".")[0] in RUN_KEYS and not (key.startswith("data.") and key[5:] in LOCATION_KEYS):
+            was = OmegaConf.select(saved, key, default="<not set>")
+            if isinstance(was, (DictConfig, ListConfig)):
+                was = OmegaConf.to_container(was)
+            if was != value:
+                raise ConfigError(
+                    f"{key}={value} cannot change when resuming (the run has {key}={was}): its weights, optimiser "
+                    f"state and data order come from its checkpoint; start a new run to train with {key}={value}"
+                )
+            continue
+        if key.split(".")[0] not in ("trainer", "data"):
+            raise ConfigError(f"{key}={value}: only trainer.* settings, run_dir and where the data lives can be given "
+                            "when resuming")
+        OmegaConf.update(saved, key, value, force_add=True)  # the trainer schema (validate) checks the key
+    if run_dir is None:
+        raise ConfigError(
+            f"{source.checkpoint} is a checkpoint outside a run folder (a run keeps its checkpoints in "
+            "<run>/checkpoints/), so there is no run to continue in place; to continue training from it, "
+            "give a new folder to write into: run_dir=<new folder>"
+        )
+    saved.run_dir = str(run_dir)
+    saved.resume = str(source.checkpoint)
+    return saved, Resume(source, state)
+
+
+def resume_config(run: str, overrides: list[str]) -> DictConfig:
+    """The config part of :func:`resume_point`."""
+    return resume_point(run, overrides)[0]
+
+
+def open_run(cfg: DictConfig, resume: str | Path | Resume | None) -> tuple[Path, Resume | None]:
+    """Rank 0, holding the lock: the run folder and where it resumes from (None: a new run). ``resume`` is a
+    run folder or checkpoint, or a :class:`Resume` whose checkpoint was already read (not read again)."""
+    run_dir = Path(cfg.run_dir)
+    remove_temporaries(run_dir)
+    foreign = foreign_files(run_dir)
+    if foreign:  # e.g. run_dir=. in a project folder: its config.yaml would be overwritten
+        shown = ", ".join(foreign[:5])
+        raise RunFolderError(f"run_dir={run_dir} holds files a run does not write ({shown}); a run writes config.yaml, "
+                             "metrics.jsonl, train.log, checkpoints/ and samples/ there: choose a new or empty folder")
+    if resume is None:
+        if holds_run(run_dir):
+            raise FileExistsError(
+                f"{run_dir} already holds a run with checkpoints; continue it with `genlab train resume={run_dir}` "
+                "or choose another run_dir"
+            )
+        return run_dir, None
+    point = resume if isinstance(resume, Resume) else None
+    source = point.source if point else resume_source(resume)
+    if source.run_dir is None or source.run_dir.resolve() != run_dir.resolve():  # continued into a new folder
+        if holds_run(run_dir):
+            raise FileExistsError(f"run_dir={run_dir} already holds a run; to continue {source.checkpoint} in a new "
+                                  "folder, choose one that holds no checkpoints")
+    state = point.state if point else load_checkpoint(source.checkpoint)
+    saved = state["config"]
+    if saved["model"]["name"] != cfg.model.name or saved["data"]["name"] != cfg.data.name:
+        raise CheckpointError(
+            f"{source.checkpoint} belongs to model={saved['model']['name']} data={saved['data']['name']}, "
+            f"not model={cfg.model.name} data={cfg.data.name}"
+        )
+    return run_dir, Resume(source, state)
+
+
+def metrics_up_to(path: Path, step: int) -> list[str]:
+    """The rows of a ``metrics.jsonl`` logged at or before ``step`` (a killed run logs past its checkpoint)."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+    return kept
+
+
+def continue_metrics(source_run: Path | None, run_dir: Path, step: int) -> None:
+    """``run_dir/metrics.jsonl`` holds the rows up to ``step``: no duplicates after a kill, and a run continued
+    into a new folder starts with the history of the run it came from."""
+    rows = metrics_up_to((source_run or run_dir) / "metrics.jsonl", step)
+    if rows or (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
 
 
 # ------------------------------------------------------------------------------------ the lock

@@ -24,31 +24,27 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from lab_utils import distributed
-
-from lab_utils.checkpoint import (  # noqa: I001
-    CheckpointError, build_lab, checkpoint_dir, load_checkpoint, load_state_into, save_checkpoint,
-)
+from lab_utils.checkpoint import CheckpointError, checkpoint_dir, load_state_into, save_checkpoint
 from lab_utils.config import to_container
+from lab_utils.data_stream import DataStream
+from lab_utils.devices import autocast_for, effective_precision
 from lab_utils.ema import EMA
 from lab_utils.lab import DataInfo, Lab
 from lab_utils.plotting import save_grid
 from lab_utils.progress import Progress
-from lab_utils.run_folder import (
-    ResumeSource, RunFolderError, RunLock, foreign_files, holds_run, remove_temporaries, resume_source,
-)
+from lab_utils.step_context import LossFunction, TrainingStepContext
 
 log = logging.getLogger("genlab.train")
 
@@ -97,94 +93,6 @@ class TrainResult:
         return self.images_seen / self.train_seconds if self.train_seconds > 0 else float("nan")
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: cuda, then mps, then cpu. An explicit device that is not there is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device={name} but CUDA is not available here; use trainer.device=auto or cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("trainer.device=mps but MPS is not available here; use trainer.device=auto or cpu")
-    return torch.device(name)
-
-
-def move_to(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
-    if isinstance(batch, torch.Tensor):
-        batch = batch.to(device, non_blocking=True)
-        return batch.contiguous(memory_format=torch.channels_last) if channels_last and batch.dim() == 4 else batch
-    if isinstance(batch, dict):
-        return {key: move_to(value, device, channels_last) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return type(batch)(move_to(value, device, channels_last) for value in batch)
-    return batch
-
-
-class DataStream:
-    """An endless, resumable stream of batches, sharded over the processes of a distributed run.
-
-    Epoch ``e`` visits ``randperm(n)`` seeded by ``seed + e`` (``DistributedSampler``'s order), cut
-    into global batches of ``batch_size * world_size``; process ``r`` takes the items ``r, r + W, ...``
-    of each global batch, so the processes together see exactly the single-process batches. The
-    position is counted in global batches, so a run resumes with another number of processes.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, device: torch.device, num_workers: int = 0,
-                 rank: int = 0, world_size: int = 1, pin_memory: bool = True, channels_last: bool = False):
-        self.global_batch = batch_size * world_size
-        if len(dataset) < self.global_batch:
-            raise ValueError(
-                f"the training set has {len(dataset)} items, fewer than one global batch of {self.global_batch} "
-                f"({world_size} process(es) x {batch_size}); lower trainer.batch_size or use more data (data.subset)"
-            )
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.device, self.num_workers, self.rank, self.world_size = device, num_workers, rank, world_size
-        self.pin_memory = pin_memory and device.type == "cuda"
-        self.channels_last = channels_last
-        self.epoch, self.position = 0, 0  # position = global batches already taken from this epoch
-        self._batches: Iterator | None = None
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.dataset) // self.global_batch  # the last partial batch is dropped
-
-    def _start_epoch(self) -> Iterator:
-        sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
-                                     seed=self.seed, drop_last=True)
-        sampler.set_epoch(self.epoch)  # reshuffle: randperm seeded by seed + epoch
-        mine = torch.tensor(list(sampler))[: self.batches_per_epoch * self.batch_size]  # this process's items
-        batches = mine.view(-1, self.batch_size)[self.position:].tolist()  # (batches left, B)
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, persistent_workers=False)
-        return iter(loader)
-
-    def __iter__(self) -> "DataStream":
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
-        if self._batches is None:
-            self._batches = self._start_epoch()
-        batch = next(self._batches)
-        self.position += 1
-        return move_to(batch, self.device, self.channels_last)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "global_batch": self.global_batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), None
-        saved = int(state.get("global_batch", self.global_batch))
-        if saved != self.global_batch:  # per-process batches with another number of processes
-            self.position = math.ceil(self.position * saved / self.global_batch)
-            log.warning("the checkpoint's global batch was %d, now %d: continuing at the first batch of this "
-                        "epoch not yet fully seen (some items of the epoch are skipped)", saved, self.global_batch)
-
-
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up: lr_k = lr * min(1, (k + 1) / warmup_steps)."""
     return torch.optim.lr_scheduler.LambdaLR(
@@ -192,133 +100,21 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torc
     )
 
 
-class _LossFunction(nn.Module):
-    """What DDP wraps: its forward calls the lab's loss function, so DDP sees every parameter the loss used.
+@dataclass
+class LogWindow:
+    """What the steps since the last log row add up to: the named values (summed on the device, no host sync
+    until the row is written), the step count, training seconds and images."""
 
-    (A family's networks are called inside ``fn``; the parameters are the lab's own, so DDP's gradient
-    hooks fire whatever method of the lab computed the loss.)"""
+    start_step: int  # the step the window began after
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    count: int = 0
+    seconds: float = 0.0
+    images: int = 0
 
-    def __init__(self, lab: Lab):
-        super().__init__()
-        self.lab = lab
-
-    def forward(self, fn: Callable[[], Any]) -> Any:
-        return fn()
-
-
-def _loss_of(output: Any) -> torch.Tensor:
-    loss = output.get("loss") if isinstance(output, dict) else output
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise TypeError("a loss function given to ctx.optimize must return a 0-dim tensor or a dict holding one "
-                        f"under 'loss', got {type(output).__name__}")
-    return loss
-
-
-class _StepContext:
-    """What ``Lab.training_step`` sees (the ``StepContext`` protocol of ``lab_utils.lab``)."""
-
-    def __init__(self, trainer: "Trainer"):
-        self._trainer = trainer
-        self.step = trainer.step
-        self.device = trainer.device
-        self.images = 0  # images drawn by this process during this step (for images/s)
-        self.grad_norms: dict[str, torch.Tensor] = {}
-
-    def optimize(self, name: str, loss: Callable[[], Any] | torch.Tensor) -> Any:
-        """One update of optimiser ``name``: compute the loss, backward, clip, step, LR schedule.
-
-        ``loss`` is a function of no arguments returning the loss (a 0-dim tensor, or a dict holding it
-        under ``"loss"`` beside statistics); it runs under the trainer's precision and, with several
-        processes, inside DDP's forward so that the backward averages gradients over the processes.
-        Returns what the function returned. A tensor computed beforehand is accepted in a single process.
-        """
-        trainer = self._trainer
-        if name not in trainer.optimizers:
-            raise KeyError(f"ctx.optimize({name!r}): the lab's optimisers are {sorted(trainer.optimizers)}")
-        if callable(loss):
-            with trainer.autocast():
-                output = trainer.loss_module(loss)
-        elif trainer.ddp is not None:
-            raise TypeError(f"ctx.optimize({name!r}, <tensor>) cannot average gradients over processes: pass a "
-                            "function that computes the loss, e.g. ctx.optimize(name, lambda: self.loss(batch))")
-        else:
-            output = loss
-        value = _loss_of(output)
-        if trainer.cfg.trainer.nan_check == "step":
-            trainer.check_finite({f"loss for {name!r}": value.detach()})
-        optimizer = trainer.optimizers[name]
-        optimizer.zero_grad(set_to_none=True)
-        scaler = trainer.scalers.get(name)
-        (scaler.scale(value) if scaler is not None else value).backward()
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        clip = trainer.cfg.trainer.grad_clip
-        # clip_grad_norm_ returns the total norm before clipping; inf max_norm = measure only.
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
-        if scaler is not None:
-            scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-            scaler.update()
-        else:
-            optimizer.step()
-        trainer.schedulers[name].step()
-        self.grad_norms[name] = norm.detach()
-        return output
-
-    def next_batch(self) -> dict[str, Any]:
-        batch = next(self._trainer.stream)
-        self.images += len(batch["image"])
-        return batch
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return self._trainer.autocast()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX-512 BF16), where oneDNN runs bf16
-    matmuls and convolutions several times faster than fp32; elsewhere bf16 is emulated and slower."""
-    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-
-
-def effective_precision(precision: str, device: torch.device) -> str:
-    """What ``trainer.precision`` trains in on ``device``: bf16 on CUDA and on CPUs that multiply bf16 in
-    hardware, fp16 on CUDA only, fp32 everywhere else (emulated bf16 would be slower than fp32)."""
-    if precision == "fp16" and device.type == "cuda":
-        return "fp16"
-    if precision == "bf16" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())):
-        return "bf16"
-    return "fp32"
-
-
-def precision_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast of ``trainer.precision`` on ``device`` (see ``effective_precision``)."""
-    return _autocast(effective_precision(precision, device), device)
-
-
-def _autocast(effective: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if effective == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if effective == "bf16" else torch.float16)
-
-
-def speed_setup(lab: Lab, cfg: DictConfig, device: torch.device) -> Lab:
-    """Apply the trainer's speed switches to a lab on ``device`` (TF32, channels_last, torch.compile)."""
-    tcfg = cfg.trainer
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = bool(tcfg.tf32)
-        torch.backends.cudnn.allow_tf32 = bool(tcfg.tf32)
-    if tcfg.channels_last:
-        lab = lab.to(memory_format=torch.channels_last)  # 4-d weights (convolutions) become NHWC
-    if tcfg.compile:
-        blocker = lab.compile_blocker()
-        if blocker:
-            raise ValueError(f"trainer.compile=true cannot train {cfg.model.name} as configured: {blocker}; "
-                             "use trainer.compile=false")
-        for name, child in lab.named_children():
-            if any(True for _ in child.parameters()):
-                child.compile()  # in place: the state_dict keys do not change
-                log.info("compiled %s.%s", type(lab).__name__, name)
-    return lab
+    def add(self, named: dict[str, torch.Tensor], seconds: float, images: int) -> None:
+        for key, value in named.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count, self.seconds, self.images = self.count + 1, self.seconds + seconds, self.images + images
 
 
 class Trainer:
@@ -346,7 +142,7 @@ class Trainer:
         per_process = tcfg.batch_size // world if tcfg.batch_scope == "global" else tcfg.batch_size
         self.stream = DataStream(train_set, per_process, cfg.seed, device, tcfg.num_workers, dist_info.rank, world,
                                  channels_last=tcfg.channels_last)
-        self.loss_module: nn.Module = _LossFunction(lab)
+        self.loss_module: nn.Module = LossFunction(lab)
         self.ddp: DistributedDataParallel | None = None
         if dist_info.enabled:
             if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in lab.modules()):
@@ -369,7 +165,7 @@ class Trainer:
 
     def release(self) -> None:
         """Drop the DDP wrapper (before the process group is destroyed: see ``lab_utils.distributed``)."""
-        self.loss_module = _LossFunction(self.lab)
+        self.loss_module = LossFunction(self.lab)
         self.ddp = None
 
     # ---------------------------------------------------------------- state
@@ -440,7 +236,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- helpers
     def autocast(self) -> contextlib.AbstractContextManager:
-        return _autocast(self.precision, self.device)
+        return autocast_for(self.precision, self.device)
 
     def diverged_message(self, what: str, value: torch.Tensor) -> str:
         kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
@@ -512,7 +308,7 @@ class Trainer:
         """One training step of the lab: its named values (losses, statistics, gradient norms; tensors
         still on the device) and the number of images all processes drew. No host-device sync unless
         ``trainer.nan_check=step``."""
-        ctx = _StepContext(self)
+        ctx = TrainingStepContext(self)
         losses = self.lab.training_step(ctx.next_batch(), ctx)
         named = {**{f"loss/{k}" if "/" not in k else k: torch.as_tensor(v, device=self.device).detach().float()
                     for k, v in losses.items()},
@@ -549,9 +345,7 @@ class Trainer:
         self.lab.train()
         main = self.dist.is_main
         progress = Progress(enabled=tcfg.progress and main, start=self.budget_used())
-        sums: dict[str, torch.Tensor] = {}
-        count, window_seconds, window_images, last_row = 0, 0.0, 0, {}
-        last_grid_step, window_start_step = -1, self.step
+        window, last_row, last_grid_step = LogWindow(self.step), {}, -1
         # With several processes every one must stop at the same step: the step and image budgets
         # agree by construction, a time budget is decided by rank 0 (one small broadcast per step).
         shared_clock = self.dist.enabled and tcfg.max_seconds is not None
@@ -560,16 +354,12 @@ class Trainer:
             while not done:
                 started = time.perf_counter()
                 named, images = self.run_step()
-                for key, value in named.items():
-                    sums[key] = sums.get(key, 0.0) + value
                 # Without a sync the clock measures launches; the sync before any host work below adds the rest.
                 step_seconds = time.perf_counter() - started
                 seconds_before = self.train_seconds
                 self.train_seconds += step_seconds
                 self.images_seen += images
-                window_seconds += step_seconds
-                window_images += images
-                count += 1
+                window.add(named, step_seconds, images)
                 done = self.budget_used() >= 1.0
                 if shared_clock:
                     done = distributed.broadcast_flag(done, self.device)
@@ -583,25 +373,10 @@ class Trainer:
                     self._sync()  # the queued GPU work of this window belongs to training time
                     lag = time.perf_counter() - tick
                     self.train_seconds += lag
-                    window_seconds += lag
-
+                    window.seconds += lag
                 if log_now:
-                    keys = sorted(sums)
-                    stacked = distributed.all_reduce_mean(torch.stack([sums[k] for k in keys]) / count)
-                    averages = dict(zip(keys, stacked.tolist()))
-                    if tcfg.nan_check == "log":
-                        self.check_finite({k: torch.tensor(v) for k, v in averages.items()},
-                                          f" (averaged over steps {window_start_step + 1}-{self.step})",
-                                          same_everywhere=True)
-                    last_row = {"step": self.step, "epoch": self.stream.epoch, "images_seen": self.images_seen,
-                                "train_seconds": round(self.train_seconds, 3),
-                                "images_per_s": round(window_images / window_seconds, 2) if window_seconds else None,
-                                **{f"lr/{n}": s.get_last_lr()[0] for n, s in self.schedulers.items()},
-                                **averages}
-                    self.log_row(last_row)
-                    progress.update(self.step, self.budget_used(), {k.removeprefix("loss/"): v for k, v in
-                                                                    averages.items() if k.startswith("loss/")})
-                    sums, count, window_seconds, window_images, window_start_step = {}, 0, 0.0, 0, self.step
+                    last_row = self.log_window(window, progress)
+                    window = LogWindow(self.step)
                 if grid_now and main:
                     self.write_samples()
                     last_grid_step = self.step
@@ -620,143 +395,20 @@ class Trainer:
         losses = {k: v for k, v in last_row.items() if k.startswith(("loss/", "grad_norm/"))}
         return TrainResult(self.run_dir, self.step, self.last_checkpoint, self.images_seen, self.train_seconds, losses)
 
-
-def _metrics_up_to(path: Path, step: int) -> list[str]:
-    """The rows of a ``metrics.jsonl`` logged at or before ``step`` (a killed run logs past its checkpoint)."""
-    if not path.exists():
-        return []
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:  # a line cut short by the kill
-            continue
-    return kept
-
-
-def _continue_metrics(source_run: Path | None, run_dir: Path, step: int) -> None:
-    """``run_dir/metrics.jsonl`` holds the rows up to ``step``: no duplicates after a kill, and a run continued
-    into a new folder starts with the history of the run it came from."""
-    rows = _metrics_up_to((source_run or run_dir) / "metrics.jsonl", step)
-    if rows or (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
-
-
-def train(cfg: DictConfig, resume: str | Path | None = None, callbacks: tuple[Callback, ...] = ()) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.data`` into ``cfg.run_dir``, or continue from the checkpoint at ``resume``.
-
-    ``cfg`` must be a validated config (``lab_utils.config.validate``). When resuming it is the run's
-    saved config with the caller's overrides applied (see ``lab_utils.cli``), and ``resume`` is a run
-    folder or a checkpoint in one; the run continues in ``cfg.run_dir``, which is either that run folder
-    or a new folder (a checkpoint outside any run folder continues only into a new one). Rank 0 holds the
-    run folder's lock for the whole training (``lab_utils.run_folder``). Under torchrun every process
-    calls this; they join one process group for the run and leave it at the end.
-    """
-    dist_info, owns_group = distributed.setup(cfg.trainer.device, cfg.trainer.dist_backend)
-    clean = False
-    try:
-        with RunLock(cfg.run_dir) if dist_info.is_main else contextlib.nullcontext():
-            result = _train(cfg, resume, callbacks, dist_info)
-        clean = True
-        return result
-    finally:
-        if owns_group:
-            distributed.teardown(clean)
-
-
-def _open_run(cfg: DictConfig, resume: str | Path | None) -> tuple[Path, ResumeSource | None, dict[str, Any] | None]:
-    """Rank 0, holding the lock: the run folder, where it resumes from, and the checkpoint (None: a new run)."""
-    run_dir = Path(cfg.run_dir)
-    remove_temporaries(run_dir)
-    foreign = foreign_files(run_dir)
-    if foreign:  # e.g. run_dir=. in a project folder: its config.yaml would be overwritten
-        shown = ", ".join(foreign[:5])
-        raise RunFolderError(f"run_dir={run_dir} holds files a run does not write ({shown}); a run writes config.yaml, "
-                             "metrics.jsonl, train.log, checkpoints/ and samples/ there: choose a new or empty folder")
-    if resume is None:
-        if holds_run(run_dir):
-            raise FileExistsError(
-                f"{run_dir} already holds a run with checkpoints; continue it with `genlab train resume={run_dir}` "
-                "or choose another run_dir"
-            )
-        return run_dir, None, None
-    source = resume_source(resume)
-    if source.run_dir is None or source.run_dir.resolve() != run_dir.resolve():  # continued into a new folder
-        if holds_run(run_dir):
-            raise FileExistsError(f"run_dir={run_dir} already holds a run; to continue {source.checkpoint} in a new "
-                                  "folder, choose one that holds no checkpoints")
-    state = load_checkpoint(source.checkpoint)
-    saved = state["config"]
-    if saved["model"]["name"] != cfg.model.name or saved["data"]["name"] != cfg.data.name:
-        raise CheckpointError(
-            f"{source.checkpoint} belongs to model={saved['model']['name']} data={saved['data']['name']}, "
-            f"not model={cfg.model.name} data={cfg.data.name}"
-        )
-    return run_dir, source, state
-
-
-def _train(cfg: DictConfig, resume: str | Path | None, callbacks: tuple[Callback, ...],
-           dist_info: distributed.DistInfo) -> TrainResult:
-    from lab_utils.data import build_dataset
-
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.trainer.device)
-    if dist_info.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-    if not dist_info.is_main:
-        logging.getLogger("genlab").setLevel(logging.WARNING)  # one process reports
-    run_dir = source = state = None
-    if dist_info.is_main:
-        run_dir, source, state = _open_run(cfg, resume)
-    # The others take rank 0's run directory (its ${now:...} is the one) and checkpoint: no shared disk needed.
-    run_dir, source, state = distributed.broadcast_object((run_dir, source, state) if dist_info.is_main else None)
-    # The dataset: rank 0 first (it writes the cache or downloads), then one process per node, then the rest.
-    train_set = distributed.in_turn(lambda: build_dataset(cfg.data, "train"), dist_info)
-    data_info = DataInfo.from_dict(state["data_info"]) if state else train_set.data_info()
-    lab = speed_setup(build_lab(cfg, data_info).to(device), cfg, device)
-    if dist_info.rank > 0:
-        torch.manual_seed(cfg.seed + dist_info.rank)  # its own noise; the weights come from rank 0 (DDP)
-    trainer = Trainer(cfg, run_dir, lab, train_set, data_info, device, callbacks, dist_info)
-    if state is not None:
-        trainer.load_state_dict(state, source.checkpoint)
-        trainer.last_checkpoint = source.checkpoint if source.run_dir == run_dir else None
-        if trainer.budget_used() >= 1.0:  # every process decides the same: the state is the same
-            tcfg = cfg.trainer
-            raise RunFolderError(
-                f"the run at {source.checkpoint} is already at step {trainer.step} ({trainer.images_seen} images, "
-                f"{trainer.train_seconds:.0f} s), which meets its budget (trainer.steps={tcfg.steps}, "
-                f"max_images={tcfg.max_images}, max_seconds={tcfg.max_seconds}); to train further, raise it, "
-                f"e.g. trainer.steps={trainer.step + tcfg.steps}"
-            )
-    if dist_info.is_main:
-        # Nothing is written into the run directory before the data, model and checkpoint all loaded.
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        _add_file_log(run_dir / "train.log")
-        _continue_metrics(source.run_dir if source else None, run_dir, trainer.step)
-        if state is not None:
-            log.info("resumed %s at step %d (%d process(es); the checkpoint was written by %d)%s", source.checkpoint,
-                     trainer.step, dist_info.world_size, state["trainer"].get("world_size", 1),
-                     "" if source.run_dir == run_dir else f", continuing in the new folder {run_dir}")
-    n_params = sum(p.numel() for p in lab.parameters())
-    log.info("training %s (%.2fM parameters) on %s (%d images) on %s%s into %s", cfg.model.name, n_params / 1e6,
-             cfg.data.name, len(train_set), device,
-             f" x {dist_info.world_size} processes" if dist_info.enabled else "", run_dir)
-    try:
-        result = trainer.fit()
-    finally:
-        trainer.release()
-    log.info("done: step %d, %d images in %.1f s (%.1f images/s); checkpoint %s", result.step,
-             result.images_seen, result.train_seconds, result.images_per_second, result.checkpoint)
-    return result
-
-
-def _add_file_log(path: Path) -> None:
-    root = logging.getLogger("genlab")
-    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
-        return
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    def log_window(self, window: "LogWindow", progress: Progress) -> dict[str, Any]:
+        """The row of ``metrics.jsonl`` for the steps since the last one: the window's averages (over the
+        processes too), speed and learning rates; the NaN guard of ``nan_check=log`` reads it."""
+        keys = sorted(window.sums)
+        stacked = distributed.all_reduce_mean(torch.stack([window.sums[k] for k in keys]) / window.count)
+        averages = dict(zip(keys, stacked.tolist()))
+        if self.cfg.trainer.nan_check == "log":
+            self.check_finite({k: torch.tensor(v) for k, v in averages.items()},
+                              f" (averaged over steps {window.start_step + 1}-{self.step})", same_everywhere=True)
+        row = {"step": self.step, "epoch": self.stream.epoch, "images_seen": self.images_seen,
+               "train_seconds": round(self.train_seconds, 3),
+               "images_per_s": round(window.images / window.seconds, 2) if window.seconds else None,
+               **{f"lr/{n}": s.get_last_lr()[0] for n, s in self.schedulers.items()}, **averages}
+        self.log_row(row)
+        progress.update(self.step, self.budget_used(),
+                        {k.removeprefix("loss/"): v for k, v in averages.items() if k.startswith("loss/")})
+        return row

@@ -60,7 +60,7 @@ def assert_one_clear_line(result: subprocess.CompletedProcess, *expected: str) -
 # ------------------------------------------------------------------------------------ fixtures
 def train_smoke(run_dir: Path, *overrides: str) -> Path:
     from lab_utils.config import compose
-    from lab_utils.trainer import train
+    from lab_utils.training import train
 
     cfg = compose(["preset=smoke", "trainer.progress=false", f"run_dir={run_dir}", *overrides])
     with torch.random.fork_rng():
@@ -258,7 +258,7 @@ def test_a_checkpoint_cannot_choose_where_genlab_writes(tmp_path, runs):
     assert out.returncode == 0, out.stderr[-2000:]
     assert not elsewhere.exists() and (tmp_path / "recon.png").is_file()
     # where the data lives is the user's to say on resume (it does not change the data)
-    from lab_utils.cli import resume_config
+    from lab_utils.run_folder import resume_config
 
     cfg = resume_config(str(run), [f"data.cache_dir={tmp_path / 'mine'}", "trainer.steps=6"])
     assert cfg.data.cache_dir == str(tmp_path / "mine") and cfg.data.download is False
@@ -338,9 +338,9 @@ def test_resume_applies_trainer_overrides_truthfully_and_forks_into_run_dir(tmp_
     steps = [json.loads(line)["step"] for line in (fork / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))  # the original's history came along, then the new steps, no duplicates
     # in place (the command's own functions, in this process): the same folder, config.yaml says what ran
-    from lab_utils.cli import resume_config
+    from lab_utils.run_folder import resume_config
     from lab_utils.config import validate
-    from lab_utils.trainer import train
+    from lab_utils.training import train
 
     cfg = validate(resume_config(str(source), [f"resume={source}", "trainer.steps=5"]))
     assert cfg.run_dir == str(source) and cfg.trainer.steps == 5
@@ -373,7 +373,7 @@ def test_two_trainings_cannot_share_a_run_folder(tmp_path):
 def test_stale_lock_and_partial_files_of_a_killed_run_are_cleaned_up(tmp_path, runs, caplog):
     from lab_utils.checkpoint import load_checkpoint
     from lab_utils.config import compose
-    from lab_utils.trainer import train
+    from lab_utils.training import train
 
     run_dir = tmp_path / "run"
     shutil.copytree(runs["ddpm"], run_dir)

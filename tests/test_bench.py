@@ -108,7 +108,7 @@ def test_matmul_peak_is_a_rate_of_this_machine():
 def test_channels_last_changes_the_layout_not_the_numbers(tmp_path):
     from lab_utils.checkpoint import build_lab
     from lab_utils.data import build_dataset
-    from lab_utils.trainer import speed_setup
+    from lab_utils.devices import speed_setup
 
     cfg = compose(["model=ddpm", "data=shapes", "preset=smoke", "trainer.channels_last=true"])
     train_set = build_dataset(cfg.data, "train")
@@ -146,7 +146,7 @@ def test_every_speed_switch_runs_on_cuda(model):
 
 def test_compile_with_a_double_backward_is_refused_before_training(tmp_path):
     from lab_utils.checkpoint import build_lab
-    from lab_utils.trainer import speed_setup
+    from lab_utils.devices import speed_setup
 
     cfg = compose(["model=dcgan", "data=shapes", "preset=smoke", "model.loss=wgan_gp", "trainer.compile=true"])
     lab = build_lab(cfg, DataInfo("shapes", 3, 32, {}, ["[PAD]", "[UNK]", "[CLS]", "red"]))

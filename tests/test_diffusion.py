@@ -362,7 +362,7 @@ def test_train_checkpoint_then_genlab_sample_reproduces_pixels(tmp_path, monkeyp
 
     from lab_utils.checkpoint import load_lab
     from lab_utils.cli import main
-    from lab_utils.trainer import train
+    from lab_utils.training import train
 
     run = tmp_path / "run"
     result = train(compose(["model=ddpm", "data=shapes", "preset=smoke", f"run_dir={run}"]))

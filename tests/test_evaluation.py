@@ -22,7 +22,7 @@ from lab_utils.evaluation import (
     quantize, random_translate, seeded,
 )
 from lab_utils.plotting import to_uint8
-from lab_utils.trainer import train
+from lab_utils.training import train
 from tiny_lab import tiny_config
 
 SMOKE = "smoke"

@@ -18,7 +18,10 @@ from conftest import TESTS, subprocess_env
 from lab_utils import checkpoint as ckpt
 from lab_utils.checkpoint import CheckpointError, load_checkpoint, load_lab
 from lab_utils.ema import EMA
-from lab_utils.trainer import Callback, DataStream, TrainingDiverged, pick_device, train, warmup_schedule
+from lab_utils.data_stream import DataStream
+from lab_utils.devices import pick_device
+from lab_utils.trainer import Callback, TrainingDiverged, warmup_schedule
+from lab_utils.training import train
 from tiny_lab import tiny_config
 
 
@@ -365,7 +368,7 @@ def test_device_choice():
 def test_bf16_autocast_trains_on_the_cpu_with_fp32_weights(tmp_path, monkeypatch):
     """trainer.precision=bf16 runs the loss under CPU autocast: the layers compute in bf16, the weights,
     optimiser state and checkpoint stay fp32, and the losses are those of fp32 to bf16's precision."""
-    from lab_utils.trainer import cpu_has_native_bf16
+    from lab_utils.devices import cpu_has_native_bf16
 
     if not cpu_has_native_bf16():
         pytest.skip("this CPU emulates bf16, so trainer.precision=bf16 trains in fp32 here")
@@ -395,11 +398,11 @@ def test_bf16_autocast_trains_on_the_cpu_with_fp32_weights(tmp_path, monkeypatch
 
 
 def test_bf16_falls_back_to_fp32_on_a_cpu_that_would_emulate_it(tmp_path, monkeypatch, caplog):
-    from lab_utils import trainer as trainer_module
+    from lab_utils import devices as devices_module
 
-    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: False)
-    assert trainer_module.effective_precision("bf16", torch.device("cpu")) == "fp32"
-    with trainer_module.precision_autocast("bf16", torch.device("cpu")):
+    monkeypatch.setattr(devices_module, "cpu_has_native_bf16", lambda: False)
+    assert devices_module.effective_precision("bf16", torch.device("cpu")) == "fp32"
+    with devices_module.precision_autocast("bf16", torch.device("cpu")):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     cfg = tiny_config(tmp_path / "run")
     cfg.trainer.precision, cfg.trainer.steps = "bf16", 2
@@ -409,10 +412,9 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_that_would_emulate_it(tmp_path, monkey
 
 
 def test_precision_autocast_per_device():
-    from lab_utils import trainer as trainer_module
-    from lab_utils.trainer import precision_autocast
+    from lab_utils.devices import cpu_has_native_bf16, precision_autocast
 
-    if not trainer_module.cpu_has_native_bf16():
+    if not cpu_has_native_bf16():
         pytest.skip("this CPU emulates bf16, so trainer.precision=bf16 trains in fp32 here")
     a = torch.randn(4, 4)
     for precision, expected in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float32)):

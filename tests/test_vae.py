@@ -300,7 +300,7 @@ def test_train_checkpoint_then_sample_reconstruct_and_interpolate(tmp_path, monk
     from lab_utils.checkpoint import load_lab
     from lab_utils.cli import main
     from lab_utils.data import build_dataset
-    from lab_utils.trainer import train
+    from lab_utils.training import train
 
     run = tmp_path / "run"
     cfg = compose(["model=vae", "data=shapes", "preset=smoke", f"run_dir={run}"])

@@ -138,7 +138,8 @@ if __name__ == "__main__":  # python tests/tiny_lab.py <run_dir> [--resume] [--s
     from omegaconf import OmegaConf
 
     import tiny_lab  # the importable module, not __main__, so its TinyConfig is the one validate() sees
-    from lab_utils.trainer import TrainingDiverged, train
+    from lab_utils.trainer import TrainingDiverged
+    from lab_utils.training import train
 
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")

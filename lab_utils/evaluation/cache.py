@@ -116,7 +116,7 @@ def get_evaluator(
     accuracy per attribute, config). The key (:func:`evaluator_key`) changes with the data, the
     evaluator's model config, the preset's trainer settings and ``EVALUATOR_CODE_VERSION``.
     """
-    from lab_utils.trainer import pick_device
+    from lab_utils.devices import pick_device
 
     device = pick_device(str(device)) if not isinstance(device, torch.device) else device
     cfg = evaluator_config(data_cfg, evaluator_overrides, preset, str(device))
@@ -148,7 +148,7 @@ def train_evaluator(cfg: DictConfig, folder: Path, key: str) -> Path:
     The rename is atomic, so a crash never leaves a half-trained evaluator under the final name, and
     two processes training the same evaluator at once both end with a complete one.
     """
-    from lab_utils.trainer import train
+    from lab_utils.training import train
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
@@ -162,7 +162,6 @@ def train_evaluator(cfg: DictConfig, folder: Path, key: str) -> Path:
     try:
         with torch.random.fork_rng(devices=_cuda_devices(cfg.trainer.device)):  # train() seeds the global RNG
             result = train(cfg)
-        _close_file_logs(tmp)
         write_evaluator_json(tmp, key, cfg, result.train_seconds)
         try:
             os.replace(tmp, folder)  # atomic; fails if another process got there first
@@ -170,7 +169,6 @@ def train_evaluator(cfg: DictConfig, folder: Path, key: str) -> Path:
             if not (folder / "evaluator.json").is_file():
                 raise
     finally:
-        _close_file_logs(tmp)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -238,12 +236,3 @@ def _cuda_devices(device: Any) -> list[int]:
     if not torch.cuda.is_available() or not (name.startswith("cuda") or name == "auto"):
         return []
     return [torch.device(name).index or 0] if name.startswith("cuda") else [torch.cuda.current_device()]
-
-
-def _close_file_logs(run_dir: Path) -> None:
-    """Detach the harness's ``train.log`` handler of a finished evaluator run."""
-    root = logging.getLogger("genlab")
-    for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
-            root.removeHandler(handler)
-            handler.close()

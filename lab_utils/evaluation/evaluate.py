@@ -367,7 +367,7 @@ def eval_config(cfg: Any) -> EvalConfig:
 def evaluate_run(run_dir: str | Path, eval_cfg: Any = None) -> dict[str, Any]:
     """Evaluate the run at ``run_dir`` (its EMA weights, its data config) and write ``<run_dir>/eval.json``."""
     from lab_utils.checkpoint import load_lab
-    from lab_utils.trainer import pick_device
+    from lab_utils.devices import pick_device
 
     cfg = eval_config(eval_cfg)
     device = pick_device(cfg.device)

@@ -27,7 +27,6 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 from lab_utils.lab import DataInfo, Lab, StepContext, adam
