@@ -189,7 +189,7 @@ def test_matching_aware_critic_counts_wrong_prompts_as_fakes():
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     captions = ["a red circle", "a blue square", "a large green triangle", "a small red square at the top"]
     torch.manual_seed(1)
-    out = lab.critic_step(x, captions)
+    out = lab.critic_objective(x, captions)
     torch.manual_seed(1)
     with torch.no_grad():
         text = lab.encode(captions)
@@ -387,7 +387,7 @@ def test_lazy_penalty_is_k_times_the_penalty_on_one_critic_update_in_k(penalty):
 
     def loss(model, weight):
         torch.manual_seed(1)
-        return model.critic_step(x, captions, weight)
+        return model.critic_objective(x, captions, weight)
 
     with_penalty, without = loss(lab, 3.0), loss(lab, 0.0)
     full = loss(eager, 1.0)
@@ -397,8 +397,8 @@ def test_lazy_penalty_is_k_times_the_penalty_on_one_critic_update_in_k(penalty):
     assert without[key] == with_penalty[key]  # a skipped update logs the last measured penalty
 
     calls: list[float] = []
-    original = lab.critic_step
-    lab.critic_step = lambda x, c, w=1.0: calls.append(w) or original(x, c, w)
+    original = lab.critic_objective
+    lab.critic_objective = lambda x, c, w=1.0: calls.append(w) or original(x, c, w)
     batch = {"image": x, "caption": captions}
     ctx = RecordingContext(lab, batch)
     for step in range(3):  # n_critic = 2: critic updates 0..5

@@ -148,8 +148,10 @@ class GANLab(Lab):
         z = torch.randn(n, self.config.generator.z_dim, generator=generator, device=generator.device)
         return z.to(self.device)
 
-    def critic_step(self, x: torch.Tensor, captions: list[str], penalty_weight: float = 1.0) -> dict[str, torch.Tensor]:
-        r"""The critic's loss on one real batch (B, C, H, W) and fresh fakes, with its statistics.
+    def critic_objective(self, x: torch.Tensor, captions: list[str],
+                         penalty_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        r"""The critic's objective on one real batch (B, C, H, W) and fresh fakes, with its statistics (a loss:
+        nothing is stepped here, ``ctx.optimize`` does that).
 
         ``penalty_weight`` multiplies the gradient penalty and R1: ``penalty_every`` $k$ on the critic
         updates that take them, 0 on the others (lazy regularisation: the penalties are skipped, not
@@ -203,7 +205,7 @@ class GANLab(Lab):
                 batch = ctx.next_batch()
             update = ctx.step * cfg.n_critic + i  # the critic updates made before this one
             weight = float(cfg.penalty_every) if update % cfg.penalty_every == 0 else 0.0  # lazy: k on 1 update in k
-            out = ctx.optimize("critic", lambda: self.critic_step(batch["image"], list(batch["caption"]), weight))
+            out = ctx.optimize("critic", lambda: self.critic_objective(batch["image"], list(batch["caption"]), weight))
             for key, value in out.items():
                 stats[key] = stats.get(key, 0.0) + value.detach() / cfg.n_critic  # mean over critic updates
         # (2) Update G: maximise E[D(G(z, c), c)] (wgan_gp, hinge) or E[log D(G(z, c), c)] (bce,
