@@ -106,6 +106,7 @@ def kid_probe(cfg: DictConfig, evaluator):
 
 def train_family(cfg: DictConfig, model: str, evaluator, out_dir: Path) -> dict[str, Any]:
     from lab_utils.checkpoint import CheckpointError, load_checkpoint
+    from lab_utils.run_folder import Resume, resume_source
     from lab_utils.trainer import Callback
     from lab_utils.training import train
 
@@ -125,7 +126,8 @@ def train_family(cfg: DictConfig, model: str, evaluator, out_dir: Path) -> dict[
     callbacks = (Callback(probe, every_seconds=cfg.compare.curve_seconds),)
     if state is not None:
         log.info("%s: resuming %s at step %d", model, run_dir, state["trainer"]["step"])
-    train(family, resume=run_dir if state is not None else None, callbacks=callbacks)
+    resume = Resume(resume_source(run_dir), state) if state is not None else None  # the checkpoint read above
+    train(family, resume=resume, callbacks=callbacks)
     return {"run_dir": run_dir, "wall_seconds": time.perf_counter() - started, "reused": False}
 
 
