@@ -312,7 +312,7 @@ def table(result: dict[str, Any]) -> str:
 
 def bench_command_main(cfg: DictConfig) -> Path:
     result = bench(cfg)
-    out_dir = Path(cfg.out_dir)
+    out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bench.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

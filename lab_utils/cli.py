@@ -374,19 +374,25 @@ def precheck(config_name: str, command: str, args: list[str]) -> str | None:
     return None
 
 
-# Where each command writes; Hydra's own output folder (``hydra.run.dir``) is not used by any of them.
-OUTPUT_KEYS = {"train": "run_dir=<folder>", "compare": "out_dir=<folder>", "bench": "out_dir=<folder>",
+# Where each command writes: `out` for all of them (a folder, or for sample and data an image file).
+# Hydra's own output folder (``hydra.run.dir``) is not used by any of them.
+OUTPUT_KEYS = {"train": "out=<folder>", "compare": "out=<folder>", "bench": "out=<folder>",
                "sample": "out=<file.png or folder>", "data": "out=<file.png>",
                "eval": "run=<run folder> (eval writes eval.json into it)"}
+HYDRA_OUTPUT_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.output_subdir")
+RENAMED_KEYS = ("run_dir", "out_dir")  # the output keys of train and compare/bench before they became `out`
 
 
-def hydra_dir_problem(command: str, args: list[str]) -> str | None:
-    """``hydra.run.dir=X`` (or ``hydra.sweep.dir``) would be silently ignored: name the key that is used."""
+def output_key_problem(command: str, args: list[str]) -> str | None:
+    """``hydra.run.dir=X`` would be silently ignored, and ``run_dir=``/``out_dir=`` are the old names of
+    ``out=``: name the key that is used."""
     for arg in args:
         key = arg.split("=", 1)[0].lstrip("+~")
-        if key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.output_subdir"):
+        if key in HYDRA_OUTPUT_KEYS:
             return (f"`{key}` is not used by genlab {command} (it writes no Hydra output folder); "
                     f"to choose where it writes, pass {OUTPUT_KEYS[command]}")
+        if key in RENAMED_KEYS:
+            return f"`{key}` is now called `out`: pass {OUTPUT_KEYS[command]}"
     return None
 
 
@@ -402,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genlab: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     config_name, task = COMMANDS[command]
-    problem = hydra_dir_problem(command, rest)
+    problem = output_key_problem(command, rest)
     if problem is not None:
         print(f"genlab: error: {problem}", file=sys.stderr)
         return 1

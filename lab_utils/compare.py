@@ -5,14 +5,14 @@ training time or ``compare.max_images`` images drawn, whichever the preset sets)
 measures KID on a small sample at evenly spaced training times; then evaluate with the same
 settings for every family (``lab_utils.evaluation``). Every family samples with its model's own
 defaults (``Lab.SampleOptions``: e.g. ``model.sampling`` of the DDPM, DDIM-25 on ``preset=cpu``), the
-same as its training grids, ``genlab sample`` and ``genlab eval``. Writes into ``out_dir``:
+same as its training grids, ``genlab sample`` and ``genlab eval``. Writes into ``out``:
 
     results.json, results.md   one row per family: size, budget spent, speed, metrics beside real data
     samples.png                the same prompts (rows) and seeds (columns) for every family
     curves.png                 training losses and KID against training time
     <family>/                  each family's run directory (config, checkpoints, metrics, eval.json)
 
-An interrupted comparison continues where it stopped with ``reuse=true out_dir=<dir>``: finished
+An interrupted comparison continues where it stopped with ``reuse=true out=<dir>``: finished
 runs and evaluations are reused, an unfinished run is resumed from its last checkpoint.
 """
 
@@ -60,7 +60,7 @@ class CompareConfig:
 # ------------------------------------------------------------------------------------ training
 def family_config(cfg: DictConfig, model: str, run_dir: Path) -> DictConfig:
     """The family's training config: its own preset values, the comparison's data and budget."""
-    family = compose([f"model={model}", f"data={cfg.data.name}", f"preset={cfg.preset_name}", f"run_dir={run_dir}",
+    family = compose([f"model={model}", f"data={cfg.data.name}", f"preset={cfg.preset_name}", f"out={run_dir}",
                       f"seed={cfg.seed}"], check=False)
     OmegaConf.set_struct(family, False)
     family.data = cfg.data  # exactly the same data (and overrides) for every family
@@ -245,10 +245,10 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     unknown = [m for m in models if m not in available]
     if not models or unknown:
         raise ConfigError(f"models={models}: {'unknown ' + str(unknown) if unknown else 'empty'}; choose from {available}")
-    out_dir = Path(cfg.out_dir)
+    out_dir = Path(cfg.out)
     if out_dir.exists() and any(out_dir.iterdir()) and not cfg.reuse:
         raise FileExistsError(f"{out_dir} already holds a comparison; pass reuse=true to reuse and resume its runs, "
-                              "or choose another out_dir")
+                              "or choose another out=<folder>")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
 

@@ -103,6 +103,17 @@ class Lab(nn.Module):
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """One step of the family's algorithm on ``batch`` (``image``, ``caption``): ``ctx.optimize(name, loss_fn)``
+        once per parameter update (the context runs ``loss_fn`` under the run's precision and DDP, then
+        backward, clipping, the optimiser and the harness's learning-rate schedule). Returns named scalars
+        (tensors, kept on the device) for the logs:
+
+        - a name without ``/`` is a loss: it is logged as ``loss/<name>``, shown in the progress line and the
+          checkpoint summary, and checked by ``trainer.nan_check``;
+        - a name with ``/`` (``critic/w_distance``, ``stats/kl_per_dim``) is logged as given: a statistic,
+          not a loss;
+        - the trainer adds ``grad_norm/<optimiser>`` from the context's clipping.
+        """
         raise NotImplementedError
 
     def ema_modules(self) -> list[str]:

@@ -7,7 +7,7 @@ A run folder is what ``genlab train`` writes: ``config.yaml``, ``checkpoints/`` 
   (``<run>/checkpoints/*.pt``), and the run continues in that folder. A checkpoint anywhere else
   has no run folder of its own (taking its parent's parent would overwrite whatever
   ``config.yaml`` and ``metrics.jsonl`` live there), so it resumes only into an explicit new
-  ``run_dir=`` (:func:`resume_source`).
+  ``out=`` (:func:`resume_source`).
 - **One writer.** A training holds ``<run>/.lock`` (created with ``O_EXCL``: exactly one process
   wins) with its pid, host and start time; a second training into the same folder is refused
   with the owner named. A lock left by a process that no longer runs on this host (kill -9, a
@@ -64,7 +64,7 @@ def resume_source(path: str | Path) -> ResumeSource:
     """Where ``resume=path`` continues from: a run folder, its ``checkpoints/`` or a checkpoint in it.
 
     A checkpoint file outside a ``checkpoints/`` folder gives ``run_dir=None``: the caller must be
-    told where to write (a new ``run_dir=``), never guess.
+    told where to write (a new ``out=``), never guess.
     """
     path = Path(path).expanduser()
     checkpoint = resolve_checkpoint(path)
@@ -102,7 +102,7 @@ def resume_point(run: str, overrides: list[str]) -> tuple[DictConfig, Resume]:
 
     - ``trainer.*`` values take effect: they are applied to the run's config (and so recorded in its
       ``config.yaml``);
-    - ``run_dir=<folder>`` continues the run in that new folder, leaving the original untouched (the only way
+    - ``out=<folder>`` continues the run in that new folder, leaving the original untouched (the only way
       to continue a checkpoint that lies outside a run folder);
     - ``model.*``, ``data.*``, ``seed`` and the ``model``/``data``/``preset`` groups are the run's own (its
       weights, optimiser state and data order belong to them): another value is refused, except for where the
@@ -122,7 +122,7 @@ def resume_point(run: str, overrides: list[str]) -> tuple[DictConfig, Resume]:
             if value != was:
                 raise ConfigError(f"the run at {run} was trained with {key}={was}; it cannot resume as {key}={value}")
             continue
-        if key == "run_dir":
+        if key == "out":
             run_dir = Path(str(value))
             continue
         if override.is_delete():
@@ -138,16 +138,18 @@ def resume_point(run: str, overrides: list[str]) -> tuple[DictConfig, Resume]:
                 )
             continue
         if key.split(".")[0] not in ("trainer", "data"):
-            raise ConfigError(f"{key}={value}: only trainer.* settings, run_dir and where the data lives can be given "
+            raise ConfigError(f"{key}={value}: only trainer.* settings, out and where the data lives can be given "
                             "when resuming")
         OmegaConf.update(saved, key, value, force_add=True)  # the trainer schema (validate) checks the key
     if run_dir is None:
         raise ConfigError(
             f"{source.checkpoint} is a checkpoint outside a run folder (a run keeps its checkpoints in "
             "<run>/checkpoints/), so there is no run to continue in place; to continue training from it, "
-            "give a new folder to write into: run_dir=<new folder>"
+            "give a new folder to write into: out=<new folder>"
         )
-    saved.run_dir = str(run_dir)
+    if "run_dir" in saved:  # a run saved before the output key became `out`
+        saved.pop("run_dir")
+    saved.out = str(run_dir)
     saved.resume = str(source.checkpoint)
     return saved, Resume(source, state)
 
@@ -160,25 +162,25 @@ def resume_config(run: str, overrides: list[str]) -> DictConfig:
 def open_run(cfg: DictConfig, resume: str | Path | Resume | None) -> tuple[Path, Resume | None]:
     """Rank 0, holding the lock: the run folder and where it resumes from (None: a new run). ``resume`` is a
     run folder or checkpoint, or a :class:`Resume` whose checkpoint was already read (not read again)."""
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(cfg.out)
     remove_temporaries(run_dir)
     foreign = foreign_files(run_dir)
-    if foreign:  # e.g. run_dir=. in a project folder: its config.yaml would be overwritten
+    if foreign:  # e.g. out=. in a project folder: its config.yaml would be overwritten
         shown = ", ".join(foreign[:5])
-        raise RunFolderError(f"run_dir={run_dir} holds files a run does not write ({shown}); a run writes config.yaml, "
+        raise RunFolderError(f"out={run_dir} holds files a run does not write ({shown}); a run writes config.yaml, "
                              "metrics.jsonl, train.log, checkpoints/ and samples/ there: choose a new or empty folder")
     if resume is None:
         if holds_run(run_dir):
             raise FileExistsError(
                 f"{run_dir} already holds a run with checkpoints; continue it with `genlab train resume={run_dir}` "
-                "or choose another run_dir"
+                "or choose another out=<folder>"
             )
         return run_dir, None
     point = resume if isinstance(resume, Resume) else None
     source = point.source if point else resume_source(resume)
     if source.run_dir is None or source.run_dir.resolve() != run_dir.resolve():  # continued into a new folder
         if holds_run(run_dir):
-            raise FileExistsError(f"run_dir={run_dir} already holds a run; to continue {source.checkpoint} in a new "
+            raise FileExistsError(f"out={run_dir} already holds a run; to continue {source.checkpoint} in a new "
                                   "folder, choose one that holds no checkpoints")
     state = point.state if point else load_checkpoint(source.checkpoint)
     saved = state["config"]

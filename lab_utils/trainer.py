@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,20 +94,32 @@ class TrainResult:
         return self.images_seen / self.train_seconds if self.train_seconds > 0 else float("nan")
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up: lr_k = lr * min(1, (k + 1) / warmup_steps)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: min(1.0, (k + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    )
+def lr_factor(k: int, warmup_steps: int, decay_steps: int | None = None) -> float:
+    r"""The learning rate of update k (0-based) as a fraction of the optimiser's: a linear warm-up,
+    $\min(1, (k + 1) / W)$, times a cosine decay to 0 over $T$ updates (Loshchilov & Hutter 2017),
+    $\tfrac12 (1 + \cos(\pi \min(k / T, 1)))$; each is 1 when switched off (W = 0, T = None)."""
+    warm = min(1.0, (k + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if decay_steps is None:
+        return warm
+    return warm * 0.5 * (1.0 + math.cos(math.pi * min(k / decay_steps, 1.0)))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                decay_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """The harness's schedule for every optimiser (``trainer.warmup_steps``, ``trainer.lr_decay_steps``): the
+    labs set a base rate per parameter group and never touch it; its state is checkpointed with the run."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, warmup_steps, decay_steps))
 
 
 @dataclass
 class LogWindow:
     """What the steps since the last log row add up to: the named values (summed on the device, no host sync
-    until the row is written), the step count, training seconds and images."""
+    until the row is written) and how many steps gave each (a lab in stages, such as the latent DDPM, names
+    other values in each stage), the step count, training seconds and images."""
 
     start_step: int  # the step the window began after
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
     count: int = 0
     seconds: float = 0.0
     images: int = 0
@@ -114,6 +127,7 @@ class LogWindow:
     def add(self, named: dict[str, torch.Tensor], seconds: float, images: int) -> None:
         for key, value in named.items():
             self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
         self.count, self.seconds, self.images = self.count + 1, self.seconds + seconds, self.images + images
 
 
@@ -128,7 +142,8 @@ class Trainer:
         self.optimizers = lab.configure_optimizers()
         if not self.optimizers:
             raise ValueError(f"{type(lab).__name__}.configure_optimizers() returned no optimiser")
-        self.schedulers = {name: warmup_schedule(opt, tcfg.warmup_steps) for name, opt in self.optimizers.items()}
+        self.schedulers = {name: lr_schedule(opt, tcfg.warmup_steps, tcfg.lr_decay_steps)
+                           for name, opt in self.optimizers.items()}
         self.precision = effective_precision(tcfg.precision, device)  # resolved once, not on every step
         fp16 = self.precision == "fp16"
         self.scalers = {name: torch.amp.GradScaler("cuda") for name in self.optimizers} if fp16 else {}
@@ -399,7 +414,7 @@ class Trainer:
         """The row of ``metrics.jsonl`` for the steps since the last one: the window's averages (over the
         processes too), speed and learning rates; the NaN guard of ``nan_check=log`` reads it."""
         keys = sorted(window.sums)
-        stacked = distributed.all_reduce_mean(torch.stack([window.sums[k] for k in keys]) / window.count)
+        stacked = distributed.all_reduce_mean(torch.stack([window.sums[k] / window.counts[k] for k in keys]))
         averages = dict(zip(keys, stacked.tolist()))
         if self.cfg.trainer.nan_check == "log":
             self.check_finite({k: torch.tensor(v) for k, v in averages.items()},

@@ -28,12 +28,12 @@ log = logging.getLogger("genlab.train")
 
 
 def train(cfg: DictConfig, resume: str | Path | Resume | None = None, callbacks: tuple[Callback, ...] = ()) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.data`` into ``cfg.run_dir``, or continue from the checkpoint at ``resume``.
+    """Train ``cfg.model`` on ``cfg.data`` into ``cfg.out``, or continue from the checkpoint at ``resume``.
 
     ``cfg`` must be a validated config (``lab_utils.config.validate``). When resuming it is the run's
     saved config with the caller's overrides applied (``run_folder.resume_point``), and ``resume`` is a run
     folder or a checkpoint in one, or the ``Resume`` that ``resume_point`` returned (its checkpoint is not read
-    again); the run continues in ``cfg.run_dir``, which is either that run folder
+    again); the run continues in ``cfg.out``, which is either that run folder
     or a new folder (a checkpoint outside any run folder continues only into a new one). Rank 0 holds the
     run folder's lock for the whole training (``lab_utils.run_folder``). Under torchrun every process
     calls this; they join one process group for the run and leave it at the end.
@@ -41,7 +41,7 @@ def train(cfg: DictConfig, resume: str | Path | Resume | None = None, callbacks:
     dist_info, owns_group = distributed.setup(cfg.trainer.device, cfg.trainer.dist_backend)
     clean = False
     try:
-        with RunLock(cfg.run_dir) if dist_info.is_main else contextlib.nullcontext():
+        with RunLock(cfg.out) if dist_info.is_main else contextlib.nullcontext():
             result = _train(cfg, resume, callbacks, dist_info)
         clean = True
         return result

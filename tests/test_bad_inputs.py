@@ -62,7 +62,7 @@ def train_smoke(run_dir: Path, *overrides: str) -> Path:
     from lab_utils.config import compose
     from lab_utils.training import train
 
-    cfg = compose(["preset=smoke", "trainer.progress=false", f"run_dir={run_dir}", *overrides])
+    cfg = compose(["preset=smoke", "trainer.progress=false", f"out={run_dir}", *overrides])
     with torch.random.fork_rng():
         train(cfg)
     return run_dir
@@ -165,21 +165,25 @@ CASES = [
          empty_checkpoint),
     # --- runs are never clobbered
     Case("resume-outside-a-run", ["train", "resume={case}/x/dl/model.pt"],
-         ("outside a run folder", "run_dir=<new folder>"), checkpoint_outside_a_run),
+         ("outside a run folder", "out=<new folder>"), checkpoint_outside_a_run),
     Case("resume-changes-model", ["train", "resume={case}/run", "model.lr=1e6"],
          ("model.lr=1000000.0 cannot change when resuming", "start a new run"), copy_run),
     Case("resume-below-current-step", ["train", "resume={case}/run", "trainer.steps=2"],
          ("already at step 4", "trainer.steps=2", "raise it"), copy_run),
-    Case("resume-into-another-run", ["train", "resume={case}/run", "run_dir={case}/other", "trainer.steps=8"],
+    Case("resume-into-another-run", ["train", "resume={case}/run", "out={case}/other", "trainer.steps=8"],
          ("already holds a run",), copy_run),
     Case("resume-locked-run", ["train", "resume={case}/run", "trainer.steps=8"],
          ("in use by another training", f"pid {os.getpid()}", ".lock"), locked_run),
-    Case("train-into-a-project-folder", ["train", "preset=smoke", "run_dir={case}/project"],
+    Case("train-into-a-project-folder", ["train", "preset=smoke", "out={case}/project"],
          ("holds files a run does not write", "README.md", "new or empty folder"), project_folder),
     Case("train-hydra-run-dir", ["train", "preset=smoke", "hydra.run.dir={case}/out"],
-         ("`hydra.run.dir` is not used by genlab train", "run_dir=<folder>"), project_folder),
+         ("`hydra.run.dir` is not used by genlab train", "out=<folder>"), project_folder),
     Case("compare-hydra-run-dir", ["compare", "preset=smoke", "hydra.run.dir={case}/out"],
-         ("`hydra.run.dir` is not used by genlab compare", "out_dir=<folder>"), project_folder),
+         ("`hydra.run.dir` is not used by genlab compare", "out=<folder>"), project_folder),
+    Case("train-old-run-dir-key", ["train", "preset=smoke", "run_dir={case}/project"],
+         ("`run_dir` is now called `out`", "out=<folder>"), project_folder),
+    Case("bench-old-out-dir-key", ["bench", "preset=smoke", "out_dir={case}/project"],
+         ("`out_dir` is now called `out`", "out=<folder>"), project_folder),
     Case("unknown-model", ["train", "model=foo"], ("unknown model=foo", "choose one of", "ddpm")),
     Case("unknown-preset", ["compare", "preset=huge"], ("unknown preset=huge", "smoke")),
     Case("unknown-key", ["train", "trainer.stepz=3"], ("trainer.stepz", "not in 'TrainerConfig'", "--cfg job")),
@@ -315,7 +319,7 @@ def test_checkpoint_outside_a_run_continues_only_into_a_new_folder(tmp_path, run
     checkpoint_outside_a_run(tmp_path, runs)
     before = snapshot(tmp_path / "x")
     new = tmp_path / "continued"
-    out = genlab("train", f"resume={tmp_path / 'x' / 'dl' / 'model.pt'}", f"run_dir={new}", "trainer.steps=6")
+    out = genlab("train", f"resume={tmp_path / 'x' / 'dl' / 'model.pt'}", f"out={new}", "trainer.steps=6")
     assert out.returncode == 0, out.stderr[-3000:]
     assert snapshot(tmp_path / "x") == before  # the user's files untouched
     rows = [json.loads(line) for line in (new / "metrics.jsonl").read_text().splitlines()]
@@ -328,11 +332,11 @@ def test_resume_applies_trainer_overrides_truthfully_and_forks_into_run_dir(tmp_
     shutil.copytree(runs["ddpm"], source)
     before = snapshot(source)
     fork = tmp_path / "fork"
-    out = genlab("train", f"resume={source}", f"run_dir={fork}", "trainer.steps=6", "trainer.grad_clip=0.5")
+    out = genlab("train", f"resume={source}", f"out={fork}", "trainer.steps=6", "trainer.grad_clip=0.5")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert snapshot(source) == before, "continuing into run_dir= must leave the original run untouched"
+    assert snapshot(source) == before, "continuing into out= must leave the original run untouched"
     saved = (fork / "config.yaml").read_text()
-    assert "steps: 6" in saved and "grad_clip: 0.5" in saved and f"run_dir: {fork}" in saved
+    assert "steps: 6" in saved and "grad_clip: 0.5" in saved and f"out: {fork}" in saved
     state = torch.load(fork / "checkpoints" / "last.pt", weights_only=True)
     assert state["trainer"]["step"] == 6
     steps = [json.loads(line)["step"] for line in (fork / "metrics.jsonl").read_text().splitlines()]
@@ -343,7 +347,7 @@ def test_resume_applies_trainer_overrides_truthfully_and_forks_into_run_dir(tmp_
     from lab_utils.training import train
 
     cfg = validate(resume_config(str(source), [f"resume={source}", "trainer.steps=5"]))
-    assert cfg.run_dir == str(source) and cfg.trainer.steps == 5
+    assert cfg.out == str(source) and cfg.trainer.steps == 5
     with torch.random.fork_rng():
         train(cfg, resume=cfg.resume)
     assert "steps: 5" in (source / "config.yaml").read_text()
@@ -359,7 +363,7 @@ def test_two_trainings_cannot_share_a_run_folder(tmp_path):
     while not (run_dir / ".lock").exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert (run_dir / ".lock").exists(), first.communicate()[0][-2000:]
-    second = genlab("train", "preset=smoke", f"run_dir={run_dir}", env=env)
+    second = genlab("train", "preset=smoke", f"out={run_dir}", env=env)
     line = assert_one_clear_line(second, "in use by another training", f"pid {first.pid}")
     assert socket.gethostname() in line
     output, _ = first.communicate(timeout=240)
@@ -382,7 +386,7 @@ def test_stale_lock_and_partial_files_of_a_killed_run_are_cleaned_up(tmp_path, r
     (run_dir / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "?"}))
     partial = run_dir / "checkpoints" / f".step_00000006.pt.{dead.pid}.tmp"
     partial.write_bytes(b"PK\x03\x04 half a checkpoint")
-    cfg = compose(["preset=smoke", "trainer.progress=false", f"run_dir={run_dir}", "trainer.steps=6"])
+    cfg = compose(["preset=smoke", "trainer.progress=false", f"out={run_dir}", "trainer.steps=6"])
     with torch.random.fork_rng():
         result = train(cfg, resume=run_dir)
     assert result.step == 6 and load_checkpoint(run_dir)["trainer"]["step"] == 6
@@ -421,7 +425,7 @@ def test_a_full_disk_stops_training_with_the_last_good_checkpoint_intact(tmp_pat
     env = subprocess_env(GENLAB_TEST_FAIL_CHECKPOINT="2", GENLAB_TEST_ERRNO=str(error))
     env["PYTHONPATH"] = os.pathsep.join([str(inject), env["PYTHONPATH"]])
     run_dir = tmp_path / "run"
-    out = genlab("train", "preset=smoke", f"run_dir={run_dir}", env=env)  # checkpoints at steps 2 and 4
+    out = genlab("train", "preset=smoke", f"out={run_dir}", env=env)  # checkpoints at steps 2 and 4
     line = assert_one_clear_line(out, expected, "checkpoint of step 4", "step_00000002.pt is intact",
                                  f"resume={run_dir}")
     assert "step_00000002.pt" in line

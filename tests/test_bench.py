@@ -53,7 +53,7 @@ def test_bench_runs_for_every_family_with_consistent_figures(model):
 def test_bench_command_writes_json_and_table(tmp_path):
     out = tmp_path / "bench"
     result = subprocess.run(
-        [sys.executable, "-m", "genlab", "bench", "model=vae", "data=shapes", *QUICK, f"out_dir={out}",
+        [sys.executable, "-m", "genlab", "bench", "model=vae", "data=shapes", *QUICK, f"out={out}",
          "bench.variants=[eager_fp32]"],
         env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -20,7 +20,7 @@ from lab_utils.config import ConfigError, compose
 def smoke_comparison(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "smoke"
     done = subprocess.run([sys.executable, "-m", "lab_utils.cli", "compare", "data=shapes", "preset=smoke",
-                           f"out_dir={out}", "progress=false"], env=subprocess_env(), capture_output=True, text=True,
+                           f"out={out}", "progress=false"], env=subprocess_env(), capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stdout
@@ -60,7 +60,7 @@ def test_interrupted_comparison_resumes_and_finished_runs_are_reused(smoke_compa
     assert not run_finished(load_checkpoint(vae))
     ddpm_before = (out / "ddpm" / "checkpoints" / "last.pt").stat().st_mtime_ns
 
-    cfg = compose(["data=shapes", "preset=smoke", f"out_dir={out}", "reuse=true", "progress=false"],
+    cfg = compose(["data=shapes", "preset=smoke", f"out={out}", "reuse=true", "progress=false"],
                   config_name="compare", check=False)
     results = compare(cfg)
     assert run_finished(load_checkpoint(vae))  # resumed to the end of its budget
@@ -70,13 +70,13 @@ def test_interrupted_comparison_resumes_and_finished_runs_are_reused(smoke_compa
 
 
 def test_existing_comparison_needs_reuse(smoke_comparison):
-    cfg = compose(["preset=smoke", f"out_dir={smoke_comparison[0]}"], config_name="compare", check=False)
+    cfg = compose(["preset=smoke", f"out={smoke_comparison[0]}"], config_name="compare", check=False)
     with pytest.raises(FileExistsError, match="reuse=true"):
         compare(cfg)
 
 
 def test_bad_models_and_budgets_fail_clearly(tmp_path):
-    cfg = compose(["preset=smoke", f"out_dir={tmp_path / 'x'}", "models=[dcgan,nope]"], config_name="compare",
+    cfg = compose(["preset=smoke", f"out={tmp_path / 'x'}", "models=[dcgan,nope]"], config_name="compare",
                   check=False)
     with pytest.raises(ConfigError, match="unknown.*nope"):
         compare(cfg)

@@ -208,8 +208,8 @@ def test_unet_odd_sizes_and_grayscale():
     unet = UNet(UNetConfig(base_channels=8, channel_mults=[1, 2, 2], self_attention_levels=[2],
                            cross_attention_levels=[1], heads=2, groups=4), image_channels=1, cond_dim=16)
     lab = tiny_lab()
-    cond = lab.text_encoder(*lab.tokenizer(["a", "a red circle"]))
-    out = unet(torch.randn(2, 1, 28, 28), torch.tensor([0, 5]), cond)
+    context = lab.text_encoder(*lab.tokenizer(["a", "a red circle"]))
+    out = unet(torch.randn(2, 1, 28, 28), torch.tensor([0, 5]), context)
     assert out.shape == (2, 1, 28, 28)  # 28 -> 14 -> 7 and back
 
 
@@ -243,17 +243,17 @@ def test_guidance_one_is_the_conditional_model_and_nfe():
     lab = tiny_lab()
     prompts = ["a red circle", "a blue square"]
     guided = lab.generate(prompts, torch.Generator().manual_seed(0), sampler="ddim", steps=4, guidance=1.0)
-    cond = lab.encode(prompts)
-    manual = ddim_sample(lambda xt, t: lab.unet(xt, t, cond), lab.scheduler, (2, 3, 16, 16), 4,
+    context = lab.encode_prompts(prompts)
+    manual = ddim_sample(lambda xt, t: lab.unet(xt, t, context), lab.scheduler, (2, 3, 16, 16), 4,
                          torch.Generator().manual_seed(0))
     assert torch.allclose(guided.images, manual.images, atol=1e-6)
     assert guided.nfe == 4 == lab.nfe("ddim", 4, 1.0)
-    # w != 1 batches cond and uncond together; the same as two separate passes
+    # w != 1 batches the conditional and unconditional passes together; the same as two separate passes
     w = 2.5
-    uncond = lab.encode(["", ""])
+    uncond = lab.encode_prompts(["", ""])
 
     def denoise(xt, t):
-        return classifier_free_guidance(lab.unet(xt, t, uncond), lab.unet(xt, t, cond), w)
+        return classifier_free_guidance(lab.unet(xt, t, uncond), lab.unet(xt, t, context), w)
 
     with torch.no_grad():
         manual = ddim_sample(denoise, lab.scheduler, (2, 3, 16, 16), 4, torch.Generator().manual_seed(0))
@@ -365,7 +365,7 @@ def test_train_checkpoint_then_genlab_sample_reproduces_pixels(tmp_path, monkeyp
     from lab_utils.training import train
 
     run = tmp_path / "run"
-    result = train(compose(["model=ddpm", "data=shapes", "preset=smoke", f"run_dir={run}"]))
+    result = train(compose(["model=ddpm", "data=shapes", "preset=smoke", f"out={run}"]))
     assert result.step == 4 and (run / "checkpoints" / "last.pt").exists()
     assert sorted(p.name for p in (run / "samples").iterdir())  # training grids were written
 
@@ -432,19 +432,19 @@ def test_patches_fold_pixels_into_channels_and_unfold_them_exactly():
     unet = UNet(UNetConfig(**small, patch_size=2), 3, 16)
     assert unet.conv_in.in_channels == 3 * 4 + 2 and unet.conv_out.out_channels == 3 * 4
     randomize_zero_inits(unet)
-    cond = tiny_lab().encode(["a red circle", "a blue square"])
+    context = tiny_lab().encode_prompts(["a red circle", "a blue square"])
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 40])
     with torch.no_grad():
-        out = unet(x, t, cond)
+        out = unet(x, t, context)
         assert out.shape == (2, 3, 16, 16)
         # the output's pixel (y, x) is channel c * 4 + (y % 2) * 2 + (x % 2) of the last conv at (y // 2, x // 2)
         h = unet.conv_out.register_forward_hook(lambda m, i, o: setattr(m, "seen", o))
-        unet(x, t, cond)
+        unet(x, t, context)
         h.remove()
         folded = unet.conv_out.seen  # (2, 12, 8, 8)
         assert torch.equal(out[:, 1, 3, 4], folded[:, 1 * 4 + 1 * 2 + 0, 1, 2])
     with pytest.raises(ValueError, match="patch_size"):
-        unet(torch.randn(1, 3, 15, 15), torch.tensor([1]), tiny_lab().encode(["a"]))
+        unet(torch.randn(1, 3, 15, 15), torch.tensor([1]), tiny_lab().encode_prompts(["a"]))
     with pytest.raises(ValueError, match="patch_size=3 does not divide"):
         DiffusionLab(tiny_config(unet=UNetConfig(**small, patch_size=3)), data_info())
 
@@ -462,12 +462,12 @@ def test_text_map_starts_as_no_change_and_then_writes_where_the_prompt_says():
     assert not unexpected and all(name.startswith("text_map") for name in missing)
     randomize_zero_inits(plain)
     mapped.load_state_dict(plain.state_dict(), strict=False)
-    cond = tiny_lab().encode(["a red circle at the top left", "a red circle at the bottom right"])
+    context = tiny_lab().encode_prompts(["a red circle at the top left", "a red circle at the bottom right"])
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 10])
     with torch.no_grad():
-        assert torch.allclose(mapped(x, t, cond), plain(x, t, cond), atol=1e-6)  # zero-initialised: no change
+        assert torch.allclose(mapped(x, t, context), plain(x, t, context), atol=1e-6)  # zero-initialised: no change
         mapped.text_map_out.weight.normal_()
-        changed = mapped(x, t, cond) - plain(x, t, cond)
+        changed = mapped(x, t, context) - plain(x, t, context)
     assert changed.abs().amax(dim=(1, 2, 3)).min() > 1e-4  # both prompts now write into the bottleneck
     with pytest.raises(ValueError, match="text_map_channels"):
         UNetConfig(**small, text_map_channels=-1)

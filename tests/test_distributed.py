@@ -90,7 +90,7 @@ def test_a_single_process_checkpoint_resumes_in_two_processes(tmp_path):
 ])
 def test_every_family_trains_with_torchrun_and_rank_zero_writes(tmp_path, model, extra):
     run_dir = tmp_path / model
-    result = launch(2, "train", f"model={model}", "data=shapes", "preset=smoke", f"run_dir={run_dir}",
+    result = launch(2, "train", f"model={model}", "data=shapes", "preset=smoke", f"out={run_dir}",
                     "trainer.progress=false", "trainer.steps=3", "trainer.log_every=1", "trainer.sample_every=0",
                     *extra, module=True)
     assert result.stdout.count("checkpoint:") == 1  # rank 0 reports, once

@@ -196,16 +196,6 @@ def test_random_translate_moves_whole_images():
                    for dy in range(-2, 3) for dx in range(-2, 3))
 
 
-def test_cosine_learning_rate_factor():
-    from lab_utils.evaluation import EvaluatorConfig
-    from lab_utils.lab import DataInfo
-
-    info = DataInfo(name="toy", channels=1, image_size=8, attributes={"class": ["a", "b"]}, vocab=[])
-    lab = EvaluatorLab(EvaluatorConfig(width=8, groups=4, lr_decay_steps=100), info)
-    assert [lab.lr_factor(t) for t in (0, 50, 100, 150)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
-    assert EvaluatorLab(EvaluatorConfig(width=8, groups=4), info).lr_factor(70) == 1.0
-
-
 @pytest.fixture(scope="module")
 def smoke_setup(tmp_path_factory):
     """A tiny-lab run on a small shapes subset and the smoke evaluator of its data (trained once)."""
@@ -417,7 +407,7 @@ def test_a_plain_evaluator_run_can_be_used(smoke_setup, tmp_path):
     run_dir = smoke_setup[0]
     evaluator_run = tmp_path / "evaluator"
     train(compose(["model=evaluator", "data=shapes", "preset=smoke", "data.subset=64", "data.num_test=16",
-                   f"run_dir={evaluator_run}", "data.held_out=[]"]))  # `genlab train model=evaluator ...`
+                   f"out={evaluator_run}", "data.held_out=[]"]))  # `genlab train model=evaluator ...`
     assert not (evaluator_run / "evaluator.json").exists()
     cfg = compose([f"run={run_dir}", "eval.num_samples=8", "eval.kid_subsets=2", f"eval.evaluator_run={evaluator_run}",
                    "eval.device=cpu"], config_name="eval", check=False)

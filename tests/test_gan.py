@@ -174,8 +174,8 @@ def test_generator_output_depends_on_the_prompt_and_sampling_is_seeded():
     assert a.shape == (2, 3, 16, 16) and a.abs().max() <= 1
     assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-6)
     x = torch.randn(2, 3, 16, 16)
-    assert not torch.allclose(lab.critic(x, lab.encode(["a red circle"] * 2)),
-                              lab.critic(x, lab.encode(["a green square"] * 2)))  # the critic reads the prompt
+    assert not torch.allclose(lab.critic(x, lab.encode_prompts(["a red circle"] * 2)),
+                              lab.critic(x, lab.encode_prompts(["a green square"] * 2)))  # the critic reads the prompt
     state = torch.get_rng_state()
     first = lab.sample(["a red circle", ""], torch.Generator().manual_seed(3))  # "" works too
     second = lab.sample(["a red circle", ""], torch.Generator().manual_seed(3))
@@ -192,7 +192,7 @@ def test_matching_aware_critic_counts_wrong_prompts_as_fakes():
     out = lab.critic_objective(x, captions)
     torch.manual_seed(1)
     with torch.no_grad():
-        text = lab.encode(captions)
+        text = lab.encode_prompts(captions)
         fake = lab.generator(lab.noise(4), text)
         real_s, fake_s, wrong_s = lab.critic(x, text), lab.critic(fake, text), lab.critic(x, text.roll(1, 0))
     expected = hinge_critic_loss(real_s, fake_s) + 0.25 * F.softplus(wrong_s - real_s).mean()
@@ -302,7 +302,7 @@ def test_train_checkpoint_then_sample_reproduces_pixels(tmp_path, monkeypatch):
     from lab_utils.training import train
 
     run = tmp_path / "run"
-    result = train(compose(["model=dcgan", "data=shapes", "preset=smoke", f"run_dir={run}"]))
+    result = train(compose(["model=dcgan", "data=shapes", "preset=smoke", f"out={run}"]))
     assert result.step == 4 and (run / "checkpoints" / "last.pt").exists()
     assert sorted(p.name for p in (run / "samples").iterdir())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from lab_utils.checkpoint import CheckpointError, load_checkpoint, load_lab
 from lab_utils.ema import EMA
 from lab_utils.data_stream import DataStream
 from lab_utils.devices import pick_device
-from lab_utils.trainer import Callback, TrainingDiverged, warmup_schedule
+from lab_utils.trainer import Callback, TrainingDiverged, lr_factor, lr_schedule
 from lab_utils.training import train
 from tiny_lab import tiny_config
 
@@ -316,13 +317,30 @@ def test_ema_follows_replaced_tensors_and_other_models():
 def test_warmup_is_linear():
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)
-    schedule = warmup_schedule(optimizer, warmup_steps=4)
+    schedule = lr_schedule(optimizer, warmup_steps=4)
     lrs = []
     for _ in range(6):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         schedule.step()
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+
+def test_cosine_learning_rate_factor():
+    # moved here from test_evaluation: the harness owns the schedule (trainer.lr_decay_steps), not the evaluator
+    assert [lr_factor(t, 0, 100) for t in (0, 50, 100, 150)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert lr_factor(70, 0, None) == 1.0
+    assert lr_factor(1, 4, 100) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 0.01)))  # warm-up x decay
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [param], "lr": 2.0}], lr=1.0)
+    schedule = lr_schedule(optimizer, warmup_steps=0, decay_steps=4)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs == pytest.approx([2.0 * lr_factor(k, 0, 4) for k in range(6)])  # the group's own base rate, scaled
+    assert lrs[-1] == 0.0
 
 
 def test_data_stream_visits_each_item_once_per_epoch_and_resumes():

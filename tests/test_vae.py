@@ -109,7 +109,7 @@ def test_the_learned_prior_starts_as_the_standard_normal_and_sampling_draws_from
     # the ELBO's KL is taken against p(z | c): a posterior equal to the prior costs nothing
     x0 = torch.rand(3, 3, 16, 16) * 2 - 1
     out = lab(x0, prompts)
-    prior = lab.prior_of(out.cond, 3)
+    prior = lab.prior_of(out.c, 3)
     assert torch.allclose(lab.elbo_terms(x0, prompts, generator=torch.Generator().manual_seed(0)).kl,
                           gaussian_kl(out.mu, out.logvar, prior.mu, prior.logvar), atol=1e-5)
     assert "prior" in lab.ema_modules()
@@ -173,10 +173,10 @@ def test_negative_elbo_and_kl_warmup():
 def test_encoder_decoder_shapes(channels, size, levels):
     cfg = ConvNetConfig(channels=levels, groups=4, hidden_dim=32)
     encoder, decoder = Encoder(cfg, channels, size, 5, cond_dim=7), Decoder(cfg, channels, size, 5, cond_dim=7)
-    x0, cond = torch.randn(2, channels, size, size), torch.randn(2, 7)
-    mu, logvar = encoder(x0, cond)
+    x0, c = torch.randn(2, channels, size, size), torch.randn(2, 7)
+    mu, logvar = encoder(x0, c)
     assert mu.shape == logvar.shape == (2, 5)
-    assert decoder(mu, cond).shape == (2, channels, size, size)
+    assert decoder(mu, c).shape == (2, channels, size, size)
 
 
 def test_decoder_depends_on_the_prompt_only_when_conditional():
@@ -303,7 +303,7 @@ def test_train_checkpoint_then_sample_reconstruct_and_interpolate(tmp_path, monk
     from lab_utils.training import train
 
     run = tmp_path / "run"
-    cfg = compose(["model=vae", "data=shapes", "preset=smoke", f"run_dir={run}"])
+    cfg = compose(["model=vae", "data=shapes", "preset=smoke", f"out={run}"])
     result = train(cfg)
     assert result.step == 4 and (run / "checkpoints" / "last.pt").exists()
     last_row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])

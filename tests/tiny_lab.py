@@ -37,7 +37,7 @@ class TinyConfig:
 def tiny_overrides(run_dir, **model) -> list[str]:
     """Config overrides that train the tiny lab on a small `shapes` subset."""
     base = [
-        "preset=smoke", "data=shapes", "data.subset=64", "data.num_test=16", f"run_dir={run_dir}",
+        "preset=smoke", "data=shapes", "data.subset=64", "data.num_test=16", f"out={run_dir}",
         "trainer.steps=8", "trainer.batch_size=8", "trainer.checkpoint_every=2", "trainer.log_every=1",
         "trainer.sample_every=4", "trainer.keep_checkpoints=2",
     ]

@@ -156,7 +156,7 @@ def train_evaluator(cfg: DictConfig, folder: Path, key: str) -> Path:
         shutil.rmtree(tmp)
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)
-    cfg.run_dir = str(tmp)
+    cfg.out = str(tmp)
     log.info("training the %s evaluator (key %s, preset %s, %d steps): this happens once per dataset and config",
              cfg.data.name, key, cfg.get("preset_name"), cfg.trainer.steps)
     try:

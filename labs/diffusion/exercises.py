@@ -202,20 +202,20 @@ def _reference_cross_attention(channels: int, cond_dim: int, heads: int, groups:
 def check_cross_attention(cross_attention_cls: Callable[..., nn.Module]) -> bool:
     """A ``CrossAttention(channels, cond_dim, heads, groups)`` layer with submodules ``norm``
     (GroupNorm), ``to_q`` (Linear C->C), ``to_kv`` (Linear D->2C), ``proj`` (Linear C->C), whose
-    ``forward(x, cond)`` returns ``x + proj(attention)`` for x (B, C, H, W) and a TextEncoding ``cond``."""
+    ``forward(x, context)`` returns ``x + proj(attention)`` for x (B, C, H, W) and a TextEncoding ``context``."""
     gen = torch.Generator().manual_seed(5)
     B, C, D, L = 2, 16, 12, 5
     mask = torch.tensor([[True, True, True, False, False], [True] * 5])
 
-    def cond() -> TextEncoding:
+    def context() -> TextEncoding:
         tokens = _randn(gen, B, L, D)
         return TextEncoding(tokens=tokens, mask=mask, pooled=tokens.mean(1))
 
-    cases = [Case((_randn(gen, B, C, 4, 4), cond()), label="4x4 image, a padded prompt"),
-             Case((_randn(gen, B, C, 8, 6), cond()), label="8x6 image")]
+    cases = [Case((_randn(gen, B, C, 4, 4), context()), label="4x4 image, a padded prompt"),
+             Case((_randn(gen, B, C, 8, 6), context()), label="8x6 image")]
     return check_module(
         cross_attention_cls, _reference_cross_attention, Case((C, D, 4, 4)), cases, name="CrossAttention",
         atol=1e-4,
-        hint="q from GroupNorm(x) flattened to (B, HW, C); k, v = to_kv(cond.tokens).split(C, -1); split heads to "
-             "(B, nh, T, C/nh); mask = cond.mask[:, None, None, :]; merge heads; return x + proj(y) reshaped to "
+        hint="q from GroupNorm(x) flattened to (B, HW, C); k, v = to_kv(context.tokens).split(C, -1); split heads to "
+             "(B, nh, T, C/nh); mask = context.mask[:, None, None, :]; merge heads; return x + proj(y) reshaped to "
              "(B, C, H, W)")

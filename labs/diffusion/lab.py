@@ -125,13 +125,13 @@ class DiffusionLab(Lab):
     def ema_modules(self) -> list[str]:
         return ["unet", "text_encoder"]
 
-    def encode(self, prompts: list[str]) -> TextEncoding:
+    def encode_prompts(self, prompts: list[str]) -> TextEncoding:
         """Tokenize and encode prompts; "" is the unconditional prompt."""
         return encode_prompts(self.tokenizer, self.text_encoder, list(prompts), device=self.device)
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """The network's prediction (eps or v) for a batch of noisy images and their prompts."""
-        return self.unet(xt, t, self.encode(prompts))
+        return self.unet(xt, t, self.encode_prompts(prompts))
 
     def loss(self, x0: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """The simple loss (Ho et al. eq. 14) with condition dropout and optional min-SNR weights.
@@ -196,16 +196,16 @@ class DiffusionLab(Lab):
         prompts = list(prompts)
         N, w = len(prompts), options.guidance
         if w == 1.0:
-            cond = self.encode(prompts)  # conditional model only
+            context = self.encode_prompts(prompts)  # conditional model only
         elif w == 0.0:
-            cond = self.encode([""] * N)  # unconditional model only
+            context = self.encode_prompts([""] * N)  # unconditional model only
         else:
-            cond = self.encode(prompts + [""] * N)  # [c; empty]: (2N, L, D), one text-encoder pass
+            context = self.encode_prompts(prompts + [""] * N)  # [c; empty]: (2N, L, D), one text-encoder pass
 
         def denoise(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if w in (0.0, 1.0):
-                return self.unet(xt, t, cond)  # (N, C, H, W)
-            both = self.unet(torch.cat([xt, xt]), torch.cat([t, t]), cond)  # (2N, C, H, W)
+                return self.unet(xt, t, context)  # (N, C, H, W)
+            both = self.unet(torch.cat([xt, xt]), torch.cat([t, t]), context)  # (2N, C, H, W)
             out_cond, out_uncond = both.chunk(2)  # 2 x (N, C, H, W)
             return classifier_free_guidance(out_uncond, out_cond, w)
 
@@ -217,7 +217,7 @@ class DiffusionLab(Lab):
     def sample(self, prompts: list[str], generator: torch.Generator | None = None, sampler: str | None = None,
                steps: int | None = None, guidance: float | None = None, eta: float | None = None) -> torch.Tensor:
         """Images for ``prompts``, (N, C, H, W) in [-1, 1]; None options take the config's defaults."""
-        return self.generate(prompts, generator, sampler, steps, guidance, eta).images
+        return self.generate(prompts, generator, sampler, steps, guidance, eta).images.clamp(-1, 1)
 
     def sample_trajectory(self, prompts: list[str], generator: torch.Generator | None = None,
                           **options: Any) -> SamplerOutput:

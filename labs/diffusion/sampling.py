@@ -84,7 +84,9 @@ def sample_loop(denoise: Denoiser, scheduler: NoiseScheduler, shape: tuple[int, 
         if return_intermediates:
             intermediates.append(xt.cpu())
             pred_x0s.append(step.pred_x0.cpu())
-    return SamplerOutput(images=xt.clamp(-1, 1), timesteps=timesteps, nfe=steps * nfe_per_step,
+    clip = scheduler.cfg.clip_range
+    final = xt.clamp(-clip, clip) if scheduler.cfg.clip_x0 else xt  # latents (clip_x0 false) are not bounded
+    return SamplerOutput(images=final, timesteps=timesteps, nfe=steps * nfe_per_step,
                          intermediates=intermediates, pred_x0=pred_x0s)
 
 

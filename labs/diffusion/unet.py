@@ -132,17 +132,17 @@ class CrossAttention(nn.Module):
         self.store_attention = False
         self.attention_weights: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cond: TextEncoding) -> torch.Tensor:
-        """x: (B, C, H, W); cond.tokens: (B, L, D), cond.mask: (B, L) True on real tokens."""
+    def forward(self, x: torch.Tensor, context: TextEncoding) -> torch.Tensor:
+        """x: (B, C, H, W); context.tokens: (B, L, D), context.mask: (B, L) True on real tokens."""
         B, C, H, W = x.shape
-        L = cond.tokens.size(1)
+        L = context.tokens.size(1)
         hs = C // self.heads
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q = self.to_q(h).view(B, H * W, self.heads, hs).transpose(1, 2)  # (B, nh, HW, hs)
-        k, v = self.to_kv(cond.tokens.to(h.dtype)).split(C, dim=-1)  # 2 x (B, L, C)
+        k, v = self.to_kv(context.tokens.to(h.dtype)).split(C, dim=-1)  # 2 x (B, L, C)
         k = k.view(B, L, self.heads, hs).transpose(1, 2)  # (B, nh, L, hs)
         v = v.view(B, L, self.heads, hs).transpose(1, 2)  # (B, nh, L, hs)
-        mask = cond.mask[:, None, None, :]  # (B, 1, 1, L): [PAD] keys get weight 0
+        mask = context.mask[:, None, None, :]  # (B, 1, 1, L): [PAD] keys get weight 0
         y, weights = attention(q, k, v, mask, return_weights=self.store_attention)  # (B, nh, HW, hs)
         self.attention_weights = None if weights is None else weights.detach()  # (B, nh, HW, L)
         y = y.transpose(1, 2).reshape(B, H * W, C)  # (B, HW, C)
@@ -159,12 +159,12 @@ class UNetBlock(nn.Module):
         self.self_attn = SelfAttention(out_channels, heads, groups) if self_attention else None
         self.cross_attn = CrossAttention(out_channels, cond_dim, heads, groups) if cross_attention else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, cond: TextEncoding) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: TextEncoding) -> torch.Tensor:
         h = self.res(x, emb)  # (B, Cout, H, W)
         if self.self_attn is not None:
             h = self.self_attn(h)
         if self.cross_attn is not None:
-            h = self.cross_attn(h, cond)
+            h = self.cross_attn(h, context)
         return h
 
 
@@ -314,10 +314,10 @@ class UNet(nn.Module):
         """Every cross-attention layer by its module name (for attention maps)."""
         return {name: module for name, module in self.named_modules() if isinstance(module, CrossAttention)}
 
-    def forward(self, xt: torch.Tensor, t: torch.Tensor, cond: TextEncoding) -> torch.Tensor:
+    def forward(self, xt: torch.Tensor, t: torch.Tensor, context: TextEncoding) -> torch.Tensor:
         # emb = MLP(sinusoid(t)) + W pooled(c)
         emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels)) \
-            + self.cond_proj(cond.pooled.to(xt.dtype))  # (B, E)
+            + self.cond_proj(context.pooled.to(xt.dtype))  # (B, E)
         p = self.cfg.patch_size
         if xt.shape[-1] % p or xt.shape[-2] % p:
             raise ValueError(f"image size {tuple(xt.shape[-2:])} is not a multiple of unet.patch_size={p}")
@@ -328,22 +328,22 @@ class UNet(nn.Module):
         skips = [h]
         for level, blocks in enumerate(self.down_blocks):
             for block in blocks:
-                h = block(h, emb, cond)  # (B, ch * mult, H_level, W_level)
+                h = block(h, emb, context)  # (B, ch * mult, H_level, W_level)
                 skips.append(h)
             if level < len(self.downsamples):
                 h = self.downsamples[level](h)  # (B, C, H/2, W/2)
                 skips.append(h)
         if self.text_map is not None:
             side = self.cfg.text_map_size
-            where = self.text_map(cond.pooled.to(h.dtype)).view(-1, self.cfg.text_map_channels, side, side)
+            where = self.text_map(context.pooled.to(h.dtype)).view(-1, self.cfg.text_map_channels, side, side)
             if where.shape[-2:] != h.shape[-2:]:
                 where = F.interpolate(where, size=h.shape[-2:], mode="bilinear", align_corners=False)
             h = h + self.text_map_out(where)  # (B, C, H_low, W_low)
         for block in self.mid:
-            h = block(h, emb, cond)
+            h = block(h, emb, context)
         for i, blocks in enumerate(self.up_blocks):
             for block in blocks:
-                h = block(torch.cat([h, skips.pop()], dim=1), emb, cond)  # concat skip: (B, C + C_skip, H, W)
+                h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # concat skip: (B, C + C_skip, H, W)
             if i < len(self.upsamples):
                 h = self.upsamples[i](h, size=skips[-1].shape[-2:])  # (B, C, 2H, 2W)
         out = self.conv_out(F.silu(self.norm_out(h)))  # (B, C_image p^2, H / p, W / p)

@@ -20,7 +20,6 @@ content (a model family like the others, built through the registry); the evalua
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -50,7 +49,6 @@ class EvaluatorConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.05
     label_smoothing: float = 0.1  # Szegedy et al. 2016, sec. 7
-    lr_decay_steps: Optional[int] = None  # cosine decay of the lr to 0 over this many steps; None: constant
     random_shift: int = 0  # augmentation: translate by up to this many pixels (0 = off)
     random_flip: bool = False  # augmentation: horizontal flips (never on datasets with left/right labels)
 
@@ -67,8 +65,6 @@ class EvaluatorConfig:
             raise ValueError("model.dropout and model.label_smoothing must be in [0, 1)")
         if self.first_stage_stride not in (1, 2):
             raise ValueError(f"model.first_stage_stride must be 1 or 2, got {self.first_stage_stride}")
-        if self.lr_decay_steps is not None and self.lr_decay_steps <= 0:
-            raise ValueError(f"model.lr_decay_steps must be positive or null, got {self.lr_decay_steps}")
         if self.lr <= 0 or self.weight_decay < 0 or self.random_shift < 0:
             raise ValueError("model.lr must be positive, model.weight_decay and model.random_shift >= 0")
 
@@ -172,19 +168,7 @@ class EvaluatorLab(Lab):
         decay = [p for p in self.net.parameters() if p.ndim > 1]  # conv and linear weights
         no_decay = [p for p in self.net.parameters() if p.ndim <= 1]  # biases, GroupNorm scales and shifts
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self._optimizer = adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-        return {"model": self._optimizer}
-
-    def lr_factor(self, step: int) -> float:
-        r"""Cosine decay (Loshchilov & Hutter 2017): $\eta_t = \eta \cdot \tfrac12(1 + \cos(\pi t / T))$, 1 without it.
-
-        The harness owns warm-up only; the lab scales the warmed-up rate just before each update
-        (the trainer's schedule resets it after the update), so resumption stays exact.
-        """
-        if self.config.lr_decay_steps is None:
-            return 1.0
-        progress = min(step / self.config.lr_decay_steps, 1.0)  # t / T
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return {"model": adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))}
 
     def ema_modules(self) -> list[str]:
         return ["net"]
@@ -213,10 +197,6 @@ class EvaluatorLab(Lab):
             loss, accuracy = self.loss(x, batch["labels"])
             return {"loss": loss, **{f"stats/acc_{name}": acc for name, acc in accuracy.items()}}
 
-        factor = self.lr_factor(ctx.step)
-        if factor != 1.0 and hasattr(self, "_optimizer"):
-            for group in self._optimizer.param_groups:
-                group["lr"] = group["lr"] * factor  # eta_t; the trainer's warm-up schedule resets it after the step
         out = ctx.optimize("model", classification_loss)
         return {name: value.detach() for name, value in out.items()}
 

@@ -245,7 +245,7 @@ def check_gradient_penalty(fn: Callable, name: str = "gradient_penalty") -> bool
 # --------------------------------------------------------------------------- 4. projection head
 PROJECTION_HINT = (
     "self.psi = nn.Linear(feature_dim, 1) and self.embed = nn.Linear(cond_dim, feature_dim, bias=False); "
-    "forward returns psi(features).squeeze(-1) + (embed(cond) * features).sum(dim=-1), shape (B,)"
+    "forward returns psi(features).squeeze(-1) + (embed(y) * features).sum(dim=-1), shape (B,)"
 )
 
 
@@ -261,7 +261,7 @@ def projection_cases(seed: int = 3) -> tuple[Case, list[Case]]:
 
 
 def check_projection_head(cls: Callable[..., nn.Module], name: str = "ProjectionHead") -> bool:
-    """Check a student's ``cls(feature_dim, cond_dim)`` layer, ``forward(features, cond) -> (B,)``,
+    """Check a student's ``cls(feature_dim, cond_dim)`` layer, ``forward(features, y) -> (B,)``,
     against :class:`labs.gan.ProjectionHead` (same parameter names: ``psi``, ``embed``)."""
     init, cases = projection_cases()
     return check_module(cls, ProjectionHead, init, cases, name=name, hint=PROJECTION_HINT)

@@ -137,7 +137,7 @@ class GANLab(Lab):
                     "torch.compile does not support; model.loss=hinge with model.critic.spectral_norm=true compiles")
         return None
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """The prompts' pooled text vectors (B, text_dim); "" is the empty prompt ([CLS] only)."""
         return encode_prompts(self.tokenizer, self.text_encoder, list(prompts), device=self.device).pooled
 
@@ -159,7 +159,7 @@ class GANLab(Lab):
         update that took them.
         """
         cfg = self.config
-        text = self.encode(captions)  # c: (B, text_dim); the critic's loss trains the text encoder
+        text = self.encode_prompts(captions)  # c: (B, text_dim); the critic's loss trains the text encoder
         with torch.no_grad():  # G does not learn from the critic's loss
             fake = self.generator(self.noise(len(x)), text)  # G(z, c): (B, C, H, W)
         if cfg.mismatch_weight > 0:  # matching-aware: (x, c_wrong) with c_wrong another image's prompt
@@ -191,7 +191,7 @@ class GANLab(Lab):
     def generator_loss(self, captions: list[str]) -> torch.Tensor:
         """The generator's loss for fresh noise and the given prompts (gradients reach G only)."""
         with torch.no_grad():
-            text = self.encode(captions)  # c: (B, text_dim), read but not trained by the generator
+            text = self.encode_prompts(captions)  # c: (B, text_dim), read but not trained by the generator
         fake = self.generator(self.noise(len(captions)), text)  # G(z, c)
         return generator_loss(self.config.loss, self.critic(fake, text), self.config.non_saturating)
 
@@ -221,7 +221,7 @@ class GANLab(Lab):
         """G(z, c) for given noise z (N, z_dim) and prompts: (N, C, H, W) in [-1, 1]."""
         if len(z) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(z)} noise vectors")
-        return self.generator(z.to(self.device), self.encode(prompts))
+        return self.generator(z.to(self.device), self.encode_prompts(prompts))
 
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:

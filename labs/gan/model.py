@@ -76,8 +76,8 @@ class ConditionalGroupNorm(nn.Module):
         nn.init.zeros_(self.scale_shift.weight)
         nn.init.zeros_(self.scale_shift.bias)
 
-    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        gamma, beta = self.scale_shift(cond)[:, :, None, None].chunk(2, dim=1)  # 2 x (B, C, 1, 1)
+    def forward(self, h: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.scale_shift(style)[:, :, None, None].chunk(2, dim=1)  # 2 x (B, C, 1, 1)
         return self.norm(h) * (1 + gamma) + beta  # (B, C, H, W)
 
 
@@ -94,8 +94,8 @@ class GeneratorNorm(nn.Module):
         else:
             self.norm = nn.Identity()
 
-    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.norm(h, cond) if self.kind == "conditional" else self.norm(h)
+    def forward(self, h: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        return self.norm(h, style) if self.kind == "conditional" else self.norm(h)
 
 
 class UpBlock(nn.Module):
@@ -108,8 +108,8 @@ class UpBlock(nn.Module):
         self.norm = GeneratorNorm(norm, out_channels, cond_dim, groups)
         self.attention = SelfAttention2d(out_channels, key_ratio) if attention else None
 
-    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.norm(self.conv(h), cond))  # (B, C_in, H, W) -> (B, C_out, 2H, 2W)
+    def forward(self, h: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.norm(self.conv(h), style))  # (B, C_in, H, W) -> (B, C_out, 2H, 2W)
         return self.attention(h) if self.attention is not None else h
 
 
@@ -139,7 +139,7 @@ class ProjectionHead(nn.Module):
 
     $D(x, y) = \psi(\phi(x)) + (V y)^\top \phi(x)$
 
-    ``features`` $\phi(x)$: (B, F); ``cond`` $y$: (B, cond_dim), here the prompt's pooled text
+    ``features`` $\phi(x)$: (B, F); ``y`` $y$: (B, cond_dim), here the prompt's pooled text
     vector rather than a one-hot class, so $V$ is a linear map (``embed``) instead of an
     embedding table. $\psi$ (``psi``) scores realism regardless of the prompt; the inner product
     scores how well the image's features match the prompt. Returns scores (B,).
@@ -150,9 +150,9 @@ class ProjectionHead(nn.Module):
         self.psi = maybe_spectral_norm(nn.Linear(feature_dim, 1), spectral_norm)  # psi
         self.embed = maybe_spectral_norm(nn.Linear(cond_dim, feature_dim, bias=False), spectral_norm)  # V
 
-    def forward(self, features: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         unconditional = self.psi(features).squeeze(-1)  # psi(phi(x)): (B,)
-        projection = (self.embed(cond) * features).sum(dim=-1)  # (V y)^T phi(x): (B, F) . (B, F) -> (B,)
+        projection = (self.embed(y) * features).sum(dim=-1)  # (V y)^T phi(x): (B, F) . (B, F) -> (B,)
         return unconditional + projection
 
 
@@ -238,10 +238,10 @@ class Generator(nn.Module):
         self.to_image = nn.ConvTranspose2d(cfg.channels[-1], out_channels, 4, stride=2, padding=1)
 
     def forward(self, z: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        cond = self.embed(text)  # e(c): (B, cond_dim)
-        z_cond = torch.cat([z, cond], dim=1)  # [z; e(c)]: (B, z_dim + cond_dim)
-        style = z_cond if self.cfg.skip_z else cond  # input of every conditional norm
-        h = self.project(z_cond).view(len(z), self.cfg.channels[0], self.start, self.start)  # (B, C0, s0, s0)
+        e_c = self.embed(text)  # e(c): (B, cond_dim)
+        z_e = torch.cat([z, e_c], dim=1)  # [z; e(c)]: (B, z_dim + cond_dim)
+        style = z_e if self.cfg.skip_z else e_c  # input of every conditional norm
+        h = self.project(z_e).view(len(z), self.cfg.channels[0], self.start, self.start)  # (B, C0, s0, s0)
         h = F.relu(self.norm(h, style))
         for block in self.blocks:
             h = block(h, style)  # (B, C_i, s, s) -> (B, C_i+1, 2s, 2s)

@@ -2,8 +2,8 @@
 
     tokenizer = Tokenizer(data_info.vocab, max_length=cfg.max_length)
     encoder = TextEncoder(cfg, tokenizer.vocab_size)
-    cond = encode_prompts(tokenizer, encoder, ["a red circle", ""])  # "" = unconditional
-    cond.tokens  # (B, L, C)   cond.mask  # (B, L)   cond.pooled  # (B, C)
+    text = encode_prompts(tokenizer, encoder, ["a red circle", ""])  # "" = unconditional
+    text.tokens  # (B, L, C)   text.mask  # (B, L)   text.pooled  # (B, C)
 """
 
 from .model import (

@@ -100,7 +100,7 @@ class VAEOutput(NamedTuple):
     mu: torch.Tensor  # (B, Z)
     logvar: torch.Tensor  # (B, Z)
     z: torch.Tensor  # (B, Z) the latent that was decoded
-    cond: torch.Tensor | None = None  # (B, D_c) the pooled text vectors, None for an unconditional VAE
+    c: torch.Tensor | None = None  # (B, D_c) the pooled text vectors, None for an unconditional VAE
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -160,10 +160,10 @@ class VAELab(Lab):
             return None
         return encode_prompts(self.tokenizer, self.text_encoder, list(prompts), device=self.device).pooled
 
-    def prior_of(self, cond: torch.Tensor | None, n: int) -> Posterior:
-        """(mu, logvar) of the prior for ``n`` prompts with pooled vectors ``cond``: p(z | c), or N(0, I)."""
+    def prior_of(self, c: torch.Tensor | None, n: int) -> Posterior:
+        """(mu, logvar) of the prior for ``n`` prompts with pooled vectors ``c``: p(z | c), or N(0, I)."""
         if self.learned_prior:
-            mu, logvar = self.prior(cond)
+            mu, logvar = self.prior(c)
             return Posterior(mu.float(), logvar.float())
         zeros = torch.zeros(n, self.config.latent_dim, device=self.device)
         return Posterior(zeros, zeros)
@@ -174,10 +174,10 @@ class VAELab(Lab):
 
     def forward(self, x0: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None) -> VAEOutput:
         """Encode, draw z = mu + sigma * eps (or take z = mu), decode. x0: (B, C, H, W) in [-1, 1]."""
-        cond = self.encode_prompts(prompts)  # (B, D_c) or None
-        mu, logvar = self.encoder(x0, cond)  # 2 x (B, Z)
+        c = self.encode_prompts(prompts)  # (B, D_c) or None
+        mu, logvar = self.encoder(x0, c)  # 2 x (B, Z)
         z = reparameterize(mu, logvar, generator=generator) if self.config.sample_posterior else mu  # (B, Z)
-        return VAEOutput(recon=self.decoder(z, cond), mu=mu, logvar=logvar, z=z, cond=cond)
+        return VAEOutput(recon=self.decoder(z, c), mu=mu, logvar=logvar, z=z, c=c)
 
     def elbo_terms(self, x0: torch.Tensor, prompts: list[str], beta: float = 1.0,
                    generator: torch.Generator | None = None) -> ELBOTerms:
@@ -186,7 +186,7 @@ class VAELab(Lab):
         log_sigma = self.likelihood_log_sigma()
         recon = reconstruction_nll(self.config.likelihood, x0, out.recon.float(), log_sigma)  # -log p(x|z)
         if self.learned_prior:  # D_KL(q(z|x, c) || p(z|c))
-            kl = gaussian_kl(out.mu.float(), out.logvar.float(), *self.prior_of(out.cond, len(x0)))
+            kl = gaussian_kl(out.mu.float(), out.logvar.float(), *self.prior_of(out.c, len(x0)))
         else:  # D_KL(q(z|x) || N(0, I))
             kl = kl_divergence(out.mu.float(), out.logvar.float())
         return negative_elbo(recon, kl, beta)  # recon + beta * KL
@@ -239,9 +239,9 @@ class VAELab(Lab):
         """Images for latents z: (N, Z) and their prompts, (N, C, H, W) in [-1, 1]."""
         return self._decode(z, self.encode_prompts(prompts))
 
-    def _decode(self, z: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        """Images for latents z: (N, Z) and pooled prompt vectors ``cond`` (or None), in [-1, 1]."""
-        decoded = self.decoder(z.to(self.device), cond)  # (N, C, H, W)
+    def _decode(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        """Images for latents z: (N, Z) and pooled prompt vectors ``c`` (or None), in [-1, 1]."""
+        decoded = self.decoder(z.to(self.device), c)  # (N, C, H, W)
         return decoded_to_image(self.config.likelihood, decoded.float())
 
     def _noise(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -251,10 +251,10 @@ class VAELab(Lab):
             generator.seed()  # seeds this generator only, not the global RNG
         return torch.randn((n, self.config.latent_dim), generator=generator, device=generator.device).to(self.device)
 
-    def prior_latents(self, eps: torch.Tensor, cond: torch.Tensor | None, temperature: float) -> torch.Tensor:
-        """z = mu(c) + temperature * s(c) * eps: prior draws for eps (N, Z) and pooled prompts ``cond``
+    def prior_latents(self, eps: torch.Tensor, c: torch.Tensor | None, temperature: float) -> torch.Tensor:
+        """z = mu(c) + temperature * s(c) * eps: prior draws for eps (N, Z) and pooled prompts ``c``
         (N(0, I): z = temperature * eps)."""
-        prior = self.prior_of(cond, len(eps))
+        prior = self.prior_of(c, len(eps))
         return prior.mu + temperature * torch.exp(0.5 * prior.logvar) * eps  # (N, Z)
 
     @torch.no_grad()
@@ -263,9 +263,9 @@ class VAELab(Lab):
         """z ~ p(z | c) (or N(0, I)) decoded with each prompt: (N, C, H, W) in [-1, 1] ("" = unconditional)."""
         temperature = self.config.temperature if temperature is None else float(temperature)
         prompts = list(prompts)
-        cond = self.encode_prompts(prompts)  # (N, D_c) or None: encoded once, for the prior and the decoder
-        z = self.prior_latents(self._noise(len(prompts), generator), cond, temperature)  # (N, Z)
-        return self._decode(z, cond)
+        c = self.encode_prompts(prompts)  # (N, D_c) or None: encoded once, for the prior and the decoder
+        z = self.prior_latents(self._noise(len(prompts), generator), c, temperature)  # (N, Z)
+        return self._decode(z, c)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -276,9 +276,9 @@ class VAELab(Lab):
             raise ValueError(f"images must be (N, {', '.join(map(str, self.image_shape))}), got {tuple(images.shape)}")
         if len(captions) != len(images):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        cond = self.encode_prompts(captions)
-        mu, _ = self.encoder(images.to(self.device), cond)  # (N, Z): z = mu, no sampling noise
-        return decoded_to_image(self.config.likelihood, self.decoder(mu, cond).float())
+        c = self.encode_prompts(captions)
+        mu, _ = self.encoder(images.to(self.device), c)  # (N, Z): z = mu, no sampling noise
+        return decoded_to_image(self.config.likelihood, self.decoder(mu, c).float())
 
     @torch.no_grad()
     def interpolate(self, prompts: list[str], generator: torch.Generator | None = None,
@@ -300,8 +300,8 @@ class VAELab(Lab):
             eps = slerp(eps0, eps1, t)[0]  # (N, Z)
         else:
             eps = torch.lerp(eps0, eps1, t[:, None])  # (1, Z), (N, 1) -> (N, Z): (1 - t) eps0 + t eps1
-        cond = self.encode_prompts(prompts)  # (N, D_c) or None
-        return self._decode(self.prior_latents(eps, cond, temperature), cond)
+        c = self.encode_prompts(prompts)  # (N, D_c) or None
+        return self._decode(self.prior_latents(eps, c, temperature), c)
 
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts of the encoder, decoder, text encoder and the total."""

@@ -132,12 +132,12 @@ class Encoder(nn.Module):
             nn.Linear(cfg.hidden_dim, 2 * latent_dim),  # mu and log sigma^2, side by side
         )
 
-    def forward(self, x0: torch.Tensor, cond: torch.Tensor | None = None) -> Posterior:
-        """x0: (B, C, S, S) in [-1, 1]; cond: (B, D_c) or None -> Posterior of (B, Z) tensors."""
+    def forward(self, x0: torch.Tensor, c: torch.Tensor | None = None) -> Posterior:
+        """x0: (B, C, S, S) in [-1, 1]; c: (B, D_c) or None -> Posterior of (B, Z) tensors."""
         h = self.blocks(self.stem(x0))  # (B, ch[0], S, S) -> (B, ch[-1], s, s), s = S / 2^L
         h = F.silu(h).flatten(1)  # (B, ch[-1] * s * s)
-        if cond is not None:
-            h = torch.cat([h, cond], dim=1)  # (B, ch[-1] * s * s + D_c)
+        if c is not None:
+            h = torch.cat([h, c], dim=1)  # (B, ch[-1] * s * s + D_c)
         mu, logvar = self.mlp(h).chunk(2, dim=1)  # 2 x (B, Z)
         return Posterior(mu, logvar)
 
@@ -160,9 +160,9 @@ class ConditionalPrior(nn.Module):
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, cond: torch.Tensor) -> Posterior:
-        """cond: (B, D_c) -> (mu, logvar) of p(z | c), each (B, Z)."""
-        mu, logvar = self.net(cond).chunk(2, dim=1)
+    def forward(self, c: torch.Tensor) -> Posterior:
+        """c: (B, D_c) -> (mu, logvar) of p(z | c), each (B, Z)."""
+        mu, logvar = self.net(c).chunk(2, dim=1)
         return Posterior(mu, logvar)
 
 
@@ -189,9 +189,9 @@ class Decoder(nn.Module):
         self.film = nn.Linear(cfg.hidden_dim, 2 * width)
         self.out = nn.Conv2d(width, out_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """z: (B, Z); cond: (B, D_c) or None -> (B, C, S, S), unbounded (mean or logits)."""
-        zc = z if cond is None else torch.cat([z, cond], dim=1)  # [z; c]: (B, Z + D_c)
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """z: (B, Z); c: (B, D_c) or None -> (B, C, S, S), unbounded (mean or logits)."""
+        zc = z if c is None else torch.cat([z, c], dim=1)  # [z; c]: (B, Z + D_c)
         emb = self.embed(zc)  # e: (B, hidden_dim)
         h = self.to_map(emb).unflatten(1, (-1, self.side, self.side))  # (B, ch[-1], s, s)
         for block in self.blocks:
