@@ -8,11 +8,12 @@
                   training (train(): a run from config to checkpoint), trainer (the loop), step_context,
                   data_stream, devices, checkpoint, run_folder (resuming), ema, distributed, progress
     content       what needs a lab: the families in labs/ (each imports core only, plus the shared
-                  labs.text_encoder; a lab never imports another lab), each lab's exercises
+                  labs.text_encoder; a lab never imports another lab, except that a composite lab imports
+                  the labs it composes, listed in COMPOSITE_LABS and named in its docstring), each lab's exercises
                   (labs/<family>/exercises.py), the evaluator family (labs/evaluator) and the metric
                   exercises (evaluation.exercises)
     applications  the commands users run, on top of everything: cli, compare, bench, notebooks and the
-                  evaluation application (evaluation.evaluate, evaluation.cache: train, cache and apply
+                  evaluation application (evaluation.evaluate and .sets, evaluation.cache: train, cache and apply
                   the evaluator)
 
 No import runs upward, none closes a circle, and an import inside a function is there for start-up speed
@@ -51,3 +52,5 @@ LAYERS: dict[str, str] = {
     "genlab": "applications",
 }
 ORDER = ("core", "harness", "content", "applications")  # bottom to top
+# composite lab -> the labs it is built from (and so may import); read by tests/test_layers.py
+COMPOSITE_LABS: dict[str, tuple[str, ...]] = {"labs.latent_diffusion": ("labs.diffusion", "labs.vae")}

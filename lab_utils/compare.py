@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,6 +46,9 @@ class CompareConfig:
     evaluator_preset: str = "cpu"
     num_prompts: int = 6  # rows of samples.png (the dataset's fixed prompts)
     seeds: int = 4  # columns per family in samples.png
+    # a family's own settings for this budget, e.g. {ldm: [model.autoencoder_steps=300]}: the ldm trains its
+    # autoencoder inside its budget, and a short budget needs a shorter first stage (results.md lists them)
+    family_overrides: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_seconds is None and self.max_images is None:
@@ -61,7 +64,7 @@ class CompareConfig:
 def family_config(cfg: DictConfig, model: str, run_dir: Path) -> DictConfig:
     """The family's training config: its own preset values, the comparison's data and budget."""
     family = compose([f"model={model}", f"data={cfg.data.name}", f"preset={cfg.preset_name}", f"out={run_dir}",
-                      f"seed={cfg.seed}"], check=False)
+                      f"seed={cfg.seed}", *cfg.compare.family_overrides.get(model, [])], check=False)
     OmegaConf.set_struct(family, False)
     family.data = cfg.data  # exactly the same data (and overrides) for every family
     budget = cfg.compare
@@ -207,7 +210,34 @@ def results_row(model: str, state: dict[str, Any], evaluation: dict[str, Any], n
         "metrics": metrics,
         # per attribute the prompts name (all prompts): what "all correct" hides
         "alignment_per_attribute": dict(generated["alignment"].get("per_attribute", {})),
+        # a family that encodes and decodes: its reconstructions of the real images, the ceiling of its decoder
+        "reconstruction": None if not evaluation.get("reconstruction") else {
+            "psnr": evaluation["reconstruction"]["psnr"], "fid": evaluation["reconstruction"]["fid"],
+            "alignment_seen": all_correct(evaluation["reconstruction"]["alignment"], "seen")},
     }
+
+
+def stage_times(lab: Any, run_dir: Path) -> dict[str, dict[str, float]]:
+    """A family trained in stages (``lab.stages()``: name -> the step it ends at, e.g. the ldm's autoencoder):
+    each stage's steps and training seconds, read from the run's metrics (all inside the family's budget)."""
+    ends = lab.stages() if callable(getattr(lab, "stages", None)) else {}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if ends else []
+    times = {}
+    for name, end in ends.items():
+        seconds = [row["train_seconds"] for row in rows if row.get("step", 0) <= end and "train_seconds" in row]
+        times[name] = {"steps": end, "seconds": max(seconds, default=0.0)}
+    return times
+
+
+def stage_text(rows: list[dict[str, Any]]) -> str:
+    """What of each family's budget went to an earlier stage (included in its training time)."""
+    lines = [f"- {row['model']}: its {name} stage, {t['steps']:.0f} steps in {t['seconds']:.0f} s of its "
+             f"{row['train_seconds']:.0f} s, is part of its budget"
+             for row in rows for name, t in row.get("stages", {}).items()]
+    ceilings = [f"- {row['model']}: reconstructions of real test images (its decoder's ceiling) PSNR "
+                f"{row['reconstruction']['psnr']:.1f} dB, FID {row['reconstruction']['fid']:.2f}, all-attributes "
+                f"alignment {row['reconstruction']['alignment_seen']:.2f}" for row in rows if row.get("reconstruction")]
+    return "\n".join(lines + ceilings)
 
 
 COLUMNS = [("FID", "fid", 3), ("KID", "kid_mean", 2), ("IS", "inception_score", 3), ("precision", "precision", 2),
@@ -270,6 +300,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         blocks[model] = sample_block(loaded.lab, prompts, cfg.compare.seeds, device)
         n_params = sum(p.numel() for p in loaded.lab.parameters())
         rows.append(results_row(model, state, evaluation, n_params))
+        rows[-1]["stages"] = stage_times(loaded.lab, trained["run_dir"])
         for name, points in read_curves(trained["run_dir"], model).items():
             curves["KID" if "curve/kid" in name else "loss"][name.replace(": curve/kid", "")] = points
         stages[f"figures {model}"] = time.perf_counter() - tick
@@ -293,10 +324,15 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         f"{table}\n\n"
         + (f"Alignment per attribute (share of images showing each attribute their prompt names; real images "
            f"score ~1, chance is 1 / the number of values):\n\n{attributes}\n\n" if attributes else "")
+        + (f"Stages and ceilings:\n\n{stage_text(rows)}\n\n" if stage_text(rows) else "")
+        + (f"Family settings for this budget: {dict(cfg.compare.family_overrides)}\n\n"
+           if cfg.compare.family_overrides else "")
         + "![samples](samples.png)\n\n![curves](curves.png)\n")
     print(table)
     if attributes:
         print("\nalignment per attribute:\n" + attributes)
+    if stage_text(rows):
+        print("\n" + stage_text(rows))
     print(f"wrote {out_dir / 'results.md'}, results.json, samples.png, curves.png")
     print("stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
     return results

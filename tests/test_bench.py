@@ -24,7 +24,7 @@ def bench_config(model: str, *extra: str):
     return compose([f"model={model}", "data=shapes", *QUICK, *extra], config_name="bench", check=False)
 
 
-@pytest.mark.parametrize("model", ["dcgan", "vae", "ddpm"])
+@pytest.mark.parametrize("model", ["dcgan", "vae", "ddpm", "ldm"])
 def test_bench_runs_for_every_family_with_consistent_figures(model):
     result = bench(bench_config(model))
     rows = {row["variant"]: row for row in result["variants"]}
@@ -39,7 +39,7 @@ def test_bench_runs_for_every_family_with_consistent_figures(model):
         assert 0 < row["fraction_of_peak"] < 1  # nothing beats the device's own matmul peak
         assert row["peak_memory_mb"] > 0
     samplers = {row["sampler"]: row for row in result["sampling"]}
-    if model == "ddpm":  # per sampler and step count; guidance doubles the network evaluations
+    if model in ("ddpm", "ldm"):  # per sampler and step count; guidance doubles the network evaluations
         assert set(samplers) == {"ddim-50", "ddpm-50"}  # the smoke preset has T = 50
         assert samplers["ddim-50"]["nfe_per_image"] == 100
     else:

@@ -31,7 +31,7 @@ def test_compare_writes_every_file(smoke_comparison):
     for name in ("results.md", "results.json", "samples.png", "curves.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 500, name
     results = json.loads((out / "results.json").read_text())
-    assert [row["model"] for row in results["rows"]] == ["dcgan", "vae", "ddpm"]
+    assert [row["model"] for row in results["rows"]] == ["dcgan", "vae", "ddpm", "ldm"]
     for row in results["rows"]:
         assert row["images_seen"] >= 64  # the same image budget for every family
         assert (out / row["model"] / "eval.json").is_file()
@@ -39,10 +39,19 @@ def test_compare_writes_every_file(smoke_comparison):
             assert set(row["metrics"][key]) == {"generated", "real"}
         assert row["metrics"]["fid"]["real"] < row["metrics"]["fid"]["generated"]  # 8 steps: far from real
     nfe = {row["model"]: row["nfe_per_sample"] for row in results["rows"]}
-    assert nfe["dcgan"] == nfe["vae"] == 1 and nfe["ddpm"] > 1
-    assert "| ddpm |" in stdout and "| family |" in stdout  # the table is printed
+    assert nfe["dcgan"] == nfe["vae"] == 1 and nfe["ddpm"] == nfe["ldm"] > 1  # the same sampler settings
+    assert "| ddpm |" in stdout and "| ldm |" in stdout and "| family |" in stdout  # the table is printed
+    # the ldm's autoencoder stage is inside its budget, and said so; encoders report their reconstruction ceiling
+    rows = {row["model"]: row for row in results["rows"]}
+    stage = rows["ldm"]["stages"]["autoencoder"]
+    assert stage["steps"] == 2 and 0 < stage["seconds"] <= rows["ldm"]["train_seconds"]
+    assert "its autoencoder stage, 2 steps" in (out / "results.md").read_text()
+    assert rows["dcgan"]["reconstruction"] is None and rows["ddpm"]["reconstruction"] is None
+    for model in ("vae", "ldm"):
+        ceiling = rows[model]["reconstruction"]
+        assert ceiling["psnr"] > 0 and 0.0 <= ceiling["alignment_seen"] <= 1.0
     # the KID probe ran during training and is in each run's metrics
-    for model in ("dcgan", "vae", "ddpm"):
+    for model in ("dcgan", "vae", "ddpm", "ldm"):
         rows = [json.loads(line) for line in (out / model / "metrics.jsonl").read_text().splitlines()]
         assert any("curve/kid" in row for row in rows)
 

@@ -131,7 +131,7 @@ def test_sampling_defaults_have_one_home(preset):
     from lab_utils.checkpoint import build_lab
     from lab_utils.lab import DataInfo
 
-    for model in ("dcgan", "vae", "ddpm"):
+    for model in ("dcgan", "vae", "ddpm", "ldm"):
         cfg = compose([f"model={model}", "data=shapes", f"preset={preset}"])
         assert dict(cfg.trainer.sample_options) == {}, (model, preset)
     cfg = compose(["model=ddpm", "data=shapes", f"preset={preset}"])
@@ -143,3 +143,10 @@ def test_sampling_defaults_have_one_home(preset):
     assert (resolved.sampler, resolved.steps, resolved.guidance, resolved.eta) == tuple(
         cfg.model.sampling[key] for key in ("sampler", "steps", "guidance", "eta"))
     assert cfg.model.sampling.steps == {"smoke": 4, "cpu": 25, "gpu": 50}[preset]
+    # the latent DDPM samples with the same settings as the pixel DDPM on every preset, from its own one home
+    ldm_cfg = compose(["model=ldm", "data=shapes", f"preset={preset}"])
+    with torch.device("meta"):
+        ldm = build_lab(ldm_cfg, DataInfo("shapes", 3, 32, {"colour": ["red"]}, ["[PAD]", "[UNK]", "[CLS]", "a", "red"]))
+    latent = ldm.diffusion._options(sampler=None, steps=None, guidance=None, eta=None)
+    assert (latent.sampler, latent.steps, latent.guidance, latent.eta) == (
+        resolved.sampler, resolved.steps, resolved.guidance, resolved.eta)

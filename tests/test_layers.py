@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from lab_utils import LAYERS, ORDER
+from lab_utils import COMPOSITE_LABS, LAYERS, ORDER
 
 SHARED_LAB = "labs.text_encoder"  # the text encoder every family uses
 
@@ -74,8 +74,19 @@ def test_every_module_has_a_layer_and_no_import_runs_upward(graph):
 
 def test_no_lab_imports_another_lab(graph):
     crossing = [f"{a} imports {b}" for a, targets in graph.items() for b in targets
-                if lab_of(a) and lab_of(b) and lab_of(a) != lab_of(b) and lab_of(b) != SHARED_LAB]
+                if lab_of(a) and lab_of(b) and lab_of(a) != lab_of(b) and lab_of(b) != SHARED_LAB
+                and lab_of(b) not in COMPOSITE_LABS.get(lab_of(a), ())]
     assert not crossing, "\n".join(crossing)
+
+
+def test_a_composite_lab_says_what_it_composes(graph):
+    import importlib
+
+    for composite, parts in COMPOSITE_LABS.items():
+        doc = importlib.import_module(composite).__doc__ or ""
+        assert all(f"``{part}``" in doc for part in parts), f"{composite}'s docstring must name {parts}"
+        used = {lab_of(b) for a, targets in graph.items() if lab_of(a) == composite for b in targets}
+        assert set(parts) <= used, f"{composite} lists {parts} in COMPOSITE_LABS but imports only {used}"
 
 
 def test_no_circle_of_imports(graph):

@@ -16,7 +16,6 @@ little (FID of real-vs-real at 1000 samples is far from 0).
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -34,10 +33,10 @@ from lab_utils.checkpoint import first_line
 from lab_utils.config import ConfigError
 from lab_utils.schema import typed_section
 from lab_utils.evaluation.cache import evaluator_from_run, get_evaluator
-from labs.evaluator import (
-    Evaluator, EvaluatorOutput, joint_log_probs, predict_from_logits, quantize, real_images,
+from labs.evaluator import Evaluator, quantize, real_images
+from lab_utils.evaluation.sets import (  # noqa: F401 (generate, nfe_per_sample: imported from here by compare, bench)
+    check_sample_options, choose_items, generate, inception_metrics, nfe_per_sample, reconstruction_metrics, set_metrics,
 )
-from lab_utils.evaluation.metrics import fid, inception_score, kid, precision_recall, prompt_alignment
 
 log = logging.getLogger("genlab.eval")
 
@@ -145,6 +144,9 @@ class EvalResult:
     real_held_out: dict[str, Any]  # real held-out vs reference: the floor (FID/KID) / ceiling (the rest)
     held_out_prompts: int  # prompts whose attribute combination was held out of training
     inception: Optional[dict[str, Any]] = None  # the same with the standard Inception-v3, when asked for
+    # a lab that can reconstruct (VAE, ldm): the held-out real images encoded and decoded, scored like a generated
+    # set, plus their PSNR: the ceiling of what its decoder can draw
+    reconstruction: Optional[dict[str, Any]] = None
     eval_seconds: float = 0.0
     run_dir: Optional[str] = None
     checkpoint: Optional[str] = None
@@ -174,101 +176,10 @@ def summary_line(result: dict[str, Any]) -> str:
         inc = result["inception"]
         parts.append(f"Inception FID {inc['generated']['fid']:.2f} (real {inc['real_held_out']['fid']:.2f})")
     parts.append(f"NFE {result['nfe_per_sample']}, {1000 * result['sampling_seconds_per_image']:.1f} ms/image")
+    if result.get("reconstruction"):
+        rec = result["reconstruction"]
+        parts.append(f"reconstructions: PSNR {rec['psnr']:.1f} dB, FID {rec['fid']:.2f}, align {rec['alignment']['all']:.1%}")
     return head + " " + " | ".join(parts)
-
-
-# ------------------------------------------------------------------------------------ sets
-def choose_items(count: int, total: int, seed: int, held_out_mask: Optional[torch.Tensor] = None,
-                 held_out_fraction: float = 0.0) -> torch.Tensor:
-    """``count`` distinct indices of ``total`` items, seeded; with a mask, ``round(fraction * count)`` of them
-    (as many as exist, at most) are held-out items, so held-out alignment is not measured on a handful."""
-    generator = torch.Generator().manual_seed(seed)
-    if count > total:
-        raise ValueError(f"eval.num_samples={count} but the split has only {total} images; lower eval.num_samples")
-    if held_out_mask is None or not held_out_mask.any():
-        return torch.randperm(total, generator=generator)[:count]
-    held = held_out_mask.nonzero().flatten()  # indices of held-out items
-    seen = (~held_out_mask).nonzero().flatten()
-    n_held = min(round(held_out_fraction * count), len(held))
-    if count - n_held > len(seen):
-        raise ValueError(f"eval.num_samples={count} needs {count - n_held} test images of seen combinations, "
-                         f"the split has {len(seen)}; lower eval.num_samples")
-    picked = torch.cat([held[torch.randperm(len(held), generator=generator)[:n_held]],
-                        seen[torch.randperm(len(seen), generator=generator)[:count - n_held]]])
-    return picked[torch.randperm(count, generator=generator)]  # mixed, so every batch has both kinds
-
-
-def nfe_per_sample(lab: nn.Module, sample_options: dict[str, Any]) -> int:
-    """Network evaluations per generated image: ``lab.nfe(**options)`` when the lab has it, else 1."""
-    nfe = getattr(lab, "nfe", None)
-    if not callable(nfe):
-        return 1
-    params = inspect.signature(nfe).parameters
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return int(nfe(**{k: v for k, v in sample_options.items() if takes_all or k in params}))
-
-
-def check_sample_options(lab: nn.Module, sample_options: dict[str, Any]) -> dict[str, Any]:
-    """The set options (None = the model's default) for ``lab.sample``, checked against the lab's
-    ``SampleOptions``; a name it does not take is a ConfigError naming ``eval.sample_options``."""
-    check = getattr(type(lab), "sample_options", None)  # a Lab; a plain module gets its options as given
-    if check is None:
-        return {key: value for key, value in dict(sample_options or {}).items() if value is not None}
-    try:
-        return check(sample_options)
-    except ValueError as err:
-        raise ConfigError(f"eval.sample_options: {err}") from None
-
-
-@torch.no_grad()
-def generate(lab: nn.Module, prompts: list[str], seed: int, batch_size: int, sample_options: dict[str, Any],
-             device: torch.device) -> tuple[torch.Tensor, float]:
-    """uint8 images (N, C, H, W) for ``prompts`` (batch b seeded with ``seed + b``) and seconds per image."""
-    images, seconds = [], 0.0
-    for index, start in enumerate(range(0, len(prompts), batch_size)):
-        batch = prompts[start:start + batch_size]
-        generator = torch.Generator(device=device).manual_seed(seed + index)
-        started = time.perf_counter()
-        out = lab.sample(batch, generator=generator, **sample_options)  # (B, C, H, W) in [-1, 1]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - started
-        if out.ndim != 4 or len(out) != len(batch):
-            raise ValueError(f"{type(lab).__name__}.sample returned shape {tuple(out.shape)} for {len(batch)} prompts")
-        images.append(quantize(out).cpu())  # clamped and quantised like the real images
-    return torch.cat(images), seconds / max(len(prompts), 1)
-
-
-# ------------------------------------------------------------------------------------ metrics of a set
-def kid_subset(subset_size: int, count: int) -> int:
-    """At most half the sample count, so KID's random subsets differ and ``kid_std`` means something."""
-    return max(2, min(subset_size, count // 2))
-
-
-def set_metrics(reference: EvaluatorOutput, other: EvaluatorOutput, targets: torch.Tensor,
-                held_out_mask: Optional[torch.Tensor], attributes: list[str], seed: int, kid_subset_size: int,
-                kid_subsets: int, pr_k: int, is_splits: int) -> dict[str, Any]:
-    """Every metric of ``other`` against ``reference`` (features and logits of the evaluator)."""
-    size = kid_subset(kid_subset_size, min(len(reference.features), len(other.features)))
-    kid_mean, kid_std = kid(reference.features, other.features, size, kid_subsets, seed)
-    is_mean, is_std = inception_score(joint_log_probs(other.logits), is_splits, seed)
-    pr = precision_recall(reference.features, other.features, k=pr_k)
-    return {
-        "fid": fid(reference.features, other.features),
-        "kid_mean": kid_mean, "kid_std": kid_std,
-        "inception_score": is_mean, "inception_score_std": is_std,
-        "precision": pr.precision, "recall": pr.recall,
-        "alignment": prompt_alignment(predict_from_logits(other.logits), targets, held_out_mask, attributes),
-    }
-
-
-def inception_metrics(reference: tuple[torch.Tensor, torch.Tensor], other: tuple[torch.Tensor, torch.Tensor],
-                      seed: int, kid_subset_size: int, kid_subsets: int, is_splits: int) -> dict[str, float]:
-    size = kid_subset(kid_subset_size, min(len(reference[0]), len(other[0])))
-    kid_mean, kid_std = kid(reference[0], other[0], size, kid_subsets, seed)
-    is_mean, is_std = inception_score(other[1], is_splits, seed)
-    return {"fid": fid(reference[0], other[0]), "kid_mean": kid_mean, "kid_std": kid_std,
-            "inception_score": is_mean, "inception_score_std": is_std}
 
 
 # ------------------------------------------------------------------------------------ the evaluation
@@ -332,6 +243,11 @@ def evaluate_lab(
     generated_metrics = set_metrics(reference, fake, targets, held_out_mask, **options)
     real_metrics = set_metrics(reference, real, targets, held_out_mask, **options)
 
+    reconstruction = None
+    if callable(getattr(lab, "reconstruct", None)):
+        reconstruction = reconstruction_metrics(lab, test_images, prompts, reference, evaluator, batch_size, device,
+                                                targets, held_out_mask, options)
+
     inception_result = None
     if inception is not None:
         inc_reference = inception.embed(reference_images)
@@ -352,7 +268,7 @@ def evaluate_lab(
                    "num_features": evaluator.num_features, "is_classes": evaluator.num_classes,
                    "path": evaluator.info.get("path")},
         generated=generated_metrics, real_held_out=real_metrics, held_out_prompts=int(held_out_mask.sum()),
-        inception=inception_result, eval_seconds=time.perf_counter() - started,
+        inception=inception_result, reconstruction=reconstruction, eval_seconds=time.perf_counter() - started,
     )
 
 
