@@ -214,3 +214,24 @@ def load_lab(
         EMA.copy_weights(state["ema"], lab)
     lab.to(device).eval()
     return LoadedLab(lab=lab, cfg=cfg, state=state, path=path)
+
+
+def initialize_modules(lab: Lab, source: str | Path, modules: list[str]) -> Path:
+    """Load the weights of the submodules ``lab.<name>`` for each name in ``modules`` from the checkpoint at
+    ``source`` (a run folder or checkpoint; read with ``weights_only``), strictly: every tensor of each submodule,
+    of the same shape. The rest of ``lab`` is left as it is. Returns the checkpoint's path."""
+    path = resolve_checkpoint(source)
+    weights = load_checkpoint(path)["model"]
+    for name in modules:
+        module = getattr(lab, name, None)
+        if not isinstance(module, torch.nn.Module):
+            raise CheckpointError(f"trainer.init_modules: {type(lab).__name__} has no submodule {name!r}")
+        prefix = name + "."
+        part = {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}
+        if not part:
+            raise CheckpointError(f"{path} holds no weights of {name!r} (trainer.init_modules)")
+        try:
+            module.load_state_dict(part)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: its {name!r} does not fit this model's: {first_line(err, 300)}") from None
+    return path

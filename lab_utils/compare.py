@@ -34,6 +34,20 @@ log = logging.getLogger("genlab.compare")
 
 
 @dataclass
+class FirstStage:
+    """A family's first training stage, trained once per settings (cached like the evaluator) and taken by its
+    compared runs: the way Stable Diffusion's autoencoder is trained once and shared by every diffusion model."""
+
+    modules: list[str] = field(default_factory=list)  # the submodules the first stage trains (lab.<name>)
+    train: list[str] = field(default_factory=list)  # overrides that make a run of the family train only them
+    then: list[str] = field(default_factory=list)  # overrides of the compared run, which starts from them
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise ValueError("compare.first_stages.<model>.modules must name the submodules the first stage trains")
+
+
+@dataclass
 class CompareConfig:
     """``cfg.compare``, set by each preset (``conf/preset/*.yaml``)."""
 
@@ -46,9 +60,8 @@ class CompareConfig:
     evaluator_preset: str = "cpu"
     num_prompts: int = 6  # rows of samples.png (the dataset's fixed prompts)
     seeds: int = 4  # columns per family in samples.png
-    # a family's own settings for this budget, e.g. {ldm: [model.autoencoder_steps=300]}: the ldm trains its
-    # autoencoder inside its budget, and a short budget needs a shorter first stage (results.md lists them)
-    family_overrides: dict[str, list[str]] = field(default_factory=dict)
+    # families whose first stage is trained once, outside the budget, and cached (results.md shows its time)
+    first_stages: dict[str, FirstStage] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_seconds is None and self.max_images is None:
@@ -61,10 +74,16 @@ class CompareConfig:
 
 
 # ------------------------------------------------------------------------------------ training
-def family_config(cfg: DictConfig, model: str, run_dir: Path) -> DictConfig:
-    """The family's training config: its own preset values, the comparison's data and budget."""
+def family_config(cfg: DictConfig, model: str, run_dir: Path, first_stage: Optional[dict] = None) -> DictConfig:
+    """The family's training config: its own preset values, the comparison's data and budget (and, for a family
+    with a cached first stage, the overrides that start it from that stage)."""
+    extra = []
+    if first_stage is not None:
+        spec = cfg.compare.first_stages[model]
+        extra = [*spec.then, f"trainer.init_from={first_stage['checkpoint']}",
+                 f"trainer.init_modules=[{','.join(spec.modules)}]"]
     family = compose([f"model={model}", f"data={cfg.data.name}", f"preset={cfg.preset_name}", f"out={run_dir}",
-                      f"seed={cfg.seed}", *cfg.compare.family_overrides.get(model, [])], check=False)
+                      f"seed={cfg.seed}", *extra], check=False)
     OmegaConf.set_struct(family, False)
     family.data = cfg.data  # exactly the same data (and overrides) for every family
     budget = cfg.compare
@@ -75,6 +94,52 @@ def family_config(cfg: DictConfig, model: str, run_dir: Path) -> DictConfig:
     from lab_utils.config import validate
 
     return validate(family)
+
+
+def first_stage_key(stage: DictConfig) -> str:
+    """sha256 of what determines a trained first stage: data (not its location), model, trainer, seed."""
+    import hashlib
+
+    from lab_utils.data.base import LOCATION_KEYS
+
+    data = {k: v for k, v in OmegaConf.to_container(stage.data, resolve=True).items() if k not in LOCATION_KEYS}
+    trainer = {k: v for k, v in OmegaConf.to_container(stage.trainer, resolve=True).items()
+               if k not in ("device", "progress", "num_workers", "tensorboard", "log_every")}
+    payload = {"data": data, "model": OmegaConf.to_container(stage.model, resolve=True), "trainer": trainer,
+               "seed": stage.seed}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_first_stage(cfg: DictConfig, model: str) -> Optional[dict[str, Any]]:
+    """The family's cached first stage (``compare.first_stages``), trained now if no comparison with the same
+    settings trained it before (None: the family has none). Returns its checkpoint, steps and seconds."""
+    import shutil
+
+    from lab_utils.checkpoint import load_checkpoint
+    from lab_utils.config import validate
+    from lab_utils.data.base import cache_root
+    from lab_utils.training import train
+
+    spec = cfg.compare.first_stages.get(model)
+    if spec is None:
+        return None
+    stage = compose([f"model={model}", f"data={cfg.data.name}", f"preset={cfg.preset_name}", f"seed={cfg.seed}",
+                     *spec.train], check=False)
+    OmegaConf.set_struct(stage, False)
+    stage.data = cfg.data
+    stage.trainer.progress = cfg.get("progress", True)
+    folder = cache_root("first_stages") / f"{cfg.data.name}-{model}-{first_stage_key(stage)}"
+    stage.out = str(folder)
+    started, reused = time.perf_counter(), True
+    if not (folder / "checkpoints" / "last.pt").exists() or not run_finished(load_checkpoint(folder)):
+        shutil.rmtree(folder, ignore_errors=True)  # an interrupted one: start again (it is short)
+        log.info("%s: training its first stage (%s) once into %s", model, ", ".join(spec.modules), folder)
+        train(validate(stage))
+        reused = False
+    counters = load_checkpoint(folder)["trainer"]
+    return {"checkpoint": str(folder / "checkpoints" / "last.pt"), "modules": list(spec.modules),
+            "steps": counters["step"], "seconds": counters["train_seconds"], "reused": reused,
+            "wall_seconds": time.perf_counter() - started}
 
 
 def run_finished(state: dict[str, Any]) -> bool:
@@ -107,14 +172,15 @@ def kid_probe(cfg: DictConfig, evaluator):
     return probe
 
 
-def train_family(cfg: DictConfig, model: str, evaluator, out_dir: Path) -> dict[str, Any]:
+def train_family(cfg: DictConfig, model: str, evaluator, out_dir: Path,
+                 first_stage: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     from lab_utils.checkpoint import CheckpointError, load_checkpoint
     from lab_utils.run_folder import Resume, resume_source
     from lab_utils.trainer import Callback
     from lab_utils.training import train
 
     run_dir = out_dir / model
-    family = family_config(cfg, model, run_dir)
+    family = family_config(cfg, model, run_dir, first_stage)
     state = None
     if (run_dir / "checkpoints" / "last.pt").exists():
         try:
@@ -233,7 +299,11 @@ def stage_text(rows: list[dict[str, Any]]) -> str:
     """What of each family's budget went to an earlier stage (included in its training time)."""
     lines = [f"- {row['model']}: its {name} stage, {t['steps']:.0f} steps in {t['seconds']:.0f} s of its "
              f"{row['train_seconds']:.0f} s, is part of its budget"
-             for row in rows for name, t in row.get("stages", {}).items()]
+             for row in rows for name, t in row.get("stages", {}).items() if t["steps"] > 0]
+    lines += [f"- {row['model']}: its {', '.join(first['modules'])} was trained once, outside its budget ("
+              f"{first['steps']} steps, {first['seconds']:.0f} s, the \"first stage s\" column), "
+              f"{'reused from' if first['reused'] else 'cached in'} {Path(first['checkpoint']).parent.parent}"
+              for row in rows if (first := row.get("first_stage"))]
     ceilings = [f"- {row['model']}: reconstructions of real test images (its decoder's ceiling) PSNR "
                 f"{row['reconstruction']['psnr']:.1f} dB, FID {row['reconstruction']['fid']:.2f}, all-attributes "
                 f"alignment {row['reconstruction']['alignment_seen']:.2f}" for row in rows if row.get("reconstruction")]
@@ -245,11 +315,14 @@ COLUMNS = [("FID", "fid", 3), ("KID", "kid_mean", 2), ("IS", "inception_score", 
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ["family", "params", "train s", "images", "img/s", *[c[0] for c in COLUMNS], "NFE", "s/image"]
+    head = ["family", "params", "train s", "first stage s", "images", "img/s", *[c[0] for c in COLUMNS], "NFE",
+            "s/image"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
+        first = row.get("first_stage")
         cells = [row["model"], f"{row['parameters'] / 1e6:.2f}M", f"{row['train_seconds']:.0f}",
-                 f"{row['images_seen']:,}", f"{row['train_images_per_s']:.0f}"]
+                 f"{first['seconds']:.0f}" if first else "-", f"{row['images_seen']:,}",
+                 f"{row['train_images_per_s']:.0f}"]
         for _, key, digits in COLUMNS:
             metric = row["metrics"][key]
             cells.append(f"{fmt(metric['generated'], digits)} ({fmt(metric['real'], digits)})")
@@ -289,7 +362,10 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     rows, curves, blocks = [], {"loss": {}, "KID": {}}, {}
     prompts = None
     for model in models:
-        trained = train_family(cfg, model, evaluator, out_dir)
+        first_stage = train_first_stage(cfg, model)
+        if first_stage is not None:
+            stages[f"first stage {model}"] = first_stage["wall_seconds"]
+        trained = train_family(cfg, model, evaluator, out_dir, first_stage)
         stages[f"train {model}"] = trained["wall_seconds"]
         evaluation, seconds = evaluate_family(cfg, trained["run_dir"])
         stages[f"eval {model}"] = seconds
@@ -301,6 +377,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         n_params = sum(p.numel() for p in loaded.lab.parameters())
         rows.append(results_row(model, state, evaluation, n_params))
         rows[-1]["stages"] = stage_times(loaded.lab, trained["run_dir"])
+        rows[-1]["first_stage"] = first_stage
         for name, points in read_curves(trained["run_dir"], model).items():
             curves["KID" if "curve/kid" in name else "loss"][name.replace(": curve/kid", "")] = points
         stages[f"figures {model}"] = time.perf_counter() - tick
@@ -325,8 +402,6 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         + (f"Alignment per attribute (share of images showing each attribute their prompt names; real images "
            f"score ~1, chance is 1 / the number of values):\n\n{attributes}\n\n" if attributes else "")
         + (f"Stages and ceilings:\n\n{stage_text(rows)}\n\n" if stage_text(rows) else "")
-        + (f"Family settings for this budget: {dict(cfg.compare.family_overrides)}\n\n"
-           if cfg.compare.family_overrides else "")
         + "![samples](samples.png)\n\n![curves](curves.png)\n")
     print(table)
     if attributes:

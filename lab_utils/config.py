@@ -50,6 +50,9 @@ class TrainerConfig:
     dist_backend: str = "auto"  # several processes: auto = nccl on CUDA, gloo on CPU
     grad_clip: Optional[float] = 1.0  # max global grad norm per optimiser; null disables
     warmup_steps: int = 0  # linear LR warm-up from 0 over this many steps
+    # start a new run with some of the lab's submodules taken from another run (e.g. the ldm's trained autoencoder):
+    init_from: Optional[str] = None  # a run folder or checkpoint
+    init_modules: list[str] = dataclasses.field(default_factory=list)  # names of submodules (``lab.<name>``) to take
     lr_decay_steps: Optional[int] = None  # cosine decay of the LR to 0 over this many steps (e.g. = steps); null: none
     ema_decay: float = 0.999  # 0 disables the EMA copy
     ema_start: int = 0  # steps before the EMA starts tracking (copies weights until then)
@@ -76,6 +79,9 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"trainer.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if bool(self.init_from) != bool(self.init_modules):
+            raise ValueError("trainer.init_from and trainer.init_modules go together: the run (or checkpoint) to take "
+                             f"weights from and the submodules to take (got {self.init_from!r} and {list(self.init_modules)})")
         for name in ("max_images", "max_seconds", "lr_decay_steps"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"trainer.{name} must be positive or null, got {getattr(self, name)}")

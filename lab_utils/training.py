@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lab_utils import distributed
-from lab_utils.checkpoint import build_lab
+from lab_utils.checkpoint import build_lab, initialize_modules
 from lab_utils.data import build_dataset
 from lab_utils.devices import pick_device, speed_setup
 from lab_utils.lab import DataInfo
@@ -65,7 +65,11 @@ def _train(cfg: DictConfig, resume: str | Path | None, callbacks: tuple[Callback
     # The dataset: rank 0 first (it writes the cache or downloads), then one process per node, then the rest.
     train_set = distributed.in_turn(lambda: build_dataset(cfg.data, "train"), dist_info)
     data_info = DataInfo.from_dict(state["data_info"]) if state else train_set.data_info()
-    lab = speed_setup(build_lab(cfg, data_info).to(device), cfg, device)
+    lab = build_lab(cfg, data_info)
+    if state is None and cfg.trainer.init_from:  # a new run that starts from another run's submodules
+        taken = initialize_modules(lab, cfg.trainer.init_from, list(cfg.trainer.init_modules))
+        log.info("took %s from %s", ", ".join(cfg.trainer.init_modules), taken)
+    lab = speed_setup(lab.to(device), cfg, device)
     if dist_info.rank > 0:
         torch.manual_seed(cfg.seed + dist_info.rank)  # its own noise; the weights come from rank 0 (DDP)
     trainer = Trainer(cfg, run_dir, lab, train_set, data_info, device, callbacks, dist_info)

@@ -25,6 +25,18 @@ def data_info(channels: int = 3, size: int = 16):
                     prompts=["a red circle", "a small blue square at the top left"])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): one thread avoids
+    OpenMP's synchronisation cost (large on a busy machine)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Generated datasets go to a cache private to this test session (subprocesses inherit it)."""

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import subprocess_env
 from lab_utils.checkpoint import list_checkpoints, load_checkpoint
-from lab_utils.compare import CompareConfig, attribute_table, compare, markdown_table, run_finished
-from lab_utils.config import ConfigError, compose
+from lab_utils.compare import CompareConfig, attribute_table, compare, markdown_table, run_finished, train_first_stage
+from lab_utils.config import ConfigError, check_section, compose
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +152,32 @@ def test_training_curves_keep_one_colour_per_family():
         assert kid_colours["gan"] == "#000000"
     finally:
         plt.close(fig)
+
+
+def test_a_first_stage_is_trained_once_cached_and_taken_by_the_compared_run(tmp_path):
+    """compare.first_stages: the ldm's autoencoder is trained once outside the budget, cached by its settings,
+    and the compared run starts from it (its autoencoder is the cached one, bit for bit: stage 2 freezes it)."""
+    import torch
+
+    def config(name: str):
+        return compose(["data=shapes", "preset=smoke", f"out={tmp_path / name}", "progress=false", "models=[ldm]",
+                       "+compare.first_stages.ldm.modules=[autoencoder]",
+                       "+compare.first_stages.ldm.train=['model.autoencoder_steps=3','trainer.steps=3']",
+                       "+compare.first_stages.ldm.then=['model.autoencoder_steps=0']"], config_name="compare", check=False)
+
+    first = compare(config("one"))
+    row = first["rows"][0]
+    stage = row["first_stage"]
+    assert stage["steps"] == 3 and stage["seconds"] > 0 and not stage["reused"] and row["stages"]["autoencoder"]["steps"] == 0
+    cached = load_checkpoint(stage["checkpoint"])["model"]
+    compared = load_checkpoint(tmp_path / "one" / "ldm")
+    assert compared["config"]["trainer"]["init_from"] == stage["checkpoint"]
+    for key, value in cached.items():
+        if key.startswith("autoencoder."):
+            assert torch.equal(compared["model"][key], value), key
+    text = (tmp_path / "one" / "results.md").read_text()
+    assert "its autoencoder was trained once, outside its budget (3 steps" in text and "first stage s" in text
+    cfg = config("two")  # the same settings: the cached stage is reused, not retrained
+    cfg.compare = check_section(cfg.compare, CompareConfig, "compare")
+    again = train_first_stage(cfg, "ldm")
+    assert again["reused"] and again["checkpoint"] == stage["checkpoint"] and again["seconds"] == stage["seconds"]

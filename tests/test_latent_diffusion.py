@@ -18,13 +18,7 @@ from labs.text_encoder import TextEncoderConfig
 from labs.vae import kl_divergence
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread avoids OpenMP's synchronisation cost (large on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 
 
 def tiny_config(**changes) -> LDMConfig:
@@ -228,3 +222,28 @@ def test_train_checkpoint_then_sample_identically(tmp_path):
     x, captions = shapes_images(4, "test")
     recon = loaded.lab.reconstruct(x, captions)
     assert recon.shape == x.shape and recon.abs().max() <= 1.0
+
+
+def test_a_new_run_can_take_submodules_from_another(tmp_path):
+    """trainer.init_from / init_modules: the named submodules come from the other run, strictly; the rest does not."""
+    from lab_utils.checkpoint import CheckpointError, initialize_modules, load_checkpoint, load_lab
+    from lab_utils.config import TrainerConfig
+    from lab_utils.training import train
+
+    source = tmp_path / "source"
+    train(compose(["model=ldm", "data=shapes", "preset=smoke", f"out={source}", "trainer.steps=3"]))
+    taken = tmp_path / "taken"
+    train(compose(["model=ldm", "data=shapes", "preset=smoke", f"out={taken}", "trainer.steps=2", "seed=5",
+                   "model.autoencoder_steps=0", f"trainer.init_from={source}", "trainer.init_modules=[autoencoder]"]))
+    a, b = load_checkpoint(source)["model"], load_checkpoint(taken)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("autoencoder."))  # frozen in stage 2: unchanged
+    assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith("diffusion.unet."))  # its own DDPM
+    lab = load_lab(taken).lab
+    with pytest.raises(CheckpointError, match="has no submodule 'nothing'"):
+        initialize_modules(lab, source, ["nothing"])
+    other = load_lab(source).lab
+    other.autoencoder = KLAutoencoder(AutoencoderConfig(channels=[8, 16], groups=4), channels=3)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        initialize_modules(other, source, ["autoencoder"])
+    with pytest.raises(ValueError, match="go together"):
+        TrainerConfig(init_from=str(source))

@@ -19,13 +19,7 @@ from labs.vae import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread avoids OpenMP's synchronisation cost (large on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 
 def tiny_config(**changes) -> VAEConfig:
     cfg = VAEConfig(latent_dim=8, net=ConvNetConfig(channels=[16, 32], groups=4, hidden_dim=64),

@@ -56,8 +56,9 @@ def measure_accuracy(evaluator: Evaluator, dataset: Any, batch_size: int = 500) 
 # ------------------------------------------------------------------------------------ cache
 def cache_root() -> Path:
     """``$GENLAB_CACHE/evaluators`` or ``~/.cache/genlab/evaluators``."""
-    base = os.environ.get("GENLAB_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "genlab").expanduser() / "evaluators"
+    from lab_utils.data.base import cache_root as data_cache_root
+
+    return data_cache_root("evaluators")
 
 
 def evaluator_data_config(data_cfg: Any) -> dict[str, Any]:
