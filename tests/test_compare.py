@@ -101,7 +101,9 @@ def test_markdown_table_shows_real_reference_beside_each_metric():
                                                "alignment_seen", "alignment_held_out")}}
     table = markdown_table([row]).splitlines()
     assert table[0].startswith("| family | params")
-    assert "| vae | 1.50M | 150 | 30,000 | 200 | 12.5 (1.25) |" in table[2]
+    assert "| vae | 1.50M | 150 | - | 30,000 | 200 | 12.5 (1.25) |" in table[2]  # no first stage: "-"
+    staged = {**row, "model": "ldm", "first_stage": {"seconds": 37.4, "steps": 600}}
+    assert "| ldm | 1.50M | 150 | 37 | 30,000 | 200 | 12.5 (1.25) |" in markdown_table([staged]).splitlines()[2]
     row["alignment_per_attribute"] = {"shape": 0.904, "colour": 1.0, "position": 0.164}
     assert attribute_table([row]).splitlines() == ["| family | shape | colour | position |", "|---|---|---|---|",
                                                    "| vae | 0.9 | 1 | 0.16 |"]
