@@ -12,8 +12,8 @@
                   the labs it composes, listed in COMPOSITE_LABS and named in its docstring), each lab's exercises
                   (labs/<family>/exercises.py), the evaluator family (labs/evaluator) and the metric
                   exercises (evaluation.exercises)
-    applications  the commands users run, on top of everything: cli, compare, bench, notebooks and the
-                  evaluation application (evaluation.evaluate and .sets, evaluation.cache: train, cache and apply
+    applications  the commands users run, on top of everything: cli, compare (and its first_stages), bench,
+                  notebooks and the evaluation application (evaluation.evaluate and .sets, evaluation.cache: train, cache and apply
                   the evaluator)
 
 No import runs upward, none closes a circle, and an import inside a function is there for start-up speed
@@ -47,6 +47,7 @@ LAYERS: dict[str, str] = {
     "lab_utils.evaluation": "applications",
     "lab_utils.cli": "applications",
     "lab_utils.compare": "applications",
+    "lab_utils.first_stages": "applications",
     "lab_utils.bench": "applications",
     "lab_utils.notebooks": "applications",
     "genlab": "applications",

@@ -29,22 +29,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lab_utils.config import ConfigError, check_section, compose
+from lab_utils.first_stages import FirstStage, train_first_stage
+from lab_utils.run_folder import run_finished  # noqa: F401 (re-exported: the tests and notebooks read it here)
 
 log = logging.getLogger("genlab.compare")
-
-
-@dataclass
-class FirstStage:
-    """A family's first training stage, trained once per settings (cached like the evaluator) and taken by its
-    compared runs: the way Stable Diffusion's autoencoder is trained once and shared by every diffusion model."""
-
-    modules: list[str] = field(default_factory=list)  # the submodules the first stage trains (lab.<name>)
-    train: list[str] = field(default_factory=list)  # overrides that make a run of the family train only them
-    then: list[str] = field(default_factory=list)  # overrides of the compared run, which starts from them
-
-    def __post_init__(self) -> None:
-        if not self.modules:
-            raise ValueError("compare.first_stages.<model>.modules must name the submodules the first stage trains")
 
 
 @dataclass
@@ -94,60 +82,6 @@ def family_config(cfg: DictConfig, model: str, run_dir: Path, first_stage: Optio
     from lab_utils.config import validate
 
     return validate(family)
-
-
-def first_stage_key(stage: DictConfig) -> str:
-    """sha256 of what determines a trained first stage: data (not its location), model, trainer, seed."""
-    import hashlib
-
-    from lab_utils.data.base import LOCATION_KEYS
-
-    data = {k: v for k, v in OmegaConf.to_container(stage.data, resolve=True).items() if k not in LOCATION_KEYS}
-    trainer = {k: v for k, v in OmegaConf.to_container(stage.trainer, resolve=True).items()
-               if k not in ("device", "progress", "num_workers", "tensorboard", "log_every")}
-    payload = {"data": data, "model": OmegaConf.to_container(stage.model, resolve=True), "trainer": trainer,
-               "seed": stage.seed}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def train_first_stage(cfg: DictConfig, model: str) -> Optional[dict[str, Any]]:
-    """The family's cached first stage (``compare.first_stages``), trained now if no comparison with the same
-    settings trained it before (None: the family has none). Returns its checkpoint, steps and seconds."""
-    import shutil
-
-    from lab_utils.checkpoint import load_checkpoint
-    from lab_utils.config import validate
-    from lab_utils.data.base import cache_root
-    from lab_utils.training import train
-
-    spec = cfg.compare.first_stages.get(model)
-    if spec is None:
-        return None
-    stage = compose([f"model={model}", f"data={cfg.data.name}", f"preset={cfg.preset_name}", f"seed={cfg.seed}",
-                     *spec.train], check=False)
-    OmegaConf.set_struct(stage, False)
-    stage.data = cfg.data
-    stage.trainer.progress = cfg.get("progress", True)
-    folder = cache_root("first_stages") / f"{cfg.data.name}-{model}-{first_stage_key(stage)}"
-    stage.out = str(folder)
-    started, reused = time.perf_counter(), True
-    if not (folder / "checkpoints" / "last.pt").exists() or not run_finished(load_checkpoint(folder)):
-        shutil.rmtree(folder, ignore_errors=True)  # an interrupted one: start again (it is short)
-        log.info("%s: training its first stage (%s) once into %s", model, ", ".join(spec.modules), folder)
-        train(validate(stage))
-        reused = False
-    counters = load_checkpoint(folder)["trainer"]
-    return {"checkpoint": str(folder / "checkpoints" / "last.pt"), "modules": list(spec.modules),
-            "steps": counters["step"], "seconds": counters["train_seconds"], "reused": reused,
-            "wall_seconds": time.perf_counter() - started}
-
-
-def run_finished(state: dict[str, Any]) -> bool:
-    """Whether a checkpoint's run spent its budget (the trainer's own stopping rule)."""
-    counters, trainer = state["trainer"], state["config"]["trainer"]
-    return (counters["step"] >= trainer["steps"]
-            or (trainer.get("max_images") is not None and counters["images_seen"] >= trainer["max_images"])
-            or (trainer.get("max_seconds") is not None and counters["train_seconds"] >= trainer["max_seconds"]))
 
 
 def kid_probe(cfg: DictConfig, evaluator):

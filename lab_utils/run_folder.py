@@ -317,3 +317,11 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
         log.warning("removed %d partial file(s) a killed run left in %s: %s", len(removed), folder,
                     ", ".join(p.name for p in removed))
     return removed
+
+
+def run_finished(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint's run spent its budget (the trainer's own stopping rule)."""
+    counters, trainer = state["trainer"], state["config"]["trainer"]
+    return (counters["step"] >= trainer["steps"]
+            or (trainer.get("max_images") is not None and counters["images_seen"] >= trainer["max_images"])
+            or (trainer.get("max_seconds") is not None and counters["train_seconds"] >= trainer["max_seconds"]))

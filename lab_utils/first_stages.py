@@ -1,0 +1,96 @@
+"""A family's first training stage (the ldm's autoencoder), trained once per settings, cached like the evaluator
+and taken by the runs that ``genlab compare`` trains (``compare.first_stages``); as Stable Diffusion's autoencoder
+is trained once and shared by every diffusion model trained on its latents."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from lab_utils.config import compose
+from lab_utils.run_folder import run_finished
+
+log = logging.getLogger("genlab.compare")
+
+
+@dataclass
+class FirstStage:
+    """A family's first training stage, trained once per settings (cached like the evaluator) and taken by its
+    compared runs: the way Stable Diffusion's autoencoder is trained once and shared by every diffusion model."""
+
+    modules: list[str] = field(default_factory=list)  # the submodules the first stage trains (lab.<name>)
+    train: list[str] = field(default_factory=list)  # overrides that make a run of the family train only them
+    then: list[str] = field(default_factory=list)  # overrides of the compared run, which starts from them
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise ValueError("compare.first_stages.<model>.modules must name the submodules the first stage trains")
+
+
+def first_stage_key(stage: DictConfig) -> str:
+    """sha256 of what determines a trained first stage: data (not its location), model, trainer, seed."""
+    import hashlib
+
+    from lab_utils.data.base import LOCATION_KEYS
+
+    data = {k: v for k, v in OmegaConf.to_container(stage.data, resolve=True).items() if k not in LOCATION_KEYS}
+    trainer = {k: v for k, v in OmegaConf.to_container(stage.trainer, resolve=True).items()
+               if k not in ("device", "progress", "num_workers", "tensorboard", "log_every")}
+    payload = {"data": data, "model": OmegaConf.to_container(stage.model, resolve=True), "trainer": trainer,
+               "seed": stage.seed, "code": lab_code_digest(stage.model._target_)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def lab_code_digest(target: str) -> str:
+    """sha256 of the source of the lab's package and of the labs it composes: a cached stage trained by other
+    code is not reused."""
+    import hashlib
+    import importlib
+
+    from lab_utils import COMPOSITE_LABS
+
+    package = ".".join(target.split(".")[:2])  # labs.<family>
+    digest = hashlib.sha256()
+    for name in (package, *COMPOSITE_LABS.get(package, ())):
+        folder = Path(importlib.import_module(name).__file__).parent
+        for path in sorted(folder.glob("*.py")):
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def train_first_stage(cfg: DictConfig, model: str) -> Optional[dict[str, Any]]:
+    """The family's cached first stage (``compare.first_stages``), trained now if no comparison with the same
+    settings trained it before (None: the family has none). Returns its checkpoint, steps and seconds."""
+    import shutil
+
+    from lab_utils.checkpoint import load_checkpoint
+    from lab_utils.config import validate
+    from lab_utils.data.base import cache_root
+    from lab_utils.training import train
+
+    spec = cfg.compare.first_stages.get(model)
+    if spec is None:
+        return None
+    stage = compose([f"model={model}", f"data={cfg.data.name}", f"preset={cfg.preset_name}", f"seed={cfg.seed}",
+                     *spec.train], check=False)
+    OmegaConf.set_struct(stage, False)
+    stage.data = cfg.data
+    stage.trainer.progress = cfg.get("progress", True)
+    folder = cache_root("first_stages") / f"{cfg.data.name}-{model}-{first_stage_key(stage)}"
+    stage.out = str(folder)
+    started, reused = time.perf_counter(), True
+    if not (folder / "checkpoints" / "last.pt").exists() or not run_finished(load_checkpoint(folder)):
+        shutil.rmtree(folder, ignore_errors=True)  # an interrupted one: start again (it is short)
+        log.info("%s: training its first stage (%s) once into %s", model, ", ".join(spec.modules), folder)
+        train(validate(stage))
+        reused = False
+    counters = load_checkpoint(folder)["trainer"]
+    return {"checkpoint": str(folder / "checkpoints" / "last.pt"), "modules": list(spec.modules),
+            "steps": counters["step"], "seconds": counters["train_seconds"], "reused": reused,
+            "wall_seconds": time.perf_counter() - started}
