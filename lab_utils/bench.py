@@ -145,7 +145,7 @@ def make_trainer(cfg: DictConfig, switches: dict[str, Any], train_set, data_info
     torch.manual_seed(cfg.seed)
     lab = speed_setup(build_lab(variant, data_info).to(device), variant, device)
     trainer = Trainer(variant, run_dir, lab, train_set, data_info, device)
-    stages = lab.stages() if callable(getattr(lab, "stages", None)) else {}
+    stages = lab.stages()
     if stages:  # a family trained in stages (the ldm) is timed on its last, main one: start there, set it up once
         trainer.step = max(stages.values())
         trainer.run_step()

@@ -220,7 +220,7 @@ def results_row(model: str, state: dict[str, Any], evaluation: dict[str, Any], n
 def stage_times(lab: Any, run_dir: Path) -> dict[str, dict[str, float]]:
     """A family trained in stages (``lab.stages()``: name -> the step it ends at, e.g. the ldm's autoencoder):
     each stage's steps and training seconds, read from the run's metrics (all inside the family's budget)."""
-    ends = lab.stages() if callable(getattr(lab, "stages", None)) else {}
+    ends = lab.stages()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if ends else []
     times = {}
     for name, end in ends.items():
@@ -326,7 +326,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
                                                                 "test_accuracy": evaluator.test_accuracy},
                "rows": rows, "stage_seconds": stages}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    table, attributes = markdown_table(rows), attribute_table(rows)
+    table, attributes, stages_and_ceilings = markdown_table(rows), attribute_table(rows), stage_text(rows)
     (out_dir / "results.md").write_text(
         f"# genlab compare: {title}\n\nBudget per family: {budget_text(cfg.compare)}. "
         f"Each metric: generated (real held-out images at the same count: the floor for FID/KID, the ceiling "
@@ -335,13 +335,13 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         f"{table}\n\n"
         + (f"Alignment per attribute (share of images showing each attribute their prompt names; real images "
            f"score ~1, chance is 1 / the number of values):\n\n{attributes}\n\n" if attributes else "")
-        + (f"Stages and ceilings:\n\n{stage_text(rows)}\n\n" if stage_text(rows) else "")
+        + (f"Stages and ceilings:\n\n{stages_and_ceilings}\n\n" if stages_and_ceilings else "")
         + "![samples](samples.png)\n\n![curves](curves.png)\n")
     print(table)
     if attributes:
         print("\nalignment per attribute:\n" + attributes)
-    if stage_text(rows):
-        print("\n" + stage_text(rows))
+    if stages_and_ceilings:
+        print("\n" + stages_and_ceilings)
     print(f"wrote {out_dir / 'results.md'}, results.json, samples.png, curves.png")
     print("stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
     return results

@@ -4,7 +4,6 @@ is trained once and shared by every diffusion model trained on its latents."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from lab_utils.config import compose
-from lab_utils.run_folder import run_finished
+from lab_utils.run_folder import run_finished, settings_key
 
 log = logging.getLogger("genlab.compare")
 
@@ -33,29 +32,16 @@ class FirstStage:
             raise ValueError("compare.first_stages.<model>.modules must name the submodules the first stage trains")
 
 
-def first_stage_key(stage: DictConfig) -> str:
-    """sha256 of what determines a trained first stage: data (not its location), model, trainer, seed."""
-    import hashlib
-
-    from lab_utils.data.base import LOCATION_KEYS
-
-    data = {k: v for k, v in OmegaConf.to_container(stage.data, resolve=True).items() if k not in LOCATION_KEYS}
-    trainer = {k: v for k, v in OmegaConf.to_container(stage.trainer, resolve=True).items()
-               if k not in ("device", "progress", "num_workers", "tensorboard", "log_every")}
-    payload = {"data": data, "model": OmegaConf.to_container(stage.model, resolve=True), "trainer": trainer,
-               "seed": stage.seed, "code": lab_code_digest(stage.model._target_)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def lab_code_digest(target: str) -> str:
     """sha256 of the source of the lab's package and of the labs it composes: a cached stage trained by other
-    code is not reused."""
+    code is not reused. The lab is looked up in the registry first, so only a lab genlab knows is imported."""
     import hashlib
     import importlib
 
     from lab_utils import COMPOSITE_LABS
+    from lab_utils.registry import lab_class
 
-    package = ".".join(target.split(".")[:2])  # labs.<family>
+    package = ".".join(lab_class(target).__module__.split(".")[:2])  # labs.<family>
     digest = hashlib.sha256()
     for name in (package, *COMPOSITE_LABS.get(package, ())):
         folder = Path(importlib.import_module(name).__file__).parent
@@ -82,15 +68,18 @@ def train_first_stage(cfg: DictConfig, model: str) -> Optional[dict[str, Any]]:
     OmegaConf.set_struct(stage, False)
     stage.data = cfg.data
     stage.trainer.progress = cfg.get("progress", True)
-    folder = cache_root("first_stages") / f"{cfg.data.name}-{model}-{first_stage_key(stage)}"
+    key = settings_key(stage, lab_code_digest(stage.model._target_))  # other code trains it again
+    folder = cache_root("first_stages") / f"{cfg.data.name}-{model}-{key}"
     stage.out = str(folder)
-    started, reused = time.perf_counter(), True
-    if not (folder / "checkpoints" / "last.pt").exists() or not run_finished(load_checkpoint(folder)):
+    started = time.perf_counter()
+    state = load_checkpoint(folder) if (folder / "checkpoints" / "last.pt").exists() else None
+    reused = state is not None and run_finished(state)
+    if not reused:
         shutil.rmtree(folder, ignore_errors=True)  # an interrupted one: start again (it is short)
         log.info("%s: training its first stage (%s) once into %s", model, ", ".join(spec.modules), folder)
         train(validate(stage))
-        reused = False
-    counters = load_checkpoint(folder)["trainer"]
+        state = load_checkpoint(folder)
+    counters = state["trainer"]
     return {"checkpoint": str(folder / "checkpoints" / "last.pt"), "modules": list(spec.modules),
             "steps": counters["step"], "seconds": counters["train_seconds"], "reused": reused,
             "wall_seconds": time.perf_counter() - started}

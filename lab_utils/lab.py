@@ -116,6 +116,11 @@ class Lab(nn.Module):
         """
         raise NotImplementedError
 
+    def stages(self) -> dict[str, int]:
+        """A family trained in stages within one run (the ldm: its autoencoder, then its DDPM): each stage before
+        the last, by the step it ends at. ``genlab compare`` reports their time; ``genlab bench`` times the last."""
+        return {}
+
     def ema_modules(self) -> list[str]:
         """Names of submodules (``self.<name>``) whose EMA weights are used for sampling."""
         return []

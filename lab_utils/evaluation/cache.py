@@ -13,7 +13,6 @@ normal run directory (``config.yaml``, ``checkpoints/``, ``metrics.jsonl``, ``tr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lab_utils.config import ConfigError
-from lab_utils.data.base import LOCATION_KEYS
+from lab_utils.run_folder import settings_key
 from labs.evaluator import Evaluator, EvaluatorLab, predict_from_logits, real_images
 
 log = logging.getLogger("genlab.eval")
@@ -78,12 +77,7 @@ def evaluator_data_config(data_cfg: Any) -> dict[str, Any]:
 
 def evaluator_key(cfg: DictConfig) -> str:
     """sha256 of what determines a trained evaluator: data (not its location), model, trainer, seed, code."""
-    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in LOCATION_KEYS}
-    trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
-               if k not in ("device", "progress", "num_workers", "tensorboard", "log_every")}
-    payload = {"data": data, "model": OmegaConf.to_container(cfg.model, resolve=True), "trainer": trainer,
-               "seed": cfg.seed, "code": EVALUATOR_CODE_VERSION}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return settings_key(cfg, EVALUATOR_CODE_VERSION)
 
 
 def evaluator_config(data_cfg: Any, overrides: Sequence[str] = (), preset: str = "cpu",

@@ -5,7 +5,6 @@ Used by :mod:`lab_utils.evaluation.evaluate`."""
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from typing import Any, Optional
 
@@ -13,8 +12,8 @@ import torch
 from torch import nn
 
 from lab_utils.config import ConfigError
-from labs.evaluator import Evaluator, EvaluatorOutput, joint_log_probs, predict_from_logits, quantize
-from lab_utils.evaluation.metrics import fid, inception_score, kid, precision_recall, prompt_alignment
+from labs.evaluator import Evaluator, EvaluatorOutput, dequantize, joint_log_probs, predict_from_logits, quantize
+from lab_utils.evaluation.metrics import fid, inception_score, kid, precision_recall, prompt_alignment, psnr
 
 # ------------------------------------------------------------------------------------ sets
 def choose_items(count: int, total: int, seed: int, held_out_mask: Optional[torch.Tensor] = None,
@@ -110,11 +109,6 @@ def inception_metrics(reference: tuple[torch.Tensor, torch.Tensor], other: tuple
             "inception_score": is_mean, "inception_score_std": is_std}
 
 
-def dequantize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float in [-1, 1], the inverse of ``quantize`` on its outputs."""
-    return images.float() / 127.5 - 1.0
-
-
 def reconstruction_metrics(lab: nn.Module, test_images: torch.Tensor, prompts: list[str], reference: EvaluatorOutput,
                            evaluator: Evaluator, batch_size: int, device: torch.device, targets: torch.Tensor,
                            held_out_mask: torch.Tensor, options: dict[str, Any]) -> dict[str, Any]:
@@ -131,4 +125,4 @@ def reconstruction_metrics(lab: nn.Module, test_images: torch.Tensor, prompts: l
         lab.train(was_training)
     mse = float((dequantize(recons) - dequantize(test_images)).pow(2).mean())
     metrics = set_metrics(reference, evaluator.embed(recons, batch_size), targets, held_out_mask, **options)
-    return {"mse": mse, "psnr": 10.0 * math.log10(4.0 / max(mse, 1e-12)), **metrics}
+    return {"mse": mse, "psnr": float(psnr(mse)), **metrics}

@@ -8,10 +8,10 @@ caches and loads it (``get_evaluator``) and computes the metrics on its features
 
 from .lab import (
     Evaluator, EvaluatorConfig, EvaluatorLab, EvaluatorNet, EvaluatorOutput, joint_log_probs, predict_from_logits,
-    quantize, random_translate, real_images,
+    dequantize, quantize, random_translate, real_images,
 )
 
 __all__ = [
     "Evaluator", "EvaluatorConfig", "EvaluatorLab", "EvaluatorNet", "EvaluatorOutput", "joint_log_probs",
-    "predict_from_logits", "quantize", "random_translate", "real_images",
+    "dequantize", "predict_from_logits", "quantize", "random_translate", "real_images",
 ]

@@ -227,6 +227,11 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> {0..255}
 
 
+def dequantize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float in [-1, 1]: the inverse of :func:`quantize` on its outputs."""
+    return images.float() / 127.5 - 1.0  # {0..255} -> [-1, 1]
+
+
 def joint_log_probs(logits: dict[str, torch.Tensor]) -> torch.Tensor:
     """Log-probabilities over every combination of the heads' classes, (N, prod_a K_a).
 
@@ -290,7 +295,7 @@ class Evaluator(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> EvaluatorOutput:
-        x = quantize(images).to(self.device).float() / 127.5 - 1.0  # {0..255} -> [-1, 1], (N, C, H, W)
+        x = dequantize(quantize(images).to(self.device))  # (N, C, H, W) in [-1, 1], on the 8-bit grid
         return self.net(x)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

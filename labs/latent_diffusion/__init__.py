@@ -1,6 +1,6 @@
 """The latent-diffusion lab: a KL autoencoder and a text-conditioned DDPM over its latents (Rombach et al. 2022).
 
-    autoencoder.py  the first stage: encoder, decoder, their loss (reconstruction + a small KL), PSNR
+    autoencoder.py  the first stage: encoder, decoder, their loss (reconstruction + a small KL)
     lab.py          LDMConfig and LatentDiffusionLab (both stages, the scale factor, the sampling pipeline)
     exercises.py    the notebook's checks (06_latent_diffusion.ipynb)
 
@@ -12,7 +12,9 @@ A composite lab: it imports ``labs.diffusion`` (the latent DDPM is a ``Diffusion
 autoencoder's building blocks), the two labs it composes.
 """
 
-from .autoencoder import AutoencoderConfig, KLAutoencoder, LatentDecoder, LatentEncoder, LatentPosterior, psnr
+from lab_utils.evaluation.metrics import psnr  # PSNR of reconstructions (core metrics), for the notebook
+
+from .autoencoder import AutoencoderConfig, KLAutoencoder, LatentDecoder, LatentEncoder, LatentPosterior
 from .lab import LatentDiffusionLab, LDMConfig
 
 __all__ = [

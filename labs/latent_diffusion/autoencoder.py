@@ -166,8 +166,3 @@ class KLAutoencoder(nn.Module):
         pixels = x[0].numel()
         return AutoencoderLoss(mse + kl_weight * kl / pixels, mse.detach(), kl.detach())
 
-
-def psnr(mse: torch.Tensor | float, data_range: float = 2.0) -> torch.Tensor:
-    r"""Peak signal-to-noise ratio in dB, $10 \log_{10}(R^2 / \mathrm{MSE})$, for images spanning ``data_range`` (2 for [-1, 1])."""
-    mse = torch.as_tensor(mse, dtype=torch.float32)
-    return 10.0 * torch.log10(data_range ** 2 / mse.clamp_min(1e-12))

@@ -33,11 +33,12 @@ from typing import Any, Optional
 
 import torch
 
+from lab_utils.evaluation.metrics import psnr
 from lab_utils.lab import DataInfo, Lab, StepContext, adam
 from labs.diffusion import DDPMConfig, DiffusionLab, SamplerOutput
 from labs.diffusion.lab import DiffusionSampleOptions
 
-from .autoencoder import AutoencoderConfig, KLAutoencoder, psnr
+from .autoencoder import AutoencoderConfig, KLAutoencoder
 
 
 @dataclass
