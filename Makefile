@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test notebooks clean
+.PHONY: install demo test notebooks pretrained serve clean
 
 install: $(STAMP)
 
@@ -21,6 +21,14 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The web page and JSON API with the shipped models: http://127.0.0.1:8000 (Ctrl-C stops it).
+serve: install
+	$(VENV)/bin/genlab serve
+
+# Retrains every shipped model with its family's cpu preset (~25 minutes on 2 cores) and rewrites the manifests.
+pretrained: install
+	$(VENV)/bin/genlab pretrained action=build
 
 # Writes the student versions of the notebooks (solutions replaced by `raise NotImplementedError`).
 notebooks: install

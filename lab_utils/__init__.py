@@ -6,14 +6,15 @@
                   notebook check machinery), evaluation.metrics (FID, KID, IS ... on features), plotting
     harness       trains any Lab and knows no family: imports core only.
                   training (train(): a run from config to checkpoint), trainer (the loop), step_context,
-                  data_stream, devices, checkpoint, run_folder (resuming), ema, distributed, progress
+                  data_stream, devices, checkpoint, run_folder (resuming), ema, distributed, progress,
+                  pretrained (the shipped models: weights-only files, loaded by name)
     content       what needs a lab: the families in labs/ (each imports core only, plus the shared
                   labs.text_encoder; a lab never imports another lab, except that a composite lab imports
                   the labs it composes, listed in COMPOSITE_LABS and named in its docstring), each lab's exercises
                   (labs/<family>/exercises.py), the evaluator family (labs/evaluator) and the metric
                   exercises (evaluation.exercises)
     applications  the commands users run, on top of everything: cli, compare (and its first_stages), bench,
-                  notebooks and the evaluation application (evaluation.evaluate and .sets, evaluation.cache: train, cache and apply
+                  zoo (`genlab pretrained`), serve (the web service), notebooks and the evaluation application (evaluation.evaluate and .sets, evaluation.cache: train, cache and apply
                   the evaluator)
 
 No import runs upward, none closes a circle, and an import inside a function is there for start-up speed
@@ -42,6 +43,7 @@ LAYERS: dict[str, str] = {
     "lab_utils.ema": "harness",
     "lab_utils.distributed": "harness",
     "lab_utils.progress": "harness",
+    "lab_utils.pretrained": "harness",
     "labs": "content",
     "lab_utils.evaluation.exercises": "content",
     "lab_utils.evaluation": "applications",
@@ -50,6 +52,8 @@ LAYERS: dict[str, str] = {
     "lab_utils.first_stages": "applications",
     "lab_utils.bench": "applications",
     "lab_utils.notebooks": "applications",
+    "lab_utils.zoo": "applications",
+    "lab_utils.serve": "applications",
     "genlab": "applications",
 }
 ORDER = ("core", "harness", "content", "applications")  # bottom to top

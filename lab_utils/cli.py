@@ -6,6 +6,8 @@
     genlab eval   run=<run dir> eval.num_samples=1000
     genlab compare data=shapes preset=cpu models=[dcgan,vae,ddpm]
     genlab bench  model=ddpm data=shapes preset=cpu [trainer.device=cuda]
+    genlab pretrained [action=build]
+    genlab serve  [host=127.0.0.1] [port=8000] [models=[dcgan,vae,ddpm,ldm]] [runs=<folder>]
     genlab notebooks  [--out notebooks/student]
 
 Several processes: ``torchrun --nproc_per_node=N -m genlab train ...`` (see lab_utils.distributed).
@@ -39,6 +41,8 @@ commands:
   eval       metrics of a run:         genlab eval run=runs/shapes/ddpm/<date> eval.num_samples=1000
   compare    every family, same budget: genlab compare data=shapes preset=cpu models=[dcgan,vae,ddpm]
   bench      speed and speed switches: genlab bench model=ddpm data=shapes preset=cpu
+  pretrained the shipped models:       genlab pretrained   (then genlab sample pretrained=ddpm prompt=...)
+  serve      a web page and JSON API:  genlab serve [port=8000] [models=[dcgan,ddpm]]
   notebooks  write the student versions of the notebooks (solutions removed)
 
 `genlab <command> --help` lists the config groups and options; `--cfg job` prints the config.
@@ -136,7 +140,7 @@ def train_command(cfg: DictConfig) -> None:
 # ------------------------------------------------------------------------------------ sample
 # The settings of `genlab sample` itself; every other key of conf/sample.yaml is a family's sampling option,
 # which the loaded lab's SampleOptions accepts or refuses (the CLI names no family's options).
-SAMPLE_KEYS = ("run", "prompt", "n", "seed", "batch_size", "out", "device", "ema", "mode")
+SAMPLE_KEYS = ("run", "pretrained", "prompt", "n", "seed", "batch_size", "out", "device", "ema", "mode", "layout")
 MAX_SAMPLES = 256  # images per `genlab sample` grid (n x number of prompts); `genlab eval` draws thousands
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
@@ -185,9 +189,9 @@ def draw(sample: Callable, prompts: list[str], generator, batch_size: int, optio
 def sample_command(cfg: DictConfig) -> None:
     import torch
 
-    from lab_utils.checkpoint import load_lab
-    from lab_utils.plotting import save_grid
     from lab_utils.devices import pick_device
+    from lab_utils.plotting import png_bytes, save_grid, tiles
+    from lab_utils.pretrained import load_source
 
     prompts = prompt_list(cfg.prompt)
     if not isinstance(cfg.n, int) or cfg.n <= 0:
@@ -197,9 +201,14 @@ def sample_command(cfg: DictConfig) -> None:
                         "lower n (`genlab eval` measures thousands of samples)")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size <= 0:
         raise UserError(f"batch_size must be a positive integer, got {cfg.batch_size}")
+    if cfg.layout not in ("figure", "tiles"):
+        raise UserError(f"layout={cfg.layout}: choose figure (captioned grid) or tiles (the pixels only, as "
+                        "`genlab serve` returns them)")
     out = output_path(cfg.out, "samples.png")
+    if cfg.layout == "tiles" and out.suffix.lower() != ".png":
+        raise UserError(f"out={cfg.out}: layout=tiles writes a PNG; give a name ending in .png")
     device = pick_device(cfg.device)
-    loaded = load_lab(cfg.run, device=device, ema=cfg.ema)
+    loaded = load_source(cfg.run, cfg.pretrained, device=device, ema=cfg.ema)
     lab = loaded.lab
     method = {"sample": "sample", "reconstruct": "reconstruct", "interpolate": "interpolate"}.get(cfg.mode)
     if method is None or not hasattr(lab, method):
@@ -230,6 +239,11 @@ def sample_command(cfg: DictConfig) -> None:
             images = draw(fn, prompts, generator, cfg.batch_size, options)
     shown = ", ".join(f"{k}={v}" for k, v in options.items())
     ncols = cfg.n if rows > 1 and cfg.n <= 16 else min(8, cfg.n)  # several prompts: one row each
+    if cfg.layout == "tiles":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(png_bytes(tiles(images, ncols=cfg.n if rows > 1 else min(8, cfg.n))))
+        print(f"wrote {out} ({cfg.n} image(s) for each of {len(set(prompts))} prompt(s), seed {cfg.seed}, tiles)")
+        return
     path = save_grid(images, out, captions=prompts if len(prompts) <= 64 else None, ncols=ncols,
                      title=title + (f" ({shown})" if shown else "") + (f": {method}" if method != "sample" else ""))
     asked = ", ".join(repr(p) for p in dict.fromkeys(prompts))
@@ -309,6 +323,21 @@ def bench_command(cfg: DictConfig) -> None:
     bench_command_main(cfg)
 
 
+# ------------------------------------------------------------------------------------ pretrained, serve
+@_report
+def pretrained_command(cfg: DictConfig) -> None:
+    from lab_utils.zoo import pretrained_command_main
+
+    pretrained_command_main(cfg)
+
+
+@_report
+def serve_command(cfg: DictConfig) -> None:
+    from lab_utils.serve import serve_command_main
+
+    serve_command_main(cfg)
+
+
 # ------------------------------------------------------------------------------------ entry
 def _hydra_app(config_name: str, task: Callable[[DictConfig], None]) -> Callable[[], None]:
     import hydra
@@ -323,6 +352,8 @@ COMMANDS = {
     "eval": ("eval", eval_command),
     "compare": ("compare", compare_command),
     "bench": ("bench", bench_command),
+    "pretrained": ("pretrained", pretrained_command),
+    "serve": ("serve", serve_command),
 }
 
 
@@ -378,7 +409,9 @@ def precheck(config_name: str, command: str, args: list[str]) -> str | None:
 # Hydra's own output folder (``hydra.run.dir``) is not used by any of them.
 OUTPUT_KEYS = {"train": "out=<folder>", "compare": "out=<folder>", "bench": "out=<folder>",
                "sample": "out=<file.png or folder>", "data": "out=<file.png>",
-               "eval": "run=<run folder> (eval writes eval.json into it)"}
+               "eval": "out=<file.json> (default: eval.json in the run folder)",
+               "pretrained": "models=[...] (it writes labs/<family>/pretrained/ and trains into runs=<folder>)",
+               "serve": "nothing (it writes no files)"}
 HYDRA_OUTPUT_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.output_subdir")
 RENAMED_KEYS = ("run_dir", "out_dir")  # the output keys of train and compare/bench before they became `out`
 

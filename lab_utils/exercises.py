@@ -66,6 +66,16 @@ def smoke_mode() -> bool:
     return _env_flag("GENLAB_SMOKE")
 
 
+def pretrained_mode(default: bool) -> bool:
+    """Whether a notebook loads the shipped model (``lab_utils.pretrained``) instead of training it:
+    ``GENLAB_PRETRAINED=1`` loads, ``=0`` trains; unset, the notebook's own ``default`` (the choice that keeps it
+    within 10 minutes on a laptop CPU). Smoke mode trains its tiny models unless ``GENLAB_PRETRAINED=1``."""
+    value = os.environ.get("GENLAB_PRETRAINED", "").strip().lower()
+    if value:
+        return value in ("1", "true", "yes")
+    return default and not smoke_mode()
+
+
 def strict_mode() -> bool:
     """True when ``GENLAB_STRICT_CHECKS`` is 1/true/yes: a failed check raises :class:`ExerciseFailed`."""
     return _env_flag("GENLAB_STRICT_CHECKS")

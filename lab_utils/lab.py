@@ -54,6 +54,10 @@ class DataInfo:
         return cls(**state)
 
 
+# progress(step, steps, estimate): after sampling step `step` of `steps`, the current estimate of the images
+Progress = Callable[[int, int, torch.Tensor], None]
+
+
 @dataclass
 class SampleOptions:
     """The options ``Lab.sample`` takes besides the prompts and the generator; a family subclasses it.
@@ -131,6 +135,21 @@ class Lab(nn.Module):
     ) -> torch.Tensor:
         """Images for ``prompts``, shape (len(prompts), C, H, W), values in [-1, 1]."""
         raise NotImplementedError
+
+    def sample_with_progress(self, prompts: list[str], generator: torch.Generator | None = None,
+                             progress: Progress | None = None, every: int = 1, **options: Any) -> torch.Tensor:
+        """Like :meth:`sample`, calling ``progress(step, steps, estimate)`` along the way, where ``estimate`` is
+        the current guess of the final images, (N, C, H, W) in [-1, 1]: every ``every`` steps and after the
+        last one. A family that draws in one pass (GAN, VAE) reports that pass as its only step; a diffusion
+        family reports its x0 estimates. ``progress`` may raise to stop the sampling (a timeout, a client gone)."""
+        images = self.sample(prompts, generator, **options)
+        if progress is not None:
+            progress(1, 1, images)
+        return images
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The values the ``SampleOptions`` fields take when left out (the model's config: their one home)."""
+        return {}
 
     @classmethod
     def sample_options(cls, options: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -76,6 +76,35 @@ def save_grid(
     return path
 
 
+def tiles(images: torch.Tensor, ncols: int, padding: int = 2) -> np.ndarray:
+    """The images themselves, pixel for pixel, side by side in rows of ``ncols`` with ``padding`` black pixels
+    between them: (H', W', C) uint8. No resampling, captions or title (``genlab sample layout=tiles``, the
+    PNGs of ``genlab serve``): the same pixels as the tensors, quantised by :func:`to_uint8`."""
+    pixels = to_uint8(images)  # (N, H, W, C)
+    n, height, width, channels = pixels.shape
+    ncols = max(1, min(ncols, n))
+    nrows = (n + ncols - 1) // ncols
+    out = np.zeros((nrows * height + (nrows - 1) * padding, ncols * width + (ncols - 1) * padding, channels),
+                   dtype=np.uint8)
+    for index in range(n):
+        row, col = divmod(index, ncols)
+        top, left = row * (height + padding), col * (width + padding)
+        out[top:top + height, left:left + width] = pixels[index]
+    return out
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """(H, W, C) uint8 (C = 1 or 3) -> the bytes of a PNG file (lossless)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def comparison_grid(
     images: dict[str, torch.Tensor],
     prompts: Sequence[str],

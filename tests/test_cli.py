@@ -85,3 +85,12 @@ def test_installed_wheel_finds_its_configs(tmp_path):
     out = genlab("data", "data=shapes", "data.subset=16", "n=8", "out=grid.png", cwd=elsewhere, env=env)
     assert out.returncode == 0, out.stderr
     assert (elsewhere / "grid.png").is_file()
+    # the model zoo travels inside the wheel: every shipped file, listed and loadable from the installed copy
+    from lab_utils.pretrained import zoo
+
+    listed = genlab("pretrained", cwd=elsewhere, env=env)
+    assert listed.returncode == 0, listed.stderr
+    for name, entry in zoo().items():
+        assert name in listed.stdout
+        assert (site / entry.path.relative_to(REPO)).is_file(), f"{entry.path.name} is not in the wheel"
+    assert (site / "lab_utils" / "serve" / "static" / "index.html").is_file()

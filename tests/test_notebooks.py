@@ -52,6 +52,20 @@ def test_notebook_runs_in_smoke_mode(notebook, tmp_path):
         assert "✅" in text, f"{notebook.name} has exercises but no check passed"
 
 
+PRETRAINED_NOTEBOOKS = ["01_gan", "02_vae", "03_diffusion", "04_text_conditioning", "06_latent_diffusion"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PRETRAINED_NOTEBOOKS)
+def test_notebook_runs_with_the_shipped_models(name, tmp_path):
+    """The switch every training notebook has: GENLAB_PRETRAINED=1 loads the zoo's model instead of training."""
+    copy = shutil.copy(NOTEBOOK_DIR / f"{name}.ipynb", tmp_path / f"{name}.ipynb")
+    nb = execute_notebook(copy, timeout=CELL_TIMEOUT, env_overrides={**SMOKE_ENV, "GENLAB_PRETRAINED": "1"})
+    text = outputs_text(nb)
+    assert "❌" not in text, f"a check failed in {name} with the shipped models:\n{text}"
+    assert "the shipped" in text, f"{name} did not load a shipped model"
+
+
 def test_kernel_is_this_interpreter(tmp_path):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
         "import os, sys\nprint(sys.executable)\nprint(os.getcwd())\nprint(os.environ['GENLAB_SMOKE'])")])

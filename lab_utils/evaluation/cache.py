@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lab_utils.config import ConfigError
+from lab_utils.pretrained import shipped_evaluator
 from lab_utils.run_folder import settings_key
 from labs.evaluator import Evaluator, EvaluatorLab, predict_from_logits, real_images
 
@@ -118,6 +119,9 @@ def get_evaluator(
     key = evaluator_key(cfg)
     root = Path(cache_dir).expanduser() if cache_dir else cache_root()
     folder = root / f"{cfg.data.name}-{key}"
+    shipped = shipped_evaluator(cfg.data.name, key)
+    if not (folder / "evaluator.json").is_file() and shipped is not None:  # the zoo's: trained with these settings
+        return evaluator_from_pretrained(shipped.name, device)
     if not (folder / "evaluator.json").is_file():
         if folder.exists():
             raise FileExistsError(f"{folder} exists but holds no evaluator.json (an interrupted copy?); delete it "
@@ -135,6 +139,18 @@ def get_evaluator(
                     "(or eval.evaluator_overrides=[trainer.steps=...])",
                     cfg.data.name, 100 * overall, folder)
     return evaluator
+
+
+def evaluator_from_pretrained(name: str, device: str | torch.device = "cpu") -> Evaluator:
+    """The evaluator the zoo ships as ``name`` (``lab_utils.pretrained``; its manifest holds the key and accuracy)."""
+    from lab_utils.pretrained import find, load
+
+    loaded, entry = load(name, device), find(name)
+    if not isinstance(loaded.lab, EvaluatorLab):
+        raise ConfigError(f"pretrained model {name!r} is a {type(loaded.lab).__name__}, not an evaluator")
+    return Evaluator.from_lab(loaded.lab, key=str(entry.info.get("key", "")),
+                              test_accuracy=entry.info.get("test_accuracy"),
+                              info={**entry.info, "path": str(entry.path)})
 
 
 def train_evaluator(cfg: DictConfig, folder: Path, key: str) -> Path:

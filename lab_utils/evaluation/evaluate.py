@@ -280,17 +280,21 @@ def eval_config(cfg: Any) -> EvalConfig:
     return typed_section(section, EvalConfig, "eval")
 
 
-def evaluate_run(run_dir: str | Path, eval_cfg: Any = None) -> dict[str, Any]:
-    """Evaluate the run at ``run_dir`` (its EMA weights, its data config) and write ``<run_dir>/eval.json``."""
-    from lab_utils.checkpoint import load_lab
+def evaluate_run(run_dir: str | Path | None, eval_cfg: Any = None, pretrained: str | None = None,
+                 out: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate the run at ``run_dir`` (its EMA weights, its data config), or the shipped model ``pretrained``,
+    and write ``out`` (default ``<run_dir>/eval.json``, or ``eval-<pretrained>.json`` in the working folder)."""
     from lab_utils.devices import pick_device
+    from lab_utils.pretrained import load_source
 
     cfg = eval_config(eval_cfg)
     device = pick_device(cfg.device)
-    loaded = load_lab(run_dir, device=device, ema=cfg.ema)
+    loaded = load_source(run_dir, pretrained, device=device, ema=cfg.ema)
     if loaded.cfg.model.get("name") == "evaluator":
         raise ValueError(f"{run_dir} is an evaluator run; `genlab eval` evaluates generative models")
-    run_path = loaded.path.parent.parent  # <run>/checkpoints/<file>.pt -> <run>
+    # <run>/checkpoints/<file>.pt -> <run>; a pretrained model's figures go to the working folder
+    run_path = loaded.path.parent.parent if pretrained is None else Path(".")
+    out_path = Path(out) if out else run_path / ("eval.json" if pretrained is None else f"eval-{pretrained}.json")
     check_sample_options(loaded.lab, cfg.sample_options)  # fail early
     if cfg.evaluator_run:
         evaluator = evaluator_from_run(cfg.evaluator_run, device=device)
@@ -304,10 +308,11 @@ def evaluate_run(run_dir: str | Path, eval_cfg: Any = None) -> dict[str, Any]:
         is_splits=cfg.is_splits, held_out_fraction=cfg.held_out_fraction, inception=inception,
         model_name=loaded.cfg.model.get("name"), step=int(loaded.state["trainer"]["step"]),
     )
-    result.run_dir, result.checkpoint = str(run_path), str(loaded.path)
+    result.run_dir, result.checkpoint = (str(run_path) if pretrained is None else None), str(loaded.path)
     out = result.to_dict()
     out["eval_config"] = asdict(cfg)
-    write_json(out, run_path / "eval.json")
+    write_json(out, out_path)
+    out["written_to"] = str(out_path)
     return out
 
 
@@ -331,11 +336,15 @@ def _jsonable(value: Any) -> Any:
 def eval_command_main(cfg: DictConfig) -> dict[str, Any]:
     """Everything ``genlab eval run=<dir> [eval.key=value ...]`` does, given the composed ``conf/eval.yaml``:
     evaluate, write ``<run>/eval.json``, print a one-line summary, return the results."""
-    if OmegaConf.is_missing(cfg, "run") or not cfg.get("run"):
-        raise ConfigError("which run? pass run=<run directory or checkpoint>, "
-                          "e.g. genlab eval run=runs/shapes/ddpm/<date>")
+    run, pretrained = cfg.get("run"), cfg.get("pretrained")
+    if not run and pretrained is None:
+        raise ConfigError("which model? pass run=<run directory or checkpoint> (e.g. genlab eval "
+                          "run=runs/shapes/ddpm/<date>) or pretrained=<name> (`genlab pretrained` lists them)")
+    if cfg.get("out") and not str(cfg.out).endswith(".json"):
+        raise ConfigError(f"out={cfg.out}: eval writes a JSON file; give a name ending in .json")
     eval_cfg = eval_config(cfg.get("eval") or {})
-    result = evaluate_run(str(cfg.run), eval_cfg)
+    result = evaluate_run(str(run) if run else None, eval_cfg, None if pretrained is None else str(pretrained),
+                          cfg.get("out"))
     print(summary_line(result))
-    print(f"wrote {Path(result['run_dir']) / 'eval.json'}")
+    print(f"wrote {result.pop('written_to')}")
     return result

@@ -16,17 +16,17 @@ unconditional batch together and combines them with classifier-free guidance.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from lab_utils.lab import DataInfo, Lab, SampleOptions, StepContext, adam
+from lab_utils.lab import DataInfo, Lab, Progress, SampleOptions, StepContext, adam
 from labs.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, Tokenizer, encode_prompts
 
 from .sampling import SAMPLERS, SamplerOutput, classifier_free_guidance, sample_loop
-from .scheduler import NoiseScheduler, SchedulerConfig
+from .scheduler import NoiseScheduler, SchedulerConfig, SchedulerStep
 from .unet import UNet, UNetConfig
 
 
@@ -183,10 +183,11 @@ class DiffusionLab(Lab):
     @torch.no_grad()
     def generate(self, prompts: list[str], generator: torch.Generator | None = None, sampler: str | None = None,
                  steps: int | None = None, guidance: float | None = None, eta: float | None = None,
-                 return_intermediates: bool = False) -> SamplerOutput:
+                 return_intermediates: bool = False, progress: Progress | None = None, every: int = 1) -> SamplerOutput:
         """The pipeline: encode the prompts, then loop the sampler with classifier-free guidance.
 
-        Randomness comes from ``generator`` only (a fresh, randomly seeded one if None)."""
+        Randomness comes from ``generator`` only (a fresh, randomly seeded one if None). ``progress(i, steps, x0)``,
+        if given, sees the x0 estimate every ``every`` steps and after the last (``Lab.sample_with_progress``)."""
         options = self._options(sampler, steps, guidance, eta)
         if options.steps > self.scheduler.num_train_timesteps:
             raise ValueError(f"steps={options.steps} exceeds num_train_timesteps={self.scheduler.num_train_timesteps}")
@@ -209,15 +210,32 @@ class DiffusionLab(Lab):
             out_cond, out_uncond = both.chunk(2)  # 2 x (N, C, H, W)
             return classifier_free_guidance(out_uncond, out_cond, w)
 
+        def report(i: int, step: SchedulerStep) -> None:
+            if i % every == 0 or i == options.steps:
+                progress(i, options.steps, step.pred_x0)
+
         return sample_loop(denoise, self.scheduler, (N, *self.image_shape), options.steps, generator, self.device,
                            sampler=options.sampler, eta=options.eta, return_intermediates=return_intermediates,
-                           nfe_per_step=1 if w in (0.0, 1.0) else 2)
+                           nfe_per_step=1 if w in (0.0, 1.0) else 2, callback=report if progress else None)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator | None = None, sampler: str | None = None,
                steps: int | None = None, guidance: float | None = None, eta: float | None = None) -> torch.Tensor:
         """Images for ``prompts``, (N, C, H, W) in [-1, 1]; None options take the config's defaults."""
         return self.generate(prompts, generator, sampler, steps, guidance, eta).images.clamp(-1, 1)
+
+    @torch.no_grad()
+    def sample_with_progress(self, prompts: list[str], generator: torch.Generator | None = None,
+                             progress: Progress | None = None, every: int = 1, **options: Any) -> torch.Tensor:
+        """:meth:`sample`, reporting the x0 estimate (clamped to [-1, 1]) every ``every`` steps: the same images."""
+        def report(i: int, steps: int, x0: torch.Tensor) -> None:
+            progress(i, steps, x0.clamp(-1, 1))
+
+        return self.generate(prompts, generator, **options, progress=report if progress else None,
+                             every=every).images.clamp(-1, 1)
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        return asdict(self.config.sampling)
 
     def sample_trajectory(self, prompts: list[str], generator: torch.Generator | None = None,
                           **options: Any) -> SamplerOutput:

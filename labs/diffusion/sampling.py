@@ -68,8 +68,10 @@ SAMPLER_STEPS: dict[str, Callable[..., SchedulerStep]] = {"ddpm": _ddpm_step, "d
 
 def sample_loop(denoise: Denoiser, scheduler: NoiseScheduler, shape: tuple[int, ...], steps: int,
                 generator: torch.Generator, device: torch.device | str = "cpu", sampler: str = "ddim",
-                eta: float = 0.0, return_intermediates: bool = False, nfe_per_step: int = 1) -> SamplerOutput:
-    """The one sampling loop: from x_T, call ``denoise`` and the named sampler's step at each of ``steps`` levels."""
+                eta: float = 0.0, return_intermediates: bool = False, nfe_per_step: int = 1,
+                callback: Callable[[int, SchedulerStep], None] | None = None) -> SamplerOutput:
+    """The one sampling loop: from x_T, call ``denoise`` and the named sampler's step at each of ``steps`` levels
+    (and ``callback(i, step)`` after the i-th, 1-based: live previews; it draws nothing from ``generator``)."""
     if sampler not in SAMPLER_STEPS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLER_STEPS)}, got {sampler!r}")
     step_fn = SAMPLER_STEPS[sampler]
@@ -77,10 +79,12 @@ def sample_loop(denoise: Denoiser, scheduler: NoiseScheduler, shape: tuple[int, 
     levels = timesteps.tolist() + [-1]  # -1: the clean image, after the last step
     xt = _start(shape, generator, device)  # x_T
     intermediates, pred_x0s = [xt.cpu()] if return_intermediates else [], []
-    for t, prev_t in zip(levels[:-1], levels[1:]):
+    for i, (t, prev_t) in enumerate(zip(levels[:-1], levels[1:]), start=1):
         model_output = denoise(xt, torch.full((shape[0],), t, device=xt.device, dtype=torch.long))
         step = step_fn(scheduler, model_output, t, xt, prev_t, generator, eta)
         xt = step.prev_sample
+        if callback is not None:
+            callback(i, step)
         if return_intermediates:
             intermediates.append(xt.cpu())
             pred_x0s.append(step.pred_x0.cpu())

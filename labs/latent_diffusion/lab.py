@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from lab_utils.evaluation.metrics import psnr
-from lab_utils.lab import DataInfo, Lab, StepContext, adam
+from lab_utils.lab import DataInfo, Lab, Progress, StepContext, adam
 from labs.diffusion import DDPMConfig, DiffusionLab, SamplerOutput
 from labs.diffusion.lab import DiffusionSampleOptions
 
@@ -167,10 +167,14 @@ class LatentDiffusionLab(Lab):
     @torch.no_grad()
     def generate(self, prompts: list[str], generator: torch.Generator | None = None, sampler: str | None = None,
                  steps: int | None = None, guidance: float | None = None, eta: float | None = None,
-                 return_intermediates: bool = False) -> SamplerOutput:
+                 return_intermediates: bool = False, progress: Progress | None = None, every: int = 1) -> SamplerOutput:
         """The pipeline: the latent DDPM's sampler (text encoder, guidance) in latent space, then the decoder.
-        The intermediates and x0 estimates, if kept, are decoded too (images, not latents)."""
-        out = self.diffusion.generate(prompts, generator, sampler, steps, guidance, eta, return_intermediates)
+        The intermediates and x0 estimates, if kept or reported to ``progress``, are decoded too (images)."""
+        def report(i: int, total: int, z0: torch.Tensor) -> None:
+            progress(i, total, self.decode_latents(z0))  # D(z0 estimate): one decoder pass per report
+
+        out = self.diffusion.generate(prompts, generator, sampler, steps, guidance, eta, return_intermediates,
+                                      progress=report if progress else None, every=every)
         decode = self.decode_latents
         return dataclasses.replace(out, images=decode(out.images),
                                    intermediates=[decode(z).cpu() for z in out.intermediates],
@@ -181,6 +185,15 @@ class LatentDiffusionLab(Lab):
                steps: int | None = None, guidance: float | None = None, eta: float | None = None) -> torch.Tensor:
         """Images for ``prompts``, (N, C, H, W) in [-1, 1]; None options take ``diffusion.sampling``'s defaults."""
         return self.generate(prompts, generator, sampler, steps, guidance, eta).images
+
+    @torch.no_grad()
+    def sample_with_progress(self, prompts: list[str], generator: torch.Generator | None = None,
+                             progress: Progress | None = None, every: int = 1, **options: Any) -> torch.Tensor:
+        """:meth:`sample`, reporting the decoded x0 estimate every ``every`` steps: the same images."""
+        return self.generate(prompts, generator, **options, progress=progress, every=every).images
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        return self.diffusion.sampling_defaults()
 
     def sample_trajectory(self, prompts: list[str], generator: torch.Generator | None = None,
                           **options: Any) -> SamplerOutput:

@@ -267,6 +267,9 @@ class VAELab(Lab):
         z = self.prior_latents(self._noise(len(prompts), generator), c, temperature)  # (N, Z)
         return self._decode(z, c)
 
+    def sampling_defaults(self) -> dict[str, Any]:
+        return {"temperature": self.config.temperature}
+
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Decode the posterior mean: x0 (N, C, H, W) in [-1, 1] -> (N, C, H, W) in [-1, 1]."""

@@ -1,0 +1,193 @@
+"""The model zoo: every shipped file matches its manifest, loads with the current code, samples the same for a
+seed, and still follows prompts (read by the shipped evaluator); a file that was altered, or that names code,
+is refused; `genlab pretrained` and `pretrained=` work like `run=`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import REPO, data_info, subprocess_env
+from lab_utils import pretrained
+from lab_utils.checkpoint import CheckpointError
+from lab_utils.config import compose
+from lab_utils.pretrained import PretrainedEntry, load, load_file_lab, save_pretrained, sha256_of, zoo
+
+GENERATIVE = [name for name, entry in zoo().items() if entry.family != "evaluator"]
+PROMPTS = 48  # test prompts per model for the alignment check (the manifest's figures use 500)
+
+
+def genlab(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "genlab", *args], cwd=cwd, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_zoo_ships_every_family_and_the_evaluator():
+    families = {entry.family for entry in zoo().values()}
+    assert families == {"dcgan", "vae", "ddpm", "ldm", "evaluator"}
+    for entry in zoo().values():
+        assert entry.path.is_file() and entry.path.stat().st_size == entry.info["bytes"]
+        assert entry.path.stat().st_size < 8 * 2**20, f"{entry.name} is larger than a few MB"
+        assert sha256_of(entry.path) == entry.sha256, f"{entry.name} does not match its manifest"
+
+
+@pytest.mark.parametrize("name", GENERATIVE)
+def test_the_recorded_command_reproduces_the_shipped_config(name):
+    """The manifest's `genlab train` arguments compose exactly the model and trainer the file was trained with."""
+    entry = zoo()[name]
+    loaded = load(name)
+    command = compose(entry.info["command"])
+    assert dict(loaded.cfg.model) == dict(command.model)
+    for key in ("steps", "batch_size", "lr_warmup_steps", "ema_decay", "ema_start"):
+        if key in command.trainer:
+            assert loaded.cfg.trainer[key] == command.trainer[key], key
+    assert loaded.state["trainer"]["step"] == entry.info["steps"] == command.trainer.steps
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    from lab_utils.evaluation import get_evaluator
+
+    return get_evaluator(compose(["model=ddpm", "data=shapes"]).data)  # the shipped one: no training here
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", GENERATIVE)
+def test_every_shipped_model_samples_the_same_and_follows_prompts(name, evaluator):
+    from lab_utils.data import build_dataset
+    from labs.evaluator import predict_from_logits, quantize
+
+    entry, loaded = zoo()[name], load(name)
+    lab = loaded.lab
+    test = build_dataset(loaded.cfg.data, "test")
+    labels = test.labels[:PROMPTS]
+    prompts = [test.describe(row, template=0) for row in labels]
+    first = lab.sample(prompts, generator=torch.Generator().manual_seed(0))
+    assert first.shape == (PROMPTS, 3, 32, 32) and first.min() >= -1 and first.max() <= 1
+    assert first.std() > 0.1, "grey squares"
+    torch.testing.assert_close(lab.sample(prompts, generator=torch.Generator().manual_seed(0)), first)  # same seed
+    predicted = predict_from_logits(evaluator.embed(quantize(first)).logits)
+    all_four = (predicted == labels).all(dim=1).float().mean().item()
+    shipped = entry.info["eval"]["alignment_all"]
+    assert all_four >= min(shipped - 0.2, 0.9) and all_four >= 0.4, (name, all_four, shipped)
+
+
+def test_an_altered_file_is_refused(tmp_path, monkeypatch):
+    entry = zoo()["vae"]
+    copy = tmp_path / entry.path.name
+    shutil.copyfile(entry.path, copy)
+    data = bytearray(copy.read_bytes())
+    data[-100] ^= 0xFF  # one byte of the weights
+    copy.write_bytes(bytes(data))
+    monkeypatch.setattr(pretrained, "zoo", lambda: {"vae": PretrainedEntry("vae", "vae", "shapes", copy, entry.info)})
+    with pytest.raises(CheckpointError, match="does not match its manifest"):
+        load("vae")
+    copy.unlink()
+    with pytest.raises(CheckpointError, match="is missing"):
+        load("vae")
+
+
+def test_a_file_cannot_name_code(tmp_path):
+    """The header's config names a lab by its registered name only: an unknown module is not even imported."""
+    from lab_utils.config import ConfigError
+
+    entry = zoo()["vae"]
+    tensors = load_file(str(entry.path))
+    header = pretrained.read_pretrained(entry.path)[1]
+    config = json.loads(header["config"])
+    config["model"]["_target_"] = "genlab_evil_module.Lab"
+    evil = tmp_path / "evil.safetensors"
+    save_file(tensors, str(evil), metadata={**header, "config": json.dumps(config)})
+    with pytest.raises(ConfigError, match="is not a lab genlab knows, so it is not imported"):
+        load_file_lab(evil)
+    assert "genlab_evil_module" not in sys.modules  # refused by name, before any import
+    plain = tmp_path / "plain.safetensors"
+    save_file(tensors, str(plain))  # a safetensors file that is not genlab's
+    with pytest.raises(CheckpointError, match="not a genlab pretrained model"):
+        load_file_lab(plain)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_file_lab(garbage)
+
+
+def test_names_only(tmp_path):
+    with pytest.raises(CheckpointError, match="no pretrained model"):
+        load(str(zoo()["vae"].path))  # a path is not a name
+    with pytest.raises(CheckpointError, match="no pretrained model '../vae'"):
+        load("../vae")
+
+
+def test_save_and_load_round_trip(tmp_path):
+    """float32 round-trips exactly; float16 stores parameters only in half precision (buffers stay as they are)."""
+    from labs.vae import VAELab
+
+    cfg = compose(["model=vae", "data=shapes", "preset=smoke"])
+    info = data_info(size=32)
+    torch.manual_seed(0)
+    lab = VAELab(cfg.model, info)
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    exact = load_file_lab(save_pretrained(lab, config, {"step": 7, "images_seen": 70}, tmp_path / "a.safetensors")).lab
+    for (name, a), b in zip(lab.state_dict().items(), exact.state_dict().values()):
+        assert torch.equal(a, b), name
+    half = save_pretrained(lab, config, {"step": 7}, tmp_path / "b.safetensors", dtype=torch.float16)
+    stored = load_file(str(half))
+    params = dict(lab.named_parameters())
+    assert all(stored[name].dtype == torch.float16 for name in params)
+    loaded = load_file_lab(half)
+    assert loaded.state["trainer"]["step"] == 7
+    for name, tensor in loaded.lab.named_parameters():
+        assert tensor.dtype == torch.float32
+        torch.testing.assert_close(tensor, params[name].detach().half().float(), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------ the commands
+def test_genlab_pretrained_lists_the_zoo():
+    out = genlab("pretrained")
+    assert out.returncode == 0, out.stderr
+    for name in zoo():
+        assert name in out.stdout
+    assert "genlab train model=ddpm data=shapes preset=cpu seed=0" in out.stdout
+
+
+@pytest.mark.slow
+def test_sample_pretrained_tiles_are_the_labs_pixels(tmp_path):
+    """`genlab sample pretrained=vae layout=tiles` writes the very pixels of lab.sample for the seed."""
+    from PIL import Image
+
+    from lab_utils.plotting import tiles
+
+    out = genlab("sample", "pretrained=vae", "prompt=a small green square at the bottom", "n=3", "seed=4",
+                 "layout=tiles", f"out={tmp_path / 'x.png'}")
+    assert out.returncode == 0, out.stderr
+    written = np.asarray(Image.open(tmp_path / "x.png").convert("RGB"))
+    lab = load("vae").lab
+    expected = tiles(lab.sample(["a small green square at the bottom"] * 3, generator=torch.Generator().manual_seed(4)),
+                     ncols=3)
+    assert written.shape == (32, 3 * 32 + 2 * 2, 3)
+    np.testing.assert_array_equal(written, expected)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "pretrained=../../etc/passwd"], "no pretrained model '../../etc/passwd'"),
+    (["sample", "pretrained=vae", "run=runs/x"], "one of the"),
+    (["sample"], "which model?"),
+    (["eval", "pretrained=nope"], "no pretrained model 'nope'"),
+    (["sample", "pretrained=vae", "layout=grid"], "layout=grid"),
+    (["pretrained", "action=destroy"], "action must be list, build or export"),
+    (["pretrained", "action=export", "models=[gpt]"], "are not families of genlab"),
+])
+def test_bad_pretrained_inputs_get_one_line(args, message, tmp_path):
+    out = genlab(*args, cwd=tmp_path)
+    assert out.returncode == 1, out.stdout
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
