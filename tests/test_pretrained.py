@@ -177,17 +177,26 @@ def test_sample_pretrained_tiles_are_the_labs_pixels(tmp_path):
     np.testing.assert_array_equal(written, expected)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["sample", "pretrained=../../etc/passwd"], "no pretrained model '../../etc/passwd'"),
-    (["sample", "pretrained=vae", "run=runs/x"], "one of the"),
-    (["sample"], "which model?"),
-    (["eval", "pretrained=nope"], "no pretrained model 'nope'"),
-    (["sample", "pretrained=vae", "layout=grid"], "layout=grid"),
-    (["pretrained", "action=destroy"], "action must be list, build or export"),
-    (["pretrained", "action=export", "models=[gpt]"], "are not families of genlab"),
-])
-def test_bad_pretrained_inputs_get_one_line(args, message, tmp_path):
-    out = genlab(*args, cwd=tmp_path)
-    assert out.returncode == 1, out.stdout
-    assert message in out.stderr and "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+def test_the_notebook_switch(monkeypatch):
+    from lab_utils.exercises import pretrained_mode
+
+    for name in ("GENLAB_PRETRAINED", "GENLAB_SMOKE"):
+        monkeypatch.delenv(name, raising=False)
+    assert pretrained_mode(default=True) and not pretrained_mode(default=False)
+    monkeypatch.setenv("GENLAB_PRETRAINED", "0")
+    assert not pretrained_mode(default=True)
+    monkeypatch.setenv("GENLAB_PRETRAINED", "1")
+    assert pretrained_mode(default=False)
+    monkeypatch.delenv("GENLAB_PRETRAINED")
+    monkeypatch.setenv("GENLAB_SMOKE", "1")
+    assert not pretrained_mode(default=True)  # smoke mode trains its tiny models unless told otherwise
+
+
+def test_each_training_notebook_has_the_switch_with_its_documented_default():
+    from test_notebooks import LOADS_BY_DEFAULT, TRAINS_BY_DEFAULT
+
+    for name in [*LOADS_BY_DEFAULT, *TRAINS_BY_DEFAULT]:
+        source = (REPO / "notebooks" / f"{name}.ipynb").read_text()
+        default = "True" if name in LOADS_BY_DEFAULT else "False"
+        assert f"pretrained_mode(default={default})" in source, name
+        assert "pretrained.load(" in source, name
