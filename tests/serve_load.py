@@ -63,8 +63,8 @@ def load_test(url: str, requests: int = 200, clients: int = 16, model: str = "va
         "p50_s": quantile(0.5), "p95_s": quantile(0.95), "max_s": ok[-1] if ok else None,
         "mean_s": statistics.fmean(ok) if ok else None,
         "every_200_is_png": all(png for status, _, png, _ in results if status == 200),
-        "every_503_has_retry_after": all("Retry-After" in headers for status, _, _, headers in results
-                                         if status == 503),
+        "every_503_has_retry_after": all({key.lower() for key in headers} >= {"retry-after"}
+                                         for status, _, _, headers in results if status == 503),
     }
 
 

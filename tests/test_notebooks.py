@@ -46,6 +46,9 @@ def test_the_first_notebook_exists():
 # train by default run as they are, and again with GENLAB_PRETRAINED=1 (test_notebook_runs_with_the_shipped_models).
 LOADS_BY_DEFAULT = {"02_vae", "04_text_conditioning"}
 TRAINS_BY_DEFAULT = ["01_gan", "03_diffusion", "06_latent_diffusion"]
+# 03 with the shipped DDPM takes ~85 s in smoke mode (its sampling cells draw with the full 1.5M-parameter model):
+# run by hand (GENLAB_PRETRAINED=1), not in the suite
+SUITE_RUNS_PRETRAINED = ["01_gan", "06_latent_diffusion"]
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
@@ -60,7 +63,7 @@ def test_notebook_runs_in_smoke_mode(notebook, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TRAINS_BY_DEFAULT)
+@pytest.mark.parametrize("name", SUITE_RUNS_PRETRAINED)
 def test_notebook_runs_with_the_shipped_models(name, tmp_path):
     """The switch every training notebook has: GENLAB_PRETRAINED=1 loads the zoo's model instead of training."""
     copy = shutil.copy(NOTEBOOK_DIR / f"{name}.ipynb", tmp_path / f"{name}.ipynb")

@@ -116,7 +116,7 @@ def validation_error(err: RequestValidationError) -> ServeError:
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     field = ".".join(loc) or None
     kind, ctx = first.get("type", ""), first.get("ctx") or {}
-    if kind == "json_invalid" or (kind in ("model_attributes_type", "dict_type") and not loc):
+    if kind == "json_invalid" or (kind in ("model_attributes_type", "dict_type", "missing") and not loc):
         return ServeError(422, "the request body must be a JSON object, e.g. {\"prompt\": \"a red circle\", "
                                "\"model\": \"ddpm\"}")
     if kind == "missing":
