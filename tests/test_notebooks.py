@@ -43,12 +43,12 @@ def test_the_first_notebook_exists():
 
 
 # Notebooks that load the shipped model by default (GENLAB_PRETRAINED unset) run that way here too; the ones that
-# train by default run as they are, and again with GENLAB_PRETRAINED=1 (test_notebook_runs_with_the_shipped_models).
+# train by default run as they are.
 LOADS_BY_DEFAULT = {"02_vae", "04_text_conditioning"}
 TRAINS_BY_DEFAULT = ["01_gan", "03_diffusion", "06_latent_diffusion"]
-# 03 with the shipped DDPM takes ~85 s in smoke mode (its sampling cells draw with the full 1.5M-parameter model):
-# run by hand (GENLAB_PRETRAINED=1), not in the suite
-SUITE_RUNS_PRETRAINED = ["01_gan", "06_latent_diffusion"]
+# The other way of 01, 03 and 06 (GENLAB_PRETRAINED=1) is not in the suite, for time (~130 s in all on 2 cores; 03
+# alone ~85 s: its sampling cells then draw with the full 1.5M-parameter DDPM): run it by hand, e.g.
+# GENLAB_SMOKE=1 GENLAB_PRETRAINED=1 .venv/bin/jupyter nbconvert --to notebook --execute notebooks/03_diffusion.ipynb
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
@@ -60,17 +60,6 @@ def test_notebook_runs_in_smoke_mode(notebook, tmp_path):
     assert "❌" not in text, f"a check failed in {notebook.name}:\n{text}"
     if any(has_solutions(cell.source) for cell in nb.cells if cell.cell_type == "code"):
         assert "✅" in text, f"{notebook.name} has exercises but no check passed"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", SUITE_RUNS_PRETRAINED)
-def test_notebook_runs_with_the_shipped_models(name, tmp_path):
-    """The switch every training notebook has: GENLAB_PRETRAINED=1 loads the zoo's model instead of training."""
-    copy = shutil.copy(NOTEBOOK_DIR / f"{name}.ipynb", tmp_path / f"{name}.ipynb")
-    nb = execute_notebook(copy, timeout=CELL_TIMEOUT, env_overrides={**SMOKE_ENV, "GENLAB_PRETRAINED": "1"})
-    text = outputs_text(nb)
-    assert "❌" not in text, f"a check failed in {name} with the shipped models:\n{text}"
-    assert "the shipped" in text, f"{name} did not load a shipped model"
 
 
 def test_kernel_is_this_interpreter(tmp_path):
