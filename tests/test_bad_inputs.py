@@ -226,7 +226,7 @@ def results(tmp_path_factory, runs) -> dict[str, Case]:
         case.result = genlab(*args, cwd=folder / case.cwd if case.cwd else folder)
         return case
 
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with ThreadPoolExecutor(max_workers=4) as pool:  # subprocesses that mostly import and refuse: more than the cores
         list(pool.map(run, cases.values()))
     for case, folder, before in cases.values():
         case.unchanged = snapshot(folder) == before and not (folder / MARKER).exists()

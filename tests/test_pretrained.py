@@ -21,7 +21,7 @@ from lab_utils.config import compose
 from lab_utils.pretrained import PretrainedEntry, load, load_file_lab, save_pretrained, sha256_of, zoo
 
 GENERATIVE = [name for name, entry in zoo().items() if entry.family != "evaluator"]
-PROMPTS = 48  # test prompts per model for the alignment check (the manifest's figures use 500)
+PROMPTS = 32  # test prompts per model for the alignment check (the manifest's figures use 500)
 
 
 def genlab(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
