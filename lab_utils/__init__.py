@@ -52,6 +52,7 @@ LAYERS: dict[str, str] = {
     "lab_utils.first_stages": "applications",
     "lab_utils.bench": "applications",
     "lab_utils.notebooks": "applications",
+    "lab_utils.grading": "applications",
     "lab_utils.zoo": "applications",
     "lab_utils.serve": "applications",
     "genlab": "applications",

@@ -9,6 +9,7 @@
     genlab pretrained [action=build]
     genlab serve  [host=127.0.0.1] [port=8000] [models=[dcgan,vae,ddpm,ldm]] [runs=<folder>]
     genlab notebooks  [--out notebooks/student]
+    genlab grade  <student notebook or folder> [--out grades]
 
 Several processes: ``torchrun --nproc_per_node=N -m genlab train ...`` (see lab_utils.distributed).
 
@@ -44,6 +45,7 @@ commands:
   pretrained the shipped models:       genlab pretrained   (then genlab sample pretrained=ddpm prompt=...)
   serve      a web page and JSON API:  genlab serve [port=8000] [models=[dcgan,ddpm]]
   notebooks  write the student versions of the notebooks (solutions removed)
+  grade      run students' notebooks, score each exercise: genlab grade submissions/ --out grades
 
 `genlab <command> --help` lists the config groups and options; `--cfg job` prints the config.
 Several processes or GPUs: torchrun --nproc_per_node=N -m genlab train ...
@@ -437,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "notebooks":
         return notebooks_command(rest)
+    if command == "grade":
+        from lab_utils.grading import grade_command
+
+        return grade_command(rest)
     if command not in COMMANDS:
         print(f"genlab: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

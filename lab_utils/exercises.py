@@ -17,6 +17,21 @@ recursively and print **one line**: a pass, or what differed (which case, which 
 shapes, the largest error) and a hint. A stub that still raises ``NotImplementedError``
 gets "not implemented yet". The check returns ``True``/``False``.
 
+**Graded and hard to fool.** A topic check is declared with :func:`graded` (``@graded("attention")``):
+only while it runs does a result count, and then it is also appended as a signed line to the record file
+named by ``GENLAB_GRADE_RECORD`` (``genlab grade`` sets it, with a one-time key in ``GENLAB_GRADE_KEY``
+that this module reads at import and removes from the environment). A printed tick, a hand-written
+record or a generic ``check_function`` call writes no record. While the student's code runs, the
+reference it is compared with (and whatever ``forbid=`` names) is replaced by a function that raises,
+so an answer that just calls the reference fails with a message that says so.
+
+**Hints in two steps.** A :class:`Hint` has the idea (shown after the first wrong try) and a fuller
+hint (shown from the second on); a recognised mistake gets its own message at once.
+
+**The student's version, or the reference.** A check returns a :class:`CheckResult` (true when it
+passed); ``result.pick(student_fn)`` is the student's function when it passed and otherwise the lab's
+reference (with a note), so the rest of the notebook runs either way without importing the reference.
+
 With ``GENLAB_STRICT_CHECKS=1`` a failed check raises :class:`ExerciseFailed` after
 printing, so running the *solution* notebooks in the test suite fails when a solution (or a
 reference it is compared with) is broken. ``GENLAB_SMOKE=1`` asks notebooks for tiny,
@@ -30,13 +45,20 @@ wrappers that fix the cases and hints.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
+import hashlib
+import hmac
+import json
 import math
 import numbers
 import os
-from collections.abc import Callable, Mapping, Sequence
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,17 +66,26 @@ from torch import nn
 
 __all__ = [
     "Case",
+    "CheckResult",
     "ExerciseFailed",
+    "Hint",
+    "Record",
     "check_function",
     "check_module",
     "check_value",
     "compare",
+    "graded",
+    "read_records",
     "smoke_mode",
     "strict_mode",
 ]
 
 _TRUTHY = {"1", "true", "yes", "on"}
 NOT_IMPLEMENTED = "not implemented yet — fill in the cell above and run this check again"
+RECORD_ENV = "GENLAB_GRADE_RECORD"  # the file graded checks append their results to
+KEY_ENV = "GENLAB_GRADE_KEY"  # the key that signs them (read once, below, and removed from the environment)
+_GRADE_KEY = os.environ.pop(KEY_ENV, "").encode()
+REFERENCE_CALLED = "genlab: the reference was called: "  # the message of the stand-in that raises
 
 
 def _env_flag(name: str) -> bool:
@@ -245,6 +276,196 @@ def compare(got: Any, expected: Any, where: str = "output", *, atol: float = 1e-
     return None if equal else f"{where}: got {got!r}, expected {expected!r}"
 
 
+
+# --------------------------------------------------------------------------- hints, results, records
+
+
+@dataclass(frozen=True)
+class Hint:
+    """What a failed check suggests: ``idea`` after the first wrong try (what to think about, not the code),
+    ``detail`` from the second on (a fuller hint; empty: the idea again)."""
+
+    idea: str
+    detail: str = ""
+
+    def for_attempt(self, failures: int) -> str:
+        return self.idea if failures <= 1 or not self.detail else self.detail
+
+
+_FAILURES: dict[str, int] = {}  # failed tries per check name in this process (which hint to show)
+
+
+def _hint_text(name: str, hint: Hint | str) -> str:
+    _FAILURES[name] = _FAILURES.get(name, 0) + 1
+    return hint.for_attempt(_FAILURES[name]) if isinstance(hint, Hint) else hint
+
+
+@dataclass
+class CheckResult:
+    """The outcome of one check: true when it passed. ``pick(student)`` is what the rest of the notebook
+    should use: the student's code when it passed, else the lab's reference (``fallback``), with a note."""
+
+    name: str
+    passed: bool
+    detail: str
+    fallback: Any = None
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def pick(self, student: Any) -> Any:
+        if self.passed or self.fallback is None:
+            return student
+        print(f"ℹ️ {self.name}: the rest of this notebook uses the lab's version until yours passes")
+        return self.fallback
+
+
+@dataclass(frozen=True)
+class Record:
+    """One graded check's result as ``genlab grade`` reads it from the record file."""
+
+    exercise: str
+    passed: bool
+    detail: str
+    sequence: int
+
+
+_GRADED: list[str] = []  # the graded checks running now (innermost last)
+_SEQUENCE = [0]
+
+
+def _signature(key: bytes, payload: dict) -> str:
+    return hmac.new(key, json.dumps(payload, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def _write_record(exercise: str, passed: bool, detail: str) -> None:
+    path = os.environ.get(RECORD_ENV)
+    if not path or not _GRADE_KEY:
+        return
+    _SEQUENCE[0] += 1
+    payload = {"exercise": exercise, "passed": passed, "detail": detail, "sequence": _SEQUENCE[0]}
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({**payload, "signature": _signature(_GRADE_KEY, payload)}) + "\n")
+
+
+def read_records(path: str | Path, key: str) -> tuple[list[Record], int]:
+    """The records in ``path`` signed with ``key``, and how many lines were not (forged or garbled)."""
+    records, rejected = [], 0
+    file = Path(path)
+    if not file.exists():
+        return records, rejected
+    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+            signature = entry.pop("signature")
+            valid = hmac.compare_digest(str(signature), _signature(key.encode(), entry))
+            record = Record(str(entry["exercise"]), entry["passed"] is True, str(entry["detail"]),
+                            int(entry["sequence"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            rejected += 1
+            continue
+        if valid:
+            records.append(record)
+        else:
+            rejected += 1
+    return records, rejected
+
+
+def graded(exercise: str) -> Callable[[Callable[..., CheckResult]], Callable[..., CheckResult]]:
+    """Declare a topic check as the graded check of ``exercise`` (the id the notebook's metadata gives points
+    to): while it runs, the result it reports is written to the grading record."""
+
+    def decorate(check: Callable[..., CheckResult]) -> Callable[..., CheckResult]:
+        @functools.wraps(check)
+        def run(*args: Any, **kwargs: Any) -> CheckResult:
+            _GRADED.append(exercise)
+            try:
+                return check(*args, **kwargs)
+            finally:
+                _GRADED.pop()
+
+        run.exercise = exercise  # type: ignore[attr-defined]
+        return run
+
+    return decorate
+
+
+# --------------------------------------------------------------------------- the reference may not be called
+
+
+def _raising_code(name: str, free_vars: int) -> types.CodeType:
+    """The code of ``def name(*args, **kwargs): raise RuntimeError(...)`` with ``free_vars`` closure cells
+    (a function's code can be swapped only for one with as many), using builtins only: it runs with the
+    swapped function's globals."""
+    cells = [f"cell{i}" for i in range(free_vars)]
+    lines = ["def outer():"] + [f"    {cell} = None" for cell in cells] + [
+        "    def inner(*args, **kwargs):",
+        f"        ({', '.join(cells)},)" if cells else "        pass",
+        f"        raise RuntimeError({(REFERENCE_CALLED + name)!r})",
+        "    return inner"]
+    namespace: dict[str, Any] = {}
+    exec(compile("\n".join(lines), "<genlab reference stand-in>", "exec"), namespace)  # noqa: S102 - our own text
+    return namespace["outer"]().__code__.replace(co_name=name)
+
+
+def _describe(target: Any) -> str:
+    if isinstance(target, tuple):
+        owner, attribute = target
+        return f"{getattr(owner, '__name__', type(owner).__name__)}.{attribute}"
+    return getattr(target, "__qualname__", getattr(target, "__name__", repr(target)))
+
+
+@contextlib.contextmanager
+def forbidden(targets: Sequence[Any]) -> Iterator[None]:
+    """Within the block, each target raises ``RuntimeError(REFERENCE_CALLED + name)`` when called, however the
+    caller reached it: a Python function (its code is swapped, so every alias is caught), an ``nn.Module``
+    class (its ``forward``), or an ``(owner, attribute)`` pair (the attribute is replaced, e.g. a torch built-in)."""
+    restore: list[Callable[[], None]] = []
+    try:
+        for target in targets:
+            name = _describe(target)
+            if isinstance(target, tuple):
+                owner, attribute = target
+                original = owner.__dict__[attribute] if isinstance(owner, type) else getattr(owner, attribute)
+
+                def stand_in(*args: Any, _name: str = name, **kwargs: Any) -> Any:
+                    raise RuntimeError(REFERENCE_CALLED + _name)
+
+                setattr(owner, attribute, stand_in)
+                restore.append(functools.partial(setattr, owner, attribute, original))
+            elif isinstance(target, type) and issubclass(target, nn.Module):
+                original = target.__dict__["forward"]
+                target.forward = types.FunctionType(_raising_code(name, 0), {"__builtins__": __builtins__})
+                restore.append(functools.partial(setattr, target, "forward", original))
+            elif isinstance(target, types.FunctionType):
+                code = target.__code__
+                target.__code__ = _raising_code(name, len(code.co_freevars))
+                restore.append(functools.partial(setattr, target, "__code__", code))
+            else:
+                raise TypeError(f"cannot forbid {target!r}: give a function, an nn.Module class or (owner, name)")
+        yield
+    finally:
+        for undo in reversed(restore):
+            undo()
+
+
+def _called_reference(err: BaseException) -> str | None:
+    """The name of the forbidden reference whose stand-in raised ``err`` (or a cause of it), if any."""
+    seen = 0
+    while err is not None and seen < 10:
+        text = str(err)
+        if REFERENCE_CALLED in text:
+            return text.split(REFERENCE_CALLED, 1)[1].split()[0].strip("'\"")
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
+
+
+def _reference_message(name: str) -> str:
+    return (f"your code calls the lab's `{name}`, the very thing this exercise asks you to write: "
+            f"write it from the operations themselves")
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -282,17 +503,35 @@ def _call(fn: Callable, case: Case, seed: int | None) -> Any:
         return fn(*args, **kwargs)
 
 
-def _report(name: str, ok: bool, detail: str, hint: str = "") -> bool:
+def _report(name: str, ok: bool, detail: str, hint: Hint | str = "", fallback: Any = None) -> CheckResult:
+    """Print the check's one line, write its grading record (inside a :func:`graded` check), and in strict mode
+    raise on a failure."""
+    if _GRADED:
+        _write_record(_GRADED[-1], ok, detail)
     if ok:
         print(f"✅ {name}: {detail}")
-        return True
+        return CheckResult(name, True, detail, fallback)
     line = f"❌ {name}: {detail}"
-    if hint:
-        line += f" — hint: {hint}"
+    text = _hint_text(name, hint) if hint else ""
+    if text:
+        line += f" — hint: {text}"
     print(line)
     if strict_mode():
         raise ExerciseFailed(line)
-    return False
+    return CheckResult(name, False, detail, fallback)
+
+
+def _run_student(fn: Callable, case: Case, seed: int | None, forbid: Sequence[Any]) -> Any:
+    with forbidden(forbid):
+        return _call(fn, case, seed)
+
+
+def _student_error(err: Exception, where: str) -> tuple[str, bool]:
+    """What to print for an exception from the student's code, and whether it was a call of the reference."""
+    called = _called_reference(err)
+    if called is not None:
+        return f"{where}: {_reference_message(called)}", True
+    return f"{where} raised {type(err).__name__}: {err}", False
 
 
 def _diagnose(got: Any, case: Case, known_mistakes: Sequence[tuple[Callable, str]], seed: int | None,
@@ -318,17 +557,24 @@ def check_function(
     rtol: float = 1e-4,
     seed: int | None = 0,
     known_mistakes: Sequence[tuple[Callable, str]] = (),
-) -> bool:
-    """Check ``student_fn`` against ``reference_fn`` on every case; print one line; return pass/fail.
+    forbid: Sequence[Any] | None = None,
+    fallback: Any = None,
+) -> CheckResult:
+    """Check ``student_fn`` against ``reference_fn`` on every case; print one line; return the result.
 
     Both functions get their own copy of each case's inputs and the same ``torch`` seed
     (``seed=None`` leaves the random state alone). ``known_mistakes`` are ``(fn, message)``
     pairs: when the student's output matches ``fn``'s (say, attention without the
-    $1/\\sqrt{d_k}$), ``message`` replaces the generic ``hint``.
+    $1/\\sqrt{d_k}$), ``message`` replaces the generic ``hint`` (a :class:`Hint` or a string).
+    While the student's function runs, ``forbid`` (default: the reference itself) raises when called
+    (:func:`forbidden`), so an answer that calls it fails. ``fallback`` (default: the reference) is what
+    ``result.pick(student_fn)`` returns when the check failed.
     A failure raises :class:`ExerciseFailed` when ``GENLAB_STRICT_CHECKS=1``.
     """
+    forbid = (reference_fn,) if forbid is None else tuple(forbid)
+    fallback = reference_fn if fallback is None else fallback
     if not callable(student_fn):
-        return _report(name, False, f"expected a function, got {_type_name(student_fn)}", hint)
+        return _report(name, False, f"expected a function, got {_type_name(student_fn)}", hint, fallback)
     if not cases:
         raise ValueError(f"check {name!r} has no cases")
     total = len(cases)
@@ -336,20 +582,21 @@ def check_function(
         expected = _call(reference_fn, case, seed)  # a failure here is a bug in the lab, not the student's
         where = case.describe(index, total)
         try:
-            got = _call(student_fn, case, seed)
+            got = _run_student(student_fn, case, seed, forbid)
         except NotImplementedError:
-            return _report(name, False, NOT_IMPLEMENTED)
+            return _report(name, False, NOT_IMPLEMENTED, fallback=fallback)
         except Exception as err:  # noqa: BLE001 - any student error becomes a message
-            return _report(name, False, f"{where} raised {type(err).__name__}: {err}", hint)
+            message, called = _student_error(err, where)
+            return _report(name, False, message, "" if called else hint, fallback)
         message = compare(got, expected, atol=atol, rtol=rtol)
         if message:
             specific = _diagnose(got, case, known_mistakes, seed, atol, rtol)
-            return _report(name, False, f"{where}: {message}", specific or hint)
-    return _report(name, True, f"passed ({total} case{'s' if total != 1 else ''})")
+            return _report(name, False, f"{where}: {message}", specific or hint, fallback)
+    return _report(name, True, f"passed ({total} case{'s' if total != 1 else ''})", fallback=fallback)
 
 
-def check_value(got: Any, expected: Any, *, name: str, hint: str = "", atol: float = 1e-5,
-                rtol: float = 1e-4) -> bool:
+def check_value(got: Any, expected: Any, *, name: str, hint: Hint | str = "", atol: float = 1e-5,
+                rtol: float = 1e-4) -> CheckResult:
     """Check a value the student computed (a number, a tensor, a tuple ...) against the expected one."""
     message = compare(got, expected, atol=atol, rtol=rtol)
     if message:
@@ -364,11 +611,12 @@ def check_module(
     cases: Sequence[Case],
     *,
     name: str,
-    hint: str = "",
+    hint: Hint | str = "",
     atol: float = 1e-5,
     rtol: float = 1e-4,
     seed: int | None = 0,
-) -> bool:
+    forbid: Sequence[Any] | None = None,
+) -> CheckResult:
     """Check a student's layer class against the reference layer.
 
     Both are built with ``init`` (``cls(*init.args, **init.kwargs)``); the reference's
@@ -376,30 +624,36 @@ def check_module(
     submodule/parameter names and shapes as the exercise asks (a mismatch is reported by
     name). Both run in ``eval()`` mode (no dropout) on every case, each on its own copy of
     the inputs and under the same seed; outputs are compared as in :func:`check_function`.
+    While the student's layer runs, the reference class's ``forward`` (and ``forward``'s of ``forbid``)
+    raises, so a subclass of the reference or a layer that wraps it fails.
     """
+    forbid = (reference_cls,) if forbid is None else tuple(forbid)
+
     def build(cls: Callable[..., nn.Module]) -> nn.Module:
         return _call(cls, init, seed)
+
+    def fail(detail: str, with_hint: bool = True) -> CheckResult:
+        return _report(name, False, detail, hint if with_hint else "", reference_cls)
 
     reference = build(reference_cls).eval()
     try:
         student = build(student_cls)
     except NotImplementedError:
-        return _report(name, False, NOT_IMPLEMENTED)
+        return fail(NOT_IMPLEMENTED, with_hint=False)
     except Exception as err:  # noqa: BLE001
-        return _report(name, False, f"building the layer raised {type(err).__name__}: {err}", hint)
+        return fail(f"building the layer raised {type(err).__name__}: {err}")
     if not isinstance(student, nn.Module):
-        return _report(name, False, f"expected an nn.Module, got {_type_name(student)}", hint)
+        return fail(f"expected an nn.Module, got {_type_name(student)}")
     student.eval()
 
     ref_state, stu_state = reference.state_dict(), student.state_dict()
     missing = [key for key in ref_state if key not in stu_state]
     extra = [key for key in stu_state if key not in ref_state]
     if missing or extra:
-        return _report(name, False, f"parameter names differ — missing {missing}, unexpected {extra}", hint)
+        return fail(f"parameter names differ — missing {missing}, unexpected {extra}")
     for key, value in ref_state.items():
         if _shape(stu_state[key]) != _shape(value):
-            return _report(name, False, f"parameter `{key}`: shape {_shape(stu_state[key])}, expected {_shape(value)}",
-                           hint)
+            return fail(f"parameter `{key}`: shape {_shape(stu_state[key])}, expected {_shape(value)}")
     student.load_state_dict(ref_state)
 
     total = len(cases)
@@ -410,12 +664,13 @@ def check_module(
         with torch.no_grad():
             expected = _call(reference, case, seed)
             try:
-                got = _call(student, case, seed)
+                got = _run_student(student, case, seed, forbid)
             except NotImplementedError:
-                return _report(name, False, NOT_IMPLEMENTED)
+                return fail(NOT_IMPLEMENTED, with_hint=False)
             except Exception as err:  # noqa: BLE001
-                return _report(name, False, f"{where} raised {type(err).__name__}: {err}", hint)
+                message, called = _student_error(err, where)
+                return fail(message, with_hint=not called)
         message = compare(got, expected, atol=atol, rtol=rtol)
         if message:
-            return _report(name, False, f"{where}: {message}", hint)
-    return _report(name, True, f"passed ({total} case{'s' if total != 1 else ''})")
+            return fail(f"{where}: {message}")
+    return _report(name, True, f"passed ({total} case{'s' if total != 1 else ''})", fallback=reference_cls)
