@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test notebooks pretrained serve clean
+.PHONY: install demo test notebooks notebook-outputs pretrained serve clean
 
 install: $(STAMP)
 
@@ -30,9 +30,16 @@ serve: install
 pretrained: install
 	$(VENV)/bin/genlab pretrained action=build
 
-# Writes the student versions of the notebooks (solutions replaced by `raise NotImplementedError`).
+# Writes the student versions of the notebooks (solutions replaced by `raise NotImplementedError`) into
+# notebooks/student/, and build/release/: the folder to hand out (student notebooks, START_HERE.md, the wheel).
 notebooks: install
-	$(VENV)/bin/genlab notebooks
+	$(VENV)/bin/genlab notebooks --release build/release
+	$(PY) -m pip wheel --quiet --no-deps -w build/release .
+
+# Runs every solution notebook in full (not smoke mode; ~10 minutes each at most on 2 cores) and stores its
+# outputs, so a reader on the web sees the figures of the current code.
+notebook-outputs: install
+	$(VENV)/bin/genlab notebooks --outputs
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

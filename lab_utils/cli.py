@@ -362,18 +362,30 @@ COMMANDS = {
 def notebooks_command(args: list[str]) -> int:
     import argparse
 
-    from lab_utils.notebooks import make_student_versions
+    from lab_utils.notebooks import make_release, make_student_versions, write_outputs
 
-    parser = argparse.ArgumentParser(prog="genlab notebooks", description="write the student versions of the notebooks")
+    parser = argparse.ArgumentParser(prog="genlab notebooks", description="write the student versions of the "
+                                     "notebooks (and a release folder), or store the solutions' outputs")
     parser.add_argument("--src", default="notebooks", help="folder of solution notebooks (default: notebooks)")
     parser.add_argument("--out", default="notebooks/student", help="output folder (default: notebooks/student)")
+    parser.add_argument("--release", default=None, help="also write a folder to hand out (student notebooks and "
+                                                         "START_HERE.md, no solutions), e.g. build/release")
+    parser.add_argument("--outputs", action="store_true", help="instead, run every solution notebook in full and "
+                                                               "store its outputs in the file (minutes each)")
     options = parser.parse_args(args)
     if not Path(options.src).is_dir():
         print(f"genlab: error: no notebook folder {options.src!r}; run this from the repository root or pass --src",
               file=sys.stderr)
         return 1
+    if options.outputs:
+        for path, seconds in write_outputs(sorted(Path(options.src).glob("*.ipynb"))):
+            print(f"{path}: ran in {seconds / 60:.1f} min, outputs stored")
+        return 0
     for path in make_student_versions(options.src, options.out):
         print(f"wrote {path}")
+    if options.release:
+        make_release(options.src, options.release)
+        print(f"wrote {options.release}/ (student notebooks and START_HERE.md; hand it out as it is)")
     return 0
 
 

@@ -128,6 +128,61 @@ def make_student_versions(src_dir: str | Path = "notebooks", out_dir: str | Path
     return written
 
 
+STUDENT_START = """# genlab: the student notebooks
+
+These are the lab's notebooks with every exercise left for you to write (`raise NotImplementedError`).
+
+1. Install the lab (Python 3.10+): `pip install {wheel}` (the wheel in this folder) in a fresh virtual environment
+   (or, from a clone of the repository, `make install`).
+2. Start Jupyter in this folder: `jupyter lab notebooks/`, and open `00_setup_data_and_text.ipynb`.
+3. Fill in each exercise cell and run the check below it: it prints one line (a tick, or what differed and a
+   hint; run it again after a wrong try for a fuller hint). Until your answer passes, the notebook goes on with
+   the lab's own version, so every cell after it still runs.
+
+Each notebook runs in under 10 minutes on a laptop CPU; `GENLAB_SMOKE=1` runs one in seconds with tiny settings
+(for a quick check that everything works). Your instructor grades a notebook with `genlab grade`, which runs it
+and reads each check's result: what the check finds, not what a cell prints.
+"""
+
+
+def make_release(src_dir: str | Path, out_dir: str | Path, wheel: str = "genlab-*.whl") -> list[Path]:
+    """The folder an instructor hands out: ``out_dir/notebooks/`` (the student versions), ``START_HERE.md``; no
+    solutions. ``out_dir`` is replaced only once every notebook has been converted."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    written = make_student_versions(src_dir, staging / "notebooks")
+    for path in written:
+        if BEGIN_MARKER in path.read_text(encoding="utf-8"):
+            raise ValueError(f"{path.name}: a solution marker is left in the student version")
+    (staging / "START_HERE.md").write_text(STUDENT_START.format(wheel=wheel), encoding="utf-8")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return sorted(out_dir.rglob("*.*"))
+
+
+def write_outputs(paths: list[Path], timeout: int = 900) -> list[tuple[Path, float]]:
+    """Run each solution notebook as a reader would (not smoke mode, strict checks) and store its outputs in the
+    file; a notebook that fails is left as it was. Returns each notebook's running time."""
+    import time
+
+    import nbformat
+
+    times = []
+    for path in paths:
+        start = time.perf_counter()
+        nb = execute_notebook(path, timeout=timeout, env_overrides={"GENLAB_SMOKE": "0", "GENLAB_STRICT_CHECKS": "1",
+                                                                    "MPLBACKEND": "Agg"})
+        seconds = time.perf_counter() - start
+        for cell in nb.cells:
+            cell.metadata.pop("execution", None)  # nbclient's timestamps would change every file on every run
+        nbformat.write(nb, path)
+        times.append((path, seconds))
+    return times
+
+
 def kernel_environment(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
     """``os.environ`` updated by ``overrides``, with this checkout first on ``PYTHONPATH`` (the kernel must import
     this checkout's packages even when it is not installed)."""

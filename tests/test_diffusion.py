@@ -401,9 +401,12 @@ def test_exercise_checks_pass_the_reference_and_catch_known_mistakes(capsys):
         return mean if t == 0 else mean + ((1 - a_prev) / (1 - a) * beta) ** 0.5 * z
 
     assert ex.check_add_noise(add_noise) and ex.check_ddim_step(ddim_step) and ex.check_ddpm_step(ddpm_step)
-    assert ex.check_guidance(classifier_free_guidance) and ex.check_cross_attention(CrossAttention)
-    assert ex.check_attention_weights(lambda q, k, mask: attention(q, k, k, mask, return_weights=True)[1])
+    assert ex.check_guidance(lambda u, c, w: u + w * (c - u))
     capsys.readouterr()
+    # the lab's own code is refused as an answer (answers from scratch: tests/test_exercises_vae_and_text.py)
+    assert not ex.check_guidance(classifier_free_guidance) and not ex.check_cross_attention(CrossAttention)
+    assert not ex.check_attention_weights(lambda q, k, mask: attention(q, k, k, mask, return_weights=True)[1])
+    assert capsys.readouterr().out.count("calls the lab's") == 3
     assert not ex.check_guidance(lambda u, c, w: (1 + w) * c - w * u)
     assert "Ho & Salimans" in capsys.readouterr().out
     assert not ex.check_ddim_step(lambda xt, eps, t, p, ab: ddim_step(xt, eps, t, p % len(ab), ab))

@@ -331,11 +331,11 @@ def test_exercise_checks_pass_the_reference_and_name_the_usual_mistakes(capsys, 
     )
 
     monkeypatch.delenv("GENLAB_STRICT_CHECKS", raising=False)
-    assert check_bce_critic_loss(bce_critic_loss)
-    assert check_generator_loss(bce_generator_loss)
-    assert check_gradient_penalty(lambda critic, real, fake, eps: gradient_penalty(critic, real, fake, eps).penalty)
-    assert check_projection_head(ProjectionHead)
-    capsys.readouterr()
+    # the reference itself is refused (an answer must not call it); answers from scratch: tests/test_exercises_gan.py
+    assert not check_bce_critic_loss(bce_critic_loss)
+    assert not check_gradient_penalty(lambda critic, real, fake, eps: gradient_penalty(critic, real, fake, eps).penalty)
+    assert not check_projection_head(ProjectionHead)
+    assert capsys.readouterr().out.count("calls the lab's") == 3
 
     def two_sided(real, fake, label_smoothing=0.0):
         return (F.binary_cross_entropy_with_logits(real, torch.full_like(real, 1 - label_smoothing))

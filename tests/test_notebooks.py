@@ -1,27 +1,30 @@
-"""Every notebook runs top to bottom in smoke mode; the student versions have failing checks.
+"""Every notebook runs top to bottom in smoke mode with full marks; its student version runs to the end and scores 0.
 
-Notebooks are executed from a copy in a temporary folder (so files they write do not land in
-the repository), in a kernel of this interpreter, with ``GENLAB_SMOKE=1`` (tiny settings) and
-``GENLAB_STRICT_CHECKS=1`` (a failed exercise check raises, so a broken solution fails here).
+Both are graded as ``genlab grade`` grades a student (a copy in a temporary folder, a kernel of this interpreter,
+``GENLAB_SMOKE=1``, the checks' signed records): a broken solution, or a reference it is compared with, fails here.
 """
 
 from __future__ import annotations
 
+import ast
+import json
+import contextlib
+import io
 import re
-import shutil
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from lab_utils.notebooks import execute_notebook, has_solutions, make_student_versions
+from lab_utils.grading import grade_notebook
+from lab_utils.notebooks import execute_notebook, make_release, make_student_versions
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 FIRST = NOTEBOOK_DIR / "00_setup_data_and_text.ipynb"
-SMOKE_ENV = {"GENLAB_SMOKE": "1", "GENLAB_STRICT_CHECKS": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "2"}
 CELL_TIMEOUT = 300  # seconds per cell; smoke notebooks should need a few
+NOTEBOOK_LIMIT = 300  # seconds per notebook in smoke mode (each needs 5-20 s on 2 cores)
 
 
 def outputs_text(nb) -> str:
@@ -51,15 +54,73 @@ TRAINS_BY_DEFAULT = ["01_gan", "03_diffusion", "06_latent_diffusion"]
 # GENLAB_SMOKE=1 GENLAB_PRETRAINED=1 .venv/bin/jupyter nbconvert --to notebook --execute notebooks/03_diffusion.ipynb
 
 
+def smoke_environment(monkeypatch, notebook: Path) -> None:
+    """The kernel's environment as the suite grades it (``genlab grade`` sets smoke mode and the record)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    if notebook.stem in LOADS_BY_DEFAULT:
+        monkeypatch.setenv("GENLAB_PRETRAINED", "1")
+    else:
+        monkeypatch.delenv("GENLAB_PRETRAINED", raising=False)
+
+
+def points(notebook: Path) -> dict[str, float]:
+    return nbformat.read(notebook, as_version=4).metadata["genlab"]["exercises"]
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
-def test_notebook_runs_in_smoke_mode(notebook, tmp_path):
-    copy = shutil.copy(notebook, tmp_path / notebook.name)
-    env = {**SMOKE_ENV, "GENLAB_PRETRAINED": "1"} if notebook.stem in LOADS_BY_DEFAULT else SMOKE_ENV
-    nb = execute_notebook(copy, timeout=CELL_TIMEOUT, env_overrides=env)  # raises on the first error
-    text = outputs_text(nb)
-    assert "❌" not in text, f"a check failed in {notebook.name}:\n{text}"
-    if any(has_solutions(cell.source) for cell in nb.cells if cell.cell_type == "code"):
-        assert "✅" in text, f"{notebook.name} has exercises but no check passed"
+def test_solution_notebook_runs_in_smoke_mode_with_full_marks(notebook, monkeypatch):
+    """Graded as a student's notebook would be: every cell runs and every exercise earns its points."""
+    smoke_environment(monkeypatch, notebook)
+    grade = grade_notebook("solution", notebook, NOTEBOOK_DIR, time_limit=NOTEBOOK_LIMIT, full=False)
+    assert grade.problems == [], grade.problems
+    assert len(grade.exercises) >= 3, f"{notebook.name} has {len(grade.exercises)} graded exercises, not >= 3"
+    failed = [(item.exercise, item.status, item.detail) for item in grade.exercises if item.status != "passed"]
+    assert not failed and grade.earned == grade.possible == sum(points(notebook).values()), failed
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
+def test_student_version_runs_to_the_end_and_scores_zero(notebook, student_dir, monkeypatch):
+    """Unsolved, each check reports "not implemented yet", the notebook goes on with the lab's versions to the end."""
+    smoke_environment(monkeypatch, notebook)
+    grade = grade_notebook("student", student_dir / notebook.name, NOTEBOOK_DIR, time_limit=NOTEBOOK_LIMIT,
+                           full=False)
+    assert grade.problems == [], grade.problems
+    assert grade.earned == 0 and grade.possible > 0
+    assert all(item.status == "failed" and "not implemented yet" in item.detail for item in grade.exercises), [
+        (item.exercise, item.status, item.detail) for item in grade.exercises]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
+def test_no_notebook_imports_the_reference_of_its_own_exercises(notebook, monkeypatch):
+    """Run each graded check the notebook imports once (with an unwritten answer) to learn what it forbids, then
+    look for any of those objects among the names the notebook's import lines bring in."""
+    import lab_utils.exercises as exercises
+
+    monkeypatch.delenv("GENLAB_STRICT_CHECKS", raising=False)
+    nb = nbformat.read(notebook, as_version=4)
+    namespace: dict = {}
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        python = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        for node in ast.parse(python).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                exec(compile(ast.Module([node], []), notebook.name, "exec"), namespace)  # noqa: S102
+    checks = {name: value for name, value in namespace.items() if hasattr(value, "exercise")}
+    assert sorted(value.exercise for value in checks.values()) == sorted(points(notebook)), \
+        "the notebook's metadata gives points to exactly the graded checks it imports"
+
+    def unwritten(*args, **kwargs):
+        raise NotImplementedError
+
+    for check in checks.values():
+        with contextlib.redirect_stdout(io.StringIO()):
+            check(unwritten)
+    forbidden = [target for check in checks.values() for target in exercises.FORBIDDEN.get(check.exercise, ())]
+    objects = [getattr(*target) if isinstance(target, tuple) else target for target in forbidden]
+    imported = [name for name, value in namespace.items() if any(value is target for target in objects)]
+    assert forbidden, f"the checks of {notebook.name} forbid nothing"
+    assert not imported, f"{notebook.name} imports the reference of its own exercises: {imported}"
 
 
 def test_kernel_is_this_interpreter(tmp_path):
@@ -98,11 +159,20 @@ def test_student_version_replaces_every_solution(notebook, student_dir):
         assert student_cell.outputs == [] and student_cell.execution_count is None
 
 
-def test_student_version_of_00_fails_its_checks(student_dir):
-    """Unsolved, the exercise check reports "not implemented yet" (and the notebook still runs on)."""
-    env = dict(SMOKE_ENV, GENLAB_STRICT_CHECKS="0")
-    nb = execute_notebook(student_dir / FIRST.name, timeout=CELL_TIMEOUT, env_overrides=env, allow_errors=True)
-    check_lines = [line for line in outputs_text(nb).splitlines() if line.startswith(("✅", "❌"))]
-    assert check_lines, "the check printed nothing"
-    assert all(line.startswith("❌") and "not implemented yet" in line for line in check_lines), check_lines
-    assert any(line.startswith("❌ attention:") for line in check_lines)
+def test_release_folder_has_every_student_notebook_and_no_solution(tmp_path):
+    release = tmp_path / "release"
+    (tmp_path / "release").mkdir()
+    (release / "stale.txt").write_text("from an earlier release")
+    make_release(NOTEBOOK_DIR, release)
+    assert sorted(path.name for path in (release / "notebooks").iterdir()) == [path.name for path in NOTEBOOKS]
+    assert (release / "START_HERE.md").is_file() and not (release / "stale.txt").exists()
+    for path in NOTEBOOKS:
+        solution = nbformat.read(path, as_version=4)
+        student = (release / "notebooks" / path.name).read_text(encoding="utf-8")
+        assert "SOLUTION" not in student
+        for cell in solution.cells:  # no line of any answer is left (blank lines and comments aside)
+            for region in re.findall(r"#\s*BEGIN SOLUTION.*?\n(.*?)#\s*END SOLUTION", cell.source, flags=re.S):
+                for line in region.splitlines():
+                    code = line.strip()
+                    if len(code) > 25 and not code.startswith("#"):
+                        assert json.dumps(line)[1:-1] not in student, f"{path.name}: an answer line is left: {code}"

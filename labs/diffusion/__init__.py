@@ -3,13 +3,13 @@
     scheduler.py  the noise schedule, forward process and reverse updates (no network, no parameters)
     unet.py       the UNet eps_theta(x_t, t, c) with self- and cross-attention
     sampling.py   one sampling loop over the scheduler's DDPM or DDIM step, and classifier-free guidance
-    lab.py        DDPMConfig and DiffusionLab (training loss, the sampling pipeline)
+    lab.py        DDPMConfig, diffusion_loss (Ho et al. eq. 14), DiffusionLab (training step, sampling pipeline)
 
     genlab train model=ddpm data=shapes preset=cpu
     genlab sample run=<dir> prompt="a red circle" sampler=ddim steps=50 guidance=3 n=16
 """
 
-from .lab import DDPMConfig, DiffusionLab, SamplingConfig
+from .lab import DDPMConfig, DiffusionLab, SamplingConfig, diffusion_loss
 from .sampling import (
     SAMPLER_STEPS, SAMPLERS, SamplerOutput, classifier_free_guidance, ddim_sample, ddpm_sample, sample_loop,
 )
@@ -39,6 +39,7 @@ __all__ = [
     "cosine_betas",
     "ddim_sample",
     "ddpm_sample",
+    "diffusion_loss",
     "linear_betas",
     "sample_loop",
     "timestep_embedding",

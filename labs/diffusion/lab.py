@@ -17,7 +17,7 @@ unconditional batch together and combines them with classifier-free guidance.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,28 @@ class DDPMConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
 
+def diffusion_loss(eps_model: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], scheduler: NoiseScheduler,
+                   x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: Any,
+                   min_snr_gamma: Optional[float] = None) -> torch.Tensor:
+    r"""The simple loss (Ho et al. eq. 14) for given noise levels and noise, a 0-dim float32 tensor:
+
+    $\frac1B\sum_b \frac1P\lVert \epsilon_b - \epsilon_\theta(\sqrt{\bar\alpha_{t_b}}x_{0,b}
+    + \sqrt{1-\bar\alpha_{t_b}}\epsilon_b,\ t_b,\ c_b)\rVert^2$ (the target is $v$ with ``prediction_type = v``),
+    each sample weighted by min-SNR (Hang et al. eq. 8-9) if ``min_snr_gamma`` is set.
+
+    x0, eps: (B, C, H, W); t: (B,) long; ``eps_model(xt, t, cond)`` is the network (``DiffusionLab`` itself takes
+    the prompts as ``cond``). Draws nothing at random: ``DiffusionLab.loss`` samples t, eps and the dropout."""
+    xt = scheduler.add_noise(x0, eps, t)  # x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
+    target = scheduler.target(x0, eps, t)  # eps or v
+    prediction = eps_model(xt, t, cond)  # eps_theta(x_t, t, c)
+    mse = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if min_snr_gamma is not None:
+        snr = scheduler.snr(t)  # (B,)
+        clipped = snr.clamp(max=min_snr_gamma)  # min(SNR_t, gamma)
+        mse = mse * (clipped / snr if scheduler.prediction_type == "eps" else clipped / (snr + 1))
+    return mse.mean()
+
+
 @dataclass
 class DiffusionSampleOptions(SampleOptions):
     """What ``DiffusionLab.sample`` takes; None = the model's ``sampling`` section (``SamplingConfig``)."""
@@ -143,15 +165,7 @@ class DiffusionLab(Lab):
         prompts = ["" if dropped else caption for caption, dropped in zip(captions, drop)]
         t = torch.randint(0, self.scheduler.num_train_timesteps, (B,), device=x0.device)  # t ~ U{0..T-1}
         eps = torch.randn_like(x0)  # eps ~ N(0, I)
-        xt = self.scheduler.add_noise(x0, eps, t)  # x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
-        target = self.scheduler.target(x0, eps, t)  # eps or v
-        prediction = self(xt, t, prompts)  # eps_theta(x_t, t, c)
-        mse = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        if self.config.min_snr_gamma is not None:
-            snr = self.scheduler.snr(t)  # (B,)
-            clipped = snr.clamp(max=self.config.min_snr_gamma)  # min(SNR_t, gamma)
-            mse = mse * (clipped / snr if self.scheduler.prediction_type == "eps" else clipped / (snr + 1))
-        return mse.mean()
+        return diffusion_loss(self, self.scheduler, x0, t, eps, prompts, self.config.min_snr_gamma)
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         # Minimise || eps - eps_theta(x_t, t, c) ||^2 over the UNet and the text encoder together

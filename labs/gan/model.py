@@ -23,7 +23,7 @@ in ``losses.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,34 @@ def maybe_spectral_norm(layer: nn.Module, enabled: bool) -> nn.Module:
     r"""$W \leftarrow W / \sigma(W)$, $\sigma$ the largest singular value of $W$ reshaped to (out, in*k*k),
     estimated by one power iteration per forward pass (Miyato et al. 2018, Algorithm 1)."""
     return _spectral_norm(layer) if enabled else layer
+
+
+class SpectralNormEstimate(NamedTuple):
+    sigma: torch.Tensor  # () the estimate u^T W v of sigma_max(W)
+    u: torch.Tensor  # (out,) the estimate of the top left singular vector, kept for the next step
+
+
+def power_iteration(weight: torch.Tensor, u: torch.Tensor, n_iterations: int = 1,
+                    eps: float = 1e-12) -> SpectralNormEstimate:
+    r"""$\sigma(W)$ by power iteration (Miyato et al. 2018, "Spectral Normalization for GANs", Algorithm 1):
+
+    $v \leftarrow W^\top u / \lVert W^\top u\rVert_2,\quad u \leftarrow W v / \lVert W v\rVert_2$ ($n$ times),
+    then $\sigma(W) \approx u^\top W v$.
+
+    ``weight``: (out, in), or a convolution's (out, in, k, k) read as (out, in*k*k); ``u``: (out,), the previous
+    estimate (any non-zero start). What ``maybe_spectral_norm`` runs once per training forward pass (torch keeps
+    ``u`` in a buffer: the same sequence of $u$); spelled out here for the notebook's exercise. $u, v$ are
+    constants, $\sigma$ is differentiable in $W$ (as in the paper's update of $W / \sigma(W)$).
+    """
+    if n_iterations < 1:
+        raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
+    W = weight.flatten(1)  # (out, in*k*k)
+    with torch.no_grad():
+        for _ in range(n_iterations):
+            v = F.normalize(W.t() @ u, dim=0, eps=eps)  # v = W^T u / ||W^T u||: (in,)
+            u = F.normalize(W @ v, dim=0, eps=eps)  # u = W v / ||W v||: (out,)
+    sigma = u @ (W @ v)  # sigma(W) ~ u^T W v
+    return SpectralNormEstimate(sigma=sigma, u=u)
 
 
 class SelfAttention2d(nn.Module):

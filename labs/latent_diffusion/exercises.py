@@ -1,7 +1,7 @@
 r"""Checks for the latent-diffusion exercises (notebook 06).
 
 Every reference is the lab's own code, so an exercise checks the student against exactly what the trained
-pipeline uses:
+pipeline uses (and that code raises while the student's runs, so an answer cannot just call it):
 
 - :func:`check_scale_and_shift`: $(s, m) = (1 / \operatorname{std}(z), \operatorname{mean}(z))$ of a batch of latents;
 - :func:`check_encode_to_latents`: images -> $s (\mu_\phi(x) - m)$ with the autoencoder's encoder;
@@ -17,9 +17,10 @@ import torch
 
 from labs.diffusion import NoiseScheduler, SchedulerConfig
 
-from lab_utils.exercises import Case, check_function
+from lab_utils.exercises import Case, CheckResult, Hint, check_function, graded
 
 from .autoencoder import AutoencoderConfig, KLAutoencoder
+from .lab import LatentDiffusionLab
 
 
 def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
@@ -27,20 +28,24 @@ def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- scale factor
-def check_scale_and_shift(scale_and_shift: Callable) -> bool:
+@graded("scale_and_shift")
+def check_scale_and_shift(scale_and_shift: Callable) -> CheckResult:
     r"""``scale_and_shift(z) -> (s, m)``: two floats, $s = 1 / \operatorname{std}(z)$ and $m = \operatorname{mean}(z)$
-    over *every* element of the latents z (N, C, h, w), so that $s (z - m)$ has zero mean and unit variance."""
+    over *every* element of the latents z (N, C, h, w), so that $s (z - m)$ has zero mean and unit variance.
+    The lab's ``LatentDiffusionLab.measure_scale_factor`` (the same on encoded images) may not be called."""
     gen = torch.Generator().manual_seed(0)
     cases = [Case((_randn(gen, 16, 4, 8, 8) * 0.6 + 0.4,), label="latents of std 0.6, mean 0.4"),
              Case((_randn(gen, 8, 4, 8, 8) * torch.tensor([0.2, 1.0, 2.0, 5.0]).view(1, 4, 1, 1),),
                   label="channels of very different spreads"),
              Case((_randn(gen, 2, 3, 4, 4) * 3.0 - 1.0,), label="a small batch")]
 
-    def reference(z):
-        return torch.tensor([1.0 / z.float().std().item(), z.float().mean().item()])
+    def scale_and_shift_reference(z):
+        return 1.0 / z.float().std().item(), z.float().mean().item()
 
     def as_pair(fn):
         return lambda z: torch.tensor([float(v) for v in fn(z)])
+
+    reference = as_pair(scale_and_shift_reference)
 
     def per_channel(z):
         return torch.tensor([1.0 / z.std(dim=(0, 2, 3)).mean().item(), z.mean().item()])
@@ -50,7 +55,12 @@ def check_scale_and_shift(scale_and_shift: Callable) -> bool:
 
     return check_function(
         as_pair(scale_and_shift), reference, cases, name="scale_and_shift", atol=1e-4,
-        hint="flatten the whole batch: s = 1 / z.std(), m = z.mean() (return two Python floats)",
+        hint=Hint("one scale and one shift for the whole batch: m moves the latents' centre to 0 and s makes their "
+                  "spread 1, both measured over every element at once (batch, channels and positions together)",
+                  "treat all the numbers in z as one sample: m is their mean, s the reciprocal of their standard "
+                  "deviation; return the two as plain Python floats, s first"),
+        forbid=(scale_and_shift_reference, (LatentDiffusionLab, "measure_scale_factor")),
+        fallback=scale_and_shift_reference,
         known_mistakes=[(per_channel, "one s for the whole latent, not one per channel averaged: Rombach et al. "
                                       "scale every element by the same number"),
                         (std_not_inverse, "s multiplies the latents to give them unit variance: it is 1 / std, not std")])
@@ -62,10 +72,12 @@ def _tiny_autoencoder() -> KLAutoencoder:
     return KLAutoencoder(AutoencoderConfig(channels=[8, 16], groups=4, z_channels=4), channels=3).eval()
 
 
-def check_encode_to_latents(encode_to_latents: Callable) -> bool:
+@graded("encode_to_latents")
+def check_encode_to_latents(encode_to_latents: Callable) -> CheckResult:
     r"""``encode_to_latents(autoencoder, images, s, m) -> latents``: the scaled posterior means
     $s (\mu_\phi(x) - m)$, shape (N, 4, h, w), for images (N, 3, H, W) in [-1, 1]. ``autoencoder.encode(x)``
-    returns the posterior (``.mu``, ``.logvar``); no sampling, no gradients needed."""
+    returns the posterior (``.mu``, ``.logvar``); no sampling, no gradients needed. The lab's
+    ``LatentDiffusionLab.to_latents`` (the same with the lab's s and m) may not be called."""
     gen = torch.Generator().manual_seed(1)
     ae = _tiny_autoencoder()
     cases = [Case((ae, _randn(gen, 4, 3, 16, 16).clamp(-1, 1), 1.7, 0.3), label="4 images, s = 1.7, m = 0.3"),
@@ -89,7 +101,11 @@ def check_encode_to_latents(encode_to_latents: Callable) -> bool:
 
     return check_function(
         encode_to_latents, reference, cases, name="encode_to_latents", atol=1e-5,
-        hint="posterior = autoencoder.encode(images); return (posterior.mu - m) * s",
+        hint=Hint("the latent DDPM works on the encoder's posterior *mean* (no sampling), moved to zero mean and "
+                  "scaled to unit spread with the (s, m) of exercise 1",
+                  "the autoencoder's encode gives the posterior of each image; take its mean, take m away, then "
+                  "multiply by s; no gradients are needed (torch.no_grad())"),
+        forbid=(reference, (LatentDiffusionLab, "to_latents")),
         known_mistakes=[(forgot_shift, "subtract the mean m before scaling: the latents are s (z - m)"),
                         (shift_after_scale, "subtract m first, then scale: s (z - m), not s z - m"),
                         (logvar_not_mu, "use the posterior mean mu, not its log-variance")])
@@ -101,12 +117,14 @@ def _latent_scheduler() -> NoiseScheduler:
                                           clip_x0=False))
 
 
-def check_latent_ddim_step(latent_ddim_step: Callable) -> bool:
+@graded("latent_ddim_step")
+def check_latent_ddim_step(latent_ddim_step: Callable) -> CheckResult:
     r"""``latent_ddim_step(zt, v, t, prev_t, alpha_bar) -> z_prev``: one deterministic DDIM step (eta = 0) on a latent
     from a v-prediction. With $a_t = \bar\alpha_t$ (and $a_{-1} = 1$):
     $\hat z_0 = \sqrt{a_t} z_t - \sqrt{1 - a_t} v$, $\hat\epsilon = \sqrt{1 - a_t} z_t + \sqrt{a_t} v$,
     $z_{prev} = \sqrt{a_{prev}} \hat z_0 + \sqrt{1 - a_{prev}} \hat\epsilon$ (no clipping of $\hat z_0$).
-    t, prev_t: ints (prev_t = -1 for the last step); alpha_bar: (T,) float64."""
+    t, prev_t: ints (prev_t = -1 for the last step); alpha_bar: (T,) float64.
+    The scheduler's ``ddim_step`` and its v conversions may not be called."""
     gen = torch.Generator().manual_seed(2)
     scheduler = _latent_scheduler()
     alpha_bar = scheduler.alpha_bar
@@ -114,7 +132,9 @@ def check_latent_ddim_step(latent_ddim_step: Callable) -> bool:
              for t, prev in ((999, 959), (500, 460), (40, 0), (0, -1))]
 
     def reference(zt, v, t, prev_t, alpha_bar):
-        return scheduler.ddim_step(v, t, zt, prev_t, eta=0.0).prev_sample
+        latent = _latent_scheduler()
+        latent.alpha_bar = alpha_bar.double()  # the table given (the notebook's run may have its own T)
+        return latent.ddim_step(v, t, zt, prev_t, eta=0.0).prev_sample
 
     def eps_formula(zt, v, t, prev_t, alpha_bar):  # treats v as eps
         a = float(alpha_bar[t])
@@ -131,8 +151,13 @@ def check_latent_ddim_step(latent_ddim_step: Callable) -> bool:
 
     return check_function(
         latent_ddim_step, reference, cases, name="latent_ddim_step", atol=1e-4,
-        hint="a = alpha_bar[t], a_prev = alpha_bar[prev_t] (1 when prev_t < 0); from v: z0 = sqrt(a) zt - sqrt(1-a) v "
-             "and eps = sqrt(1-a) zt + sqrt(a) v; then z_prev = sqrt(a_prev) z0 + sqrt(1-a_prev) eps",
-        known_mistakes=[(eps_formula, "the network predicts v, not eps: x0 = sqrt(a) zt - sqrt(1-a) v "
-                                      "(Salimans & Ho), and eps = sqrt(1-a) zt + sqrt(a) v"),
+        hint=Hint("from v, recover both the clean latent and the noise that z_t is made of, then noise that clean "
+                  "latent to level prev_t with that same noise (the forward process at prev_t), without clipping",
+                  "z_t and v are the pair (z0, eps) turned by an angle whose cosine is sqrt(alpha_bar_t): turning "
+                  "back gives the z0 and eps estimates (each a mix of z_t and v); then mix those two with the "
+                  "square roots of alpha_bar at prev_t and of 1 minus it, where alpha_bar is 1 for prev_t < 0"),
+        forbid=(reference, (NoiseScheduler, "ddim_step"), (NoiseScheduler, "pred_x0"), (NoiseScheduler, "x0_from_v"),
+                (NoiseScheduler, "eps_from_v")),
+        known_mistakes=[(eps_formula, "your step treats the prediction as eps, but the network predicts v "
+                                      "(Salimans & Ho): the z0 and the eps estimates are both mixes of z_t and v"),
                         (clipped, "do not clip the x0 estimate to [-1, 1]: latents are not bounded like pixels")])

@@ -1,12 +1,17 @@
-"""Checks for the VAE exercises (notebook 02).
+"""Checks for the VAE exercises (notebook 02), each graded under its exercise id:
 
-Every reference is the lab's own code (``labs.vae.elbo``), so an exercise checks the student
-against exactly what the trained model uses:
+- ``reparameterize`` (:func:`check_reparameterize`): $z = \\mu + \\sigma \\odot \\epsilon$, values *and* gradients;
+- ``kl_divergence`` (:func:`check_kl_divergence`): the closed-form KL to $\\mathcal N(0, I)$;
+- ``gaussian_nll`` (:func:`check_gaussian_nll`): $-\\log \\mathcal N(x; \\hat x, \\sigma^2 I)$ with its normalising
+  constant;
+- ``beta_elbo_loss`` (:func:`check_beta_elbo_loss`): the per-image loss $-\\log p(x \\mid z) + \\beta\\,D_{KL}$.
 
-- :func:`check_reparameterize`: $z = \\mu + \\sigma \\odot \\epsilon$, values *and* gradients;
-- :func:`check_kl_divergence`: the closed-form KL to $\\mathcal N(0, I)$;
-- :func:`check_gaussian_nll`: $-\\log \\mathcal N(x; \\hat x, \\sigma^2 I)$ with its normalising constant;
-- :func:`check_beta_elbo_loss`: the per-image loss $-\\log p(x \\mid z) + \\beta\\,D_{KL}$.
+Every reference is the lab's own code (``labs.vae.elbo``), so an exercise checks the student against exactly what
+the trained model uses. While the student's code runs, that function raises when called, and so do the torch
+functions that would give the answer in one call (``torch.distributions.kl_divergence`` for the KL,
+``Normal.log_prob`` and ``F.gaussian_nll_loss`` for the likelihood). The loss exercise forbids only the lab's
+``negative_elbo``: it is about combining the two terms, and a student whose KL or likelihood has not passed yet
+combines the lab's versions of them (what ``CheckResult.pick`` hands on).
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
-from labs.vae import gaussian_nll, kl_divergence, negative_elbo, reparameterize
+from labs.vae import gaussian_kl, gaussian_nll, kl_divergence, negative_elbo, reparameterize
 
-from lab_utils.exercises import Case, check_function
+from lab_utils.exercises import Case, CheckResult, Hint, check_function, graded
 
 
 def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -55,10 +61,12 @@ def _values_and_gradients(reparameterize_fn: Callable) -> Callable:
     return run
 
 
-def check_reparameterize(student_fn: Callable) -> bool:
+@graded("reparameterize")
+def check_reparameterize(student_fn: Callable) -> CheckResult:
     r"""``reparameterize(mu, logvar, eps) -> z`` with $z = \mu + \exp(\tfrac12 \log\sigma^2) \odot \epsilon$.
 
-    Compares z and the gradients that flow back to mu and logvar (the point of the trick)."""
+    Compares z and the gradients that flow back to mu and logvar (the point of the trick). The lab's
+    ``reparameterize`` may not be called; it is what ``.pick`` hands on when the check fails."""
     gen = torch.Generator().manual_seed(10)
     cases = []
     for case in _posterior_cases(11):
@@ -79,18 +87,29 @@ def check_reparameterize(student_fn: Callable) -> bool:
 
     return check_function(
         _values_and_gradients(student_fn), _values_and_gradients(reference), cases, name="reparameterize",
-        hint="sigma = exp(0.5 * logvar) (logvar is log sigma^2), then z = mu + sigma * eps",
+        hint=Hint("z is the posterior's mean plus its standard deviation times the given noise eps; the encoder "
+                  "hands you the log of the variance, so turn logvar into a standard deviation first, with "
+                  "differentiable torch operations so that gradients reach mu and logvar",
+                  "logvar is log sigma^2: the standard deviation is the exponential of half of it (not of all of "
+                  "it, and not logvar itself); scale eps by it elementwise and shift by mu, all (B, Z)"),
+        forbid=(reparameterize,), fallback=reparameterize,
         known_mistakes=[
-            (_values_and_gradients(std_is_logvar), "logvar is log(sigma^2), not sigma: take exp(0.5 * logvar)"),
-            (_values_and_gradients(std_is_variance), "exp(logvar) is the variance sigma^2; the noise is scaled by "
-                                                     "the standard deviation sigma = exp(0.5 * logvar)"),
-            (_values_and_gradients(std_without_half), "sigma = exp(0.5 * logvar): check the factor 1/2"),
+            (_values_and_gradients(std_is_logvar), "logvar is the log of the variance, not the standard deviation: "
+                                                   "turn it into sigma before scaling the noise"),
+            (_values_and_gradients(std_is_variance), "that scales the noise by the variance sigma^2 (the exponential "
+                                                     "of logvar); it is scaled by the standard deviation sigma, the "
+                                                     "square root of the variance"),
+            (_values_and_gradients(std_without_half), "that is the fourth root of the variance: the standard "
+                                                      "deviation is its square root (check the factor 1/2)"),
         ])
 
 
 # ---------------------------------------------------------------------------------- KL
-def check_kl_divergence(student_fn: Callable) -> bool:
-    r"""``kl_divergence(mu, logvar) -> (B,)``: $-\tfrac12\sum_j(1 + \log\sigma_j^2 - \mu_j^2 - \sigma_j^2)$ per example."""
+@graded("kl_divergence")
+def check_kl_divergence(student_fn: Callable) -> CheckResult:
+    r"""``kl_divergence(mu, logvar) -> (B,)``: $-\tfrac12\sum_j(1 + \log\sigma_j^2 - \mu_j^2 - \sigma_j^2)$ per example.
+
+    The lab's ``kl_divergence`` and ``gaussian_kl``, and ``torch.distributions.kl_divergence``, may not be called."""
 
     def wrong_sign(mu, logvar):
         return -kl_divergence(mu, logvar)
@@ -106,14 +125,20 @@ def check_kl_divergence(student_fn: Callable) -> bool:
 
     return check_function(
         student_fn, kl_divergence, _posterior_cases(12), name="kl_divergence",
-        hint="sum over the latent dimension (dim=1) of -0.5 * (1 + logvar - mu**2 - exp(logvar)); one value "
-             "per example, zero when mu = 0 and logvar = 0",
+        hint=Hint("use the closed form from the text: every latent dimension adds a term of its own, zero when its "
+                  "mean is 0 and its variance 1, and the KL of the whole code is the sum of those terms, one number "
+                  "per example",
+                  "per dimension: minus one half of (one, plus the log-variance, minus the squared mean, minus the "
+                  "variance), where the variance is the exponential of logvar; sum over the latent dimension "
+                  "(dim 1), so that (B, Z) inputs give a (B,) result"),
+        forbid=(kl_divergence, gaussian_kl, torch.distributions.kl.kl_divergence,  # every alias of torch's,
+                (torch.distributions, "kl_divergence")),  # and by its usual name, so the message names it
         known_mistakes=[
             (wrong_sign, "the sign: a KL divergence is >= 0; it is MINUS one half times the sum"),
             (mean_over_latents, "sum over the latent dimensions, do not average: the KL of independent "
                                 "dimensions adds up"),
             (no_one, "the '1 +' inside the sum is missing (it makes the KL zero at the prior)"),
-            (logvar_as_variance, "sigma^2 = exp(logvar), not logvar"),
+            (logvar_as_variance, "the variance sigma^2 is the exponential of logvar, not logvar itself"),
         ])
 
 
@@ -129,9 +154,13 @@ def _likelihood_cases(seed: int) -> list[Case]:
     ]
 
 
-def check_gaussian_nll(student_fn: Callable) -> bool:
+@graded("gaussian_nll")
+def check_gaussian_nll(student_fn: Callable) -> CheckResult:
     r"""``gaussian_nll(x0, mean, log_sigma) -> (B,)``:
-    $\sum_i \big[\frac{(x_i - \hat x_i)^2}{2\sigma^2} + \log\sigma + \tfrac12\log 2\pi\big]$ per image."""
+    $\sum_i \big[\frac{(x_i - \hat x_i)^2}{2\sigma^2} + \log\sigma + \tfrac12\log 2\pi\big]$ per image.
+
+    The lab's ``gaussian_nll``, ``torch.distributions.Normal.log_prob`` and ``F.gaussian_nll_loss`` may not be
+    called."""
 
     def no_constant(x0, mean, log_sigma):
         return gaussian_nll(x0, mean, log_sigma) - x0[0].numel() * (log_sigma + 0.5 * math.log(2 * math.pi))
@@ -147,8 +176,12 @@ def check_gaussian_nll(student_fn: Callable) -> bool:
 
     return check_function(
         student_fn, gaussian_nll, _likelihood_cases(13), name="gaussian_nll",
-        hint="per pixel: (x0 - mean)**2 / (2 sigma^2) + log sigma + 0.5 log(2 pi) with sigma = exp(log_sigma); "
-             "then sum over (C, H, W), one value per image",
+        hint=Hint("the negative log of a Gaussian density, pixel by pixel: the squared error measured in units of "
+                  "the variance, plus the normalising constant; an image's NLL is the sum over its pixels",
+                  "sigma is the exponential of log_sigma, so the variance is the exponential of twice it; each pixel "
+                  "costs its squared error over twice the variance, plus log sigma, plus half of log(2 pi); sum "
+                  "over every dimension but the batch, giving (B,) (log_sigma is 0-dim and broadcasts)"),
+        forbid=(gaussian_nll, torch.distributions.Normal.log_prob, F.gaussian_nll_loss),
         known_mistakes=[
             (no_constant, "the normalising constant log sigma + 0.5 log(2 pi) per pixel is missing: without it "
                           "the nats are not a log-likelihood and sigma cannot be learned"),
@@ -163,9 +196,13 @@ def _beta_elbo_reference(x0, mean, mu, logvar, log_sigma, beta):
     return negative_elbo(gaussian_nll(x0, mean, log_sigma), kl_divergence(mu, logvar), beta).loss
 
 
-def check_beta_elbo_loss(student_fn: Callable) -> bool:
+@graded("beta_elbo_loss")
+def check_beta_elbo_loss(student_fn: Callable) -> CheckResult:
     r"""``beta_elbo_loss(x0, mean, mu, logvar, log_sigma, beta) -> (B,)``:
-    $-\log \mathcal N(x; \hat x, \sigma^2 I) + \beta\, D_{KL}(\mathcal N(\mu, \sigma_z^2) \Vert \mathcal N(0, I))$ per image."""
+    $-\log \mathcal N(x; \hat x, \sigma^2 I) + \beta\, D_{KL}(\mathcal N(\mu, \sigma_z^2) \Vert \mathcal N(0, I))$ per image.
+
+    The reference is an adapter around the lab's ``negative_elbo``, which may not be called. The two terms may come
+    from the lab (a student whose own KL or likelihood has not passed yet uses the lab's, through ``.pick``)."""
     gen = torch.Generator().manual_seed(14)
     cases = []
     for beta, sigma in ((1.0, 0.1), (4.0, 0.2), (0.0, 0.5)):
@@ -184,7 +221,12 @@ def check_beta_elbo_loss(student_fn: Callable) -> bool:
 
     return check_function(
         student_fn, _beta_elbo_reference, cases, name="beta_elbo_loss",
-        hint="gaussian_nll(x0, mean, log_sigma) + beta * kl_divergence(mu, logvar), one value per image",
+        hint=Hint("the loss is the reconstruction term plus the KL term weighted by beta; you wrote both terms "
+                  "above, and each gives one number per image",
+                  "the reconstruction term is your Gaussian NLL of x0 under the decoder's mean and sigma, the KL "
+                  "term your closed-form KL of (mu, logvar); only the KL is weighted; keep one value per image (B,), "
+                  "no mean over the batch"),
+        forbid=(negative_elbo,), fallback=_beta_elbo_reference,
         known_mistakes=[
             (beta_on_reconstruction, "beta multiplies the KL term, not the reconstruction term"),
             (batch_mean, "return one value per image (B,); the training loop averages over the batch"),
