@@ -378,9 +378,14 @@ def notebooks_command(args: list[str]) -> int:
               file=sys.stderr)
         return 1
     if options.outputs:
-        for path, seconds in write_outputs(sorted(Path(options.src).glob("*.ipynb"))):
-            print(f"{path}: ran in {seconds / 60:.1f} min, outputs stored")
-        return 0
+        failed = 0
+        for path, seconds, error in write_outputs(sorted(Path(options.src).glob("*.ipynb"))):
+            if error:
+                failed += 1
+                print(f"{path}: failed after {seconds / 60:.1f} min, left as it was: {error}")
+            else:
+                print(f"{path}: ran in {seconds / 60:.1f} min (2 cores: ~{seconds:.0f} s), outputs stored", flush=True)
+        return 1 if failed else 0
     for path in make_student_versions(options.src, options.out):
         print(f"wrote {path}")
     if options.release:

@@ -2,6 +2,7 @@
 
     genlab grade submissions/            # submissions/<student>/<notebook>.ipynb, or submissions/<student>.ipynb
     genlab grade alice/01_gan.ipynb --out grades --time-limit 600
+    genlab grade submissions/ --jobs 2      # two notebooks at once
 
 Each notebook runs top to bottom in a fresh kernel, in a copy in a temporary folder (what it writes does not land
 beside the submission), in smoke mode when its metadata says that is how it is graded (``--full`` runs it as
@@ -30,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -139,7 +141,9 @@ def run_notebook(path: Path, env: dict[str, str], time_limit: float) -> tuple[fl
     return time.perf_counter() - start, problems
 
 
-def grade_notebook(student: str, path: Path, solutions: Path, time_limit: float, full: bool) -> NotebookGrade:
+def grade_notebook(student: str, path: Path, solutions: Path, time_limit: float, full: bool,
+                   env: dict[str, str] | None = None) -> NotebookGrade:
+    """Run one notebook and score it; ``env`` adds to the kernel's environment (e.g. ``GENLAB_PRETRAINED``)."""
     import nbformat
 
     try:
@@ -157,9 +161,10 @@ def grade_notebook(student: str, path: Path, solutions: Path, time_limit: float,
     with tempfile.TemporaryDirectory(prefix="genlab-grade-") as folder:
         copy = Path(shutil.copy(path, Path(folder) / path.name))
         record, key = Path(folder) / "records.jsonl", secrets.token_hex(32)
-        env = kernel_environment({RECORD_ENV: str(record), KEY_ENV: key, "GENLAB_SMOKE": "1" if smoke else "0",
-                                  "GENLAB_STRICT_CHECKS": "0", "MPLBACKEND": "Agg"})
-        seconds, problems = run_notebook(copy, env, time_limit)
+        kernel_env = kernel_environment({**(env or {}), RECORD_ENV: str(record), KEY_ENV: key,
+                                         "GENLAB_SMOKE": "1" if smoke else "0", "GENLAB_STRICT_CHECKS": "0",
+                                         "MPLBACKEND": "Agg"})
+        seconds, problems = run_notebook(copy, kernel_env, time_limit)
         records, rejected = read_records(record, key)
     if rejected:
         problems.append(f"{rejected} record line(s) not signed by this run were ignored")
@@ -224,10 +229,14 @@ def grade_command(args: list[str]) -> int:
     parser.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT,
                         help=f"seconds per notebook (default {DEFAULT_TIME_LIMIT})")
     parser.add_argument("--full", action="store_true", help="run notebooks as written, not in smoke mode")
+    parser.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1; each kernel is its "
+                                                            "own process: more than the cores only slows them)")
     parser.add_argument("--solutions", default=str(NOTEBOOK_FOLDER),
                         help="folder of the solution notebooks the points are read from (default: the lab's)")
     options = parser.parse_args(args)
     try:
+        if options.jobs < 1:
+            raise GradingError(f"--jobs must be at least 1, got {options.jobs}")
         if options.time_limit <= 0:
             raise GradingError(f"--time-limit must be a positive number of seconds, got {options.time_limit:g}")
         solutions = Path(options.solutions)
@@ -240,8 +249,9 @@ def grade_command(args: list[str]) -> int:
     except GradingError as err:
         print(f"genlab: error: {err}", file=sys.stderr)
         return 1
-    grades = [grade_notebook(student, path, solutions, options.time_limit, options.full)
-              for student, path in submissions]
+    with ThreadPoolExecutor(max_workers=options.jobs) as pool:  # threads: each waits on its own kernel process
+        grades = list(pool.map(lambda item: grade_notebook(item[0], item[1], solutions, options.time_limit,
+                                                           options.full), submissions))
     print_table(grades)
     csv_path, json_path = write_reports(grades, Path(options.out))
     print(f"wrote {csv_path} and {json_path}")

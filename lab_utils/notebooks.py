@@ -163,24 +163,29 @@ def make_release(src_dir: str | Path, out_dir: str | Path, wheel: str = "genlab-
     return sorted(out_dir.rglob("*.*"))
 
 
-def write_outputs(paths: list[Path], timeout: int = 900) -> list[tuple[Path, float]]:
+def write_outputs(paths: list[Path], timeout: int = 900) -> list[tuple[Path, float, str]]:
     """Run each solution notebook as a reader would (not smoke mode, strict checks) and store its outputs in the
-    file; a notebook that fails is left as it was. Returns each notebook's running time."""
+    file; a notebook that fails is left as it was (its error is returned). Returns (path, seconds, error or "")."""
     import time
 
     import nbformat
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
-    times = []
+    results = []
     for path in paths:
         start = time.perf_counter()
-        nb = execute_notebook(path, timeout=timeout, env_overrides={"GENLAB_SMOKE": "0", "GENLAB_STRICT_CHECKS": "1",
-                                                                    "MPLBACKEND": "Agg"})
+        try:
+            nb = execute_notebook(path, timeout=timeout, env_overrides={
+                "GENLAB_SMOKE": "0", "GENLAB_STRICT_CHECKS": "1", "GENLAB_PRETRAINED": "", "MPLBACKEND": "Agg"})
+        except (CellExecutionError, CellTimeoutError) as err:
+            results.append((path, time.perf_counter() - start, str(err).strip().splitlines()[-1][:300]))
+            continue
         seconds = time.perf_counter() - start
         for cell in nb.cells:
             cell.metadata.pop("execution", None)  # nbclient's timestamps would change every file on every run
         nbformat.write(nb, path)
-        times.append((path, seconds))
-    return times
+        results.append((path, seconds, ""))
+    return results
 
 
 def kernel_environment(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
