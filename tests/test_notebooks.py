@@ -187,3 +187,19 @@ def test_release_folder_has_every_student_notebook_and_no_solution(tmp_path):
                     code = line.strip()
                     if len(code) > 25 and not code.startswith("#"):
                         assert json.dumps(line)[1:-1] not in student, f"{path.name}: an answer line is left: {code}"
+
+
+def test_instructor_guide_covers_every_notebook_and_exercise():
+    """The guide has a row per notebook with its measured time (<= 10 minutes), every graded exercise with its points,
+    and every picture it shows."""
+    guide = (NOTEBOOK_DIR / "INSTRUCTOR.md").read_text(encoding="utf-8")
+    for notebook in NOTEBOOKS:
+        row = next((line for line in guide.splitlines() if line.startswith(f"| `{notebook.stem}` |")), None)
+        assert row, f"no row for {notebook.stem} in INSTRUCTOR.md"
+        minutes = re.search(r"\| (\d+\.\d) min \(\d+ s\) \|", row)
+        assert minutes and float(minutes.group(1)) <= 10, f"{notebook.stem}: no measured time <= 10 min in {row}"
+        for exercise, value in points(notebook).items():
+            assert f"`{exercise}` ({value:g})" in row, f"{notebook.stem}: {exercise} ({value:g} points) not in its row"
+            assert f"- `{exercise}` (" in guide, f"{exercise}: no entry with its hint and mistakes"
+    for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", guide):
+        assert (NOTEBOOK_DIR / picture).is_file(), f"INSTRUCTOR.md shows a missing picture {picture}"
