@@ -56,6 +56,8 @@ class TrainerConfig:
     lr_decay_steps: Optional[int] = None  # cosine decay of the LR to 0 over this many steps (e.g. = steps); null: none
     ema_decay: float = 0.999  # 0 disables the EMA copy
     ema_start: int = 0  # steps before the EMA starts tracking (copies weights until then)
+    ema_warmup: bool = False  # EMA decay d_t = min(ema_decay, (1 + t) / (10 + t)), t = averaging updates so far
+                              # (TF ExponentialMovingAverage's num_updates); false: the constant ema_decay
     checkpoint_every: int = 500
     keep_checkpoints: int = 3  # how many step_*.pt files to keep beside last.pt
     log_every: int = 10  # metrics.jsonl rows (averaged over the interval)

@@ -3,8 +3,14 @@
 $\\theta_{\\text{ema}} \\leftarrow d\\,\\theta_{\\text{ema}} + (1-d)\\,\\theta$ after every optimisation step;
 samples are drawn with $\\theta_{\\text{ema}}$ swapped in (Ho et al. 2020 use $d = 0.9999$).
 
+With ``warmup`` the decay of update $t$ (counted from 0 at the first averaging update) is
+$d_t = \\min\\big(d, \\frac{1 + t}{10 + t}\\big)$, the ``num_updates`` warm-up of TensorFlow's
+``ExponentialMovingAverage`` (also diffusers' ``EMAModel``): 0.1 at $t = 0$, 0.5 at $t = 8$, 0.99 at
+$t = 890$. Without it a 0.9999 average is still $0.9999^{2000} = 82\\%$ the initial weights at step 2000.
+
 The update is one fused call over all tracked tensors (``torch._foreach_lerp_``), not a Python loop of
 one kernel per tensor: the shadow tensors and the live tensors they follow sit in two aligned lists.
+The decay is a Python float (from the Python step count), so the update reads nothing from the device.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from torch import nn
 
 
 class EMA:
-    def __init__(self, model: nn.Module, module_names: list[str], decay: float, start: int = 0):
+    def __init__(self, model: nn.Module, module_names: list[str], decay: float, start: int = 0,
+                 warmup: bool = False):
         missing = [name for name in module_names if not isinstance(getattr(model, name, None), nn.Module)]
         if missing:
             raise ValueError(f"ema_modules() names {missing}, which are not submodules of {type(model).__name__}")
-        self.decay = decay
-        self.start = start
+        self.decay = decay  # d, the decay after the warm-up (or always, without one)
+        self.start = start  # steps 1..start copy the weights instead of averaging them
+        self.warmup = warmup  # d_t = min(d, (1 + t) / (10 + t)); see the module docstring
         # Floating-point parameters and buffers of the chosen submodules, by their full names.
         self.shadow: dict[str, torch.Tensor] = {
             name: tensor.detach().clone()
@@ -57,6 +65,14 @@ class EMA:
             slot.get(key) is tensor for (slot, key), tensor in zip(self._slots, self._live)
         )
 
+    def decay_at(self, step: int) -> float:
+        r"""The decay of the update after optimiser step ``step`` (1-based, > ``start``): $d$, or with the
+        warm-up $d_t = \min(d, (1 + t) / (10 + t))$ where $t$ = ``step - start - 1`` updates averaged before."""
+        if not self.warmup:
+            return self.decay
+        t = step - self.start - 1  # t = 0 at the first averaging update
+        return min(self.decay, (1.0 + t) / (10.0 + t))
+
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Call after the optimiser step number ``step`` (1-based)."""
@@ -64,8 +80,8 @@ class EMA:
             self._bind(model)
         if step <= self.start:
             torch._foreach_copy_(self._shadows, self._live)
-        else:
-            torch._foreach_lerp_(self._shadows, self._live, 1.0 - self.decay)  # d * shadow + (1 - d) * theta
+        else:  # shadow <- d_t * shadow + (1 - d_t) * theta, every tracked tensor in one call
+            torch._foreach_lerp_(self._shadows, self._live, 1.0 - self.decay_at(step))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -149,7 +149,9 @@ class Trainer:
         self.scalers = {name: torch.amp.GradScaler("cuda") for name in self.optimizers} if fp16 else {}
         # The EMA, logs, grids and checkpoints live on rank 0 only.
         use_ema = tcfg.ema_decay > 0 and dist_info.is_main
-        self.ema = EMA(lab, lab.ema_modules(), tcfg.ema_decay, tcfg.ema_start) if use_ema else None
+        # trainer.ema_warmup (TrainerConfig): d_t = min(d, (1 + t) / (10 + t)); absent from configs saved before it
+        ema_warmup = bool(tcfg.get("ema_warmup", False))
+        self.ema = EMA(lab, lab.ema_modules(), tcfg.ema_decay, tcfg.ema_start, ema_warmup) if use_ema else None
         world = dist_info.world_size
         if tcfg.batch_scope == "global" and tcfg.batch_size % world:
             raise ValueError(f"trainer.batch_size={tcfg.batch_size} (the global batch) does not split over {world} "
@@ -309,13 +311,13 @@ class Trainer:
                     self.writer.add_scalar(key, value, row["step"])
 
     # ---------------------------------------------------------------- the loop
-    def budget_used(self) -> float:
-        """The fraction of the budget spent: the largest of steps, images and seconds (1.0 = done)."""
+    def budget_used(self, clock: bool = True) -> float:
+        """The fraction of the budget spent: the largest of steps, images and (with ``clock``) seconds (1.0 = done)."""
         tcfg = self.cfg.trainer
         fractions = [self.step / tcfg.steps]
         if tcfg.max_images is not None:
             fractions.append(self.images_seen / tcfg.max_images)
-        if tcfg.max_seconds is not None:
+        if clock and tcfg.max_seconds is not None:
             fractions.append(self.train_seconds / tcfg.max_seconds)
         return max(fractions)
 
@@ -362,7 +364,12 @@ class Trainer:
         progress = Progress(enabled=tcfg.progress and main, start=self.budget_used())
         window, last_row, last_grid_step = LogWindow(self.step), {}, -1
         # With several processes every one must stop at the same step: the step and image budgets
-        # agree by construction, a time budget is decided by rank 0 (one small broadcast per step).
+        # agree by construction, a time budget is decided by rank 0 and broadcast. Reading the broadcast
+        # flag on the host is a host-device sync, so rank 0's clock is consulted only every log_every steps,
+        # where the log row syncs anyway (a run may pass max_seconds by up to log_every - 1 steps). A
+        # non-blocking broadcast read a step later would still have to wait for the GPU to drain (the flag's
+        # copy to the host queues behind that step's kernels) unless copied to pinned memory and polled
+        # with an event: more machinery for the same bound on the overrun.
         shared_clock = self.dist.enabled and tcfg.max_seconds is not None
         done = distributed.broadcast_flag(self.budget_used() >= 1.0, self.device)
         try:
@@ -375,9 +382,12 @@ class Trainer:
                 self.train_seconds += step_seconds
                 self.images_seen += images
                 window.add(named, step_seconds, images)
-                done = self.budget_used() >= 1.0
-                if shared_clock:
-                    done = distributed.broadcast_flag(done, self.device)
+                if not shared_clock:
+                    done = self.budget_used() >= 1.0
+                elif self.step % tcfg.log_every == 0:  # rank 0's clock decides, for every process
+                    done = distributed.broadcast_flag(self.budget_used() >= 1.0, self.device)
+                else:  # steps and images only: the same on every process, no communication
+                    done = self.budget_used(clock=False) >= 1.0
                 log_now = self.step % tcfg.log_every == 0 or done
                 grid_now = bool(tcfg.sample_every) and self.step % tcfg.sample_every == 0
                 save_now = self.step % tcfg.checkpoint_every == 0 or done

@@ -127,7 +127,12 @@ class NoiseScheduler:
         table = self._tables.get(device)
         if table is None:
             dtype = torch.float32 if device.type == "mps" else torch.float64
-            table = self._tables[device] = self.alpha_bar.to(device=device, dtype=dtype)
+            source = self.alpha_bar.to(dtype=dtype)  # (T,), the same float64 values (cast on the CPU for MPS)
+            if device.type == "cuda":  # from pinned memory, queued on the stream: no host sync even the first time
+                table = source.pin_memory().to(device, non_blocking=True)
+            else:
+                table = source.to(device)
+            self._tables[device] = table
         return table
 
     def _alpha_bar64(self, t: torch.Tensor | int) -> torch.Tensor:

@@ -163,9 +163,16 @@ class Tokenizer:
         encoded = [self._cached_ids(text) for text in texts]
         length = max(len(ids) for ids in encoded)
         padded = [list(sequence) + [self.PAD_ID] * (length - len(sequence)) for sequence in encoded]
-        ids = torch.tensor(padded, dtype=torch.long)  # (B, L)
-        mask = ids != self.PAD_ID  # (B, L), True on [CLS] and words; [PAD] never occurs in a prompt
-        return TokenBatch(ids.to(device), mask.to(device))
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type == "cuda":
+            # A blocking copy from pageable memory waits for the GPU's queue (a host-device sync, once per
+            # tokenised batch). From pinned memory with non_blocking it is queued on the stream like a kernel;
+            # the caching host allocator keeps the pinned block until the copy has run.
+            ids = torch.tensor(padded, dtype=torch.long).pin_memory().to(device, non_blocking=True)  # (B, L)
+        else:
+            ids = torch.tensor(padded, dtype=torch.long, device=device)  # (B, L), built where it is used
+        mask = ids != self.PAD_ID  # (B, L), on ids' device (one transfer, not two); [PAD] never occurs in a prompt
+        return TokenBatch(ids, mask)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python types only, so it can be saved in a checkpoint and loaded with weights_only."""

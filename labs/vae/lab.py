@@ -227,7 +227,7 @@ class VAELab(Lab):
             "stats/kl_nats": out["kl"].detach().mean(),
             "stats/elbo_nats": -negative,
             "stats/bits_per_dim": bits_per_dim(negative, dims, self.config.likelihood),
-            "stats/beta": torch.tensor(beta),
+            "stats/beta": torch.full((), float(beta), device=loss.device),  # filled on the device: no copy to it
         }
         if self.config.likelihood != "bernoulli":
             stats["stats/sigma"] = self.likelihood_log_sigma().detach().exp()
