@@ -333,14 +333,11 @@ class Record:
 _GRADED: list[str] = []  # the graded checks running now (innermost last)
 _SEQUENCE = [0]
 FORBIDDEN: dict[str, tuple] = {}  # exercise id -> what its check forbids the student to call (read by the tests)
-MESSAGES: dict[str, tuple] = {}  # exercise id -> its hint and known-mistake messages (the instructor guide's list)
 
 
-def _note_forbidden(forbid: Sequence[Any], hint: Hint | str = "",
-                    known_mistakes: Sequence[tuple[Callable, str]] = ()) -> None:
+def _note_forbidden(forbid: Sequence[Any]) -> None:
     if _GRADED:
         FORBIDDEN[_GRADED[-1]] = tuple(dict.fromkeys(FORBIDDEN.get(_GRADED[-1], ()) + tuple(forbid)))
-        MESSAGES[_GRADED[-1]] = (hint, tuple(message for _, message in known_mistakes))
 
 
 def _signature(key: bytes, payload: dict) -> str:
@@ -582,7 +579,7 @@ def check_function(
     """
     forbid = (reference_fn,) if forbid is None else tuple(forbid)
     fallback = reference_fn if fallback is None else fallback
-    _note_forbidden(forbid, hint, known_mistakes)
+    _note_forbidden(forbid)
     if not callable(student_fn):
         return _report(name, False, f"expected a function, got {_type_name(student_fn)}", hint, fallback)
     if not cases:
@@ -638,7 +635,7 @@ def check_module(
     raises, so a subclass of the reference or a layer that wraps it fails.
     """
     forbid = (reference_cls,) if forbid is None else tuple(forbid)
-    _note_forbidden(forbid, hint)
+    _note_forbidden(forbid)
 
     def build(cls: Callable[..., nn.Module]) -> nn.Module:
         return _call(cls, init, seed)
