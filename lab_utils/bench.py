@@ -57,7 +57,12 @@ CUDA_ONLY = ("fp16", "tf32")
 class BenchConfig:
     warmup_steps: int = 3  # untimed steps per variant (allocations, cuDNN autotuning, compilation)
     steps: int = 10  # timed training steps per variant
-    sample_batch: int = 16  # images per timed sampling call
+    # Images per timed sampling call; null = on CUDA evaluation's batch (the preset's compare.eval_batch_size,
+    # else genlab eval's eval.batch_size default), so the figure is the speed evaluation samples at (a batch of
+    # 16 is launch-bound on a GPU and unlike evaluation's); off CUDA cpu_sample_batch.
+    sample_batch: Optional[int] = None
+    # The batch of null off CUDA: evaluation's 250 images of guided DDPM-1000 would take ~25 minutes on 2 cores.
+    cpu_sample_batch: int = 16
     # Variants to run; null = eager_fp32, preset and every feature that applies to the device
     # (compile only on CUDA by default: on a CPU its compile time outweighs a short benchmark).
     variants: Optional[list[str]] = None
@@ -65,8 +70,8 @@ class BenchConfig:
     peak_size: Optional[int] = None  # n of the n x n matmul that measures the peak; null = 1024 CPU, 8192 CUDA
 
     def __post_init__(self) -> None:
-        for name in ("steps", "sample_batch"):
-            if getattr(self, name) <= 0:
+        for name in ("steps", "sample_batch", "cpu_sample_batch"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"bench.{name} must be positive, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"bench.warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -86,6 +91,19 @@ def variant_switches(name: str, cfg: DictConfig) -> dict[str, Any]:
     if name == "preset":
         return {key: cfg.trainer[key] for key in SWITCHES_OFF}
     return {**SWITCHES_OFF, **FEATURES.get(name, {})}
+
+
+def sampling_batch(options: BenchConfig, cfg: DictConfig, device: torch.device) -> int:
+    """``bench.sample_batch``; else on CUDA evaluation's batch (the preset's ``compare.eval_batch_size``, else the
+    ``eval.batch_size`` default of ``genlab eval``), and ``bench.cpu_sample_batch`` on other devices."""
+    if options.sample_batch is not None:
+        return options.sample_batch
+    if device.type != "cuda":
+        return options.cpu_sample_batch
+    from lab_utils.evaluation import EvalConfig
+
+    compare = cfg.get("compare") or {}
+    return int(compare.get("eval_batch_size") or EvalConfig.batch_size)
 
 
 def synchronize(device: torch.device) -> None:
@@ -202,7 +220,10 @@ def time_training(trainer, bench: BenchConfig, device: torch.device) -> dict[str
 
 
 @torch.no_grad()
-def time_sampling(lab, samplers: dict[str, dict[str, Any]], batch: int, device: torch.device) -> list[dict[str, Any]]:
+def time_sampling(lab, samplers: dict[str, dict[str, Any]], batch: int, device: torch.device,
+                  precision: str = "fp32") -> list[dict[str, Any]]:
+    """Images/s of each sampler at ``batch`` images per call, under the autocast of ``precision`` (evaluation's)."""
+    from lab_utils.devices import autocast_for
     from lab_utils.evaluation.evaluate import nfe_per_sample
 
     lab.eval()
@@ -211,11 +232,12 @@ def time_sampling(lab, samplers: dict[str, dict[str, Any]], batch: int, device: 
     for name, options in samplers.items():
         options = dict(options)
         warm = {**options, "steps": min(int(options["steps"]), 3)} if "steps" in options else options
-        lab.sample(prompts[:2], generator=torch.Generator(device=device).manual_seed(0), **warm)  # warm-up
-        synchronize(device)
-        started = time.perf_counter()
-        lab.sample(prompts[:batch], generator=torch.Generator(device=device).manual_seed(0), **options)
-        synchronize(device)
+        with autocast_for(precision, device):
+            lab.sample(prompts[:2], generator=torch.Generator(device=device).manual_seed(0), **warm)  # warm-up
+            synchronize(device)
+            started = time.perf_counter()
+            lab.sample(prompts[:batch], generator=torch.Generator(device=device).manual_seed(0), **options)
+            synchronize(device)
         seconds = time.perf_counter() - started
         rows.append({"sampler": name, "options": options, "nfe_per_image": nfe_per_sample(lab, options),
                      "images_per_s": batch / seconds, "seconds_per_image": seconds / batch})
@@ -248,7 +270,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         "model": cfg.model.name, "data": cfg.data.name, "preset": cfg.get("preset_name"), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": cfg.trainer.batch_size,
-        "warmup_steps": options.warmup_steps, "steps": options.steps, "variants": [], "sampling": [],
+        "warmup_steps": options.warmup_steps, "steps": options.steps,
+        "sample_batch": sampling_batch(options, cfg, device), "variants": [], "sampling": [],
     }
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
@@ -263,7 +286,9 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
                 row.update(time_training(trainer, options, device))
                 if name == "preset":
                     samplers = options.samplers or trainer.lab.benchmark_samplers()
-                    result["sampling"] = time_sampling(trainer.lab, samplers, options.sample_batch, device)
+                    result["sample_precision"] = trainer.sampling_precision  # evaluation's (bf16 on CUDA in gpu)
+                    result["sampling"] = time_sampling(trainer.lab, samplers, result["sample_batch"], device,
+                                                       trainer.sampling_precision)
                 del trainer
             except Exception as err:  # one variant failing (e.g. compile + double backward) must not lose the rest
                 row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
@@ -308,7 +333,9 @@ def table(result: dict[str, Any]) -> str:
                      f"{row['achieved_flops'] / 1e9:.1f} | {peak / 1e9:.0f} ({row['compute_dtype']}) | "
                      f"{100 * row['fraction_of_peak']:.1f}% | {row['peak_memory_mb']:.0f} |")
     if result["sampling"]:
-        lines += ["", "| sampler | NFE/image | images/s | s/image |", "|---|---|---|---|"]
+        lines += ["", f"Sampling, {result.get('sample_batch', '?')} images per call in "
+                      f"{result.get('sample_precision', 'fp32')}:", "",
+                  "| sampler | NFE/image | images/s | s/image |", "|---|---|---|---|"]
         for row in result["sampling"]:
             lines.append(f"| {row['sampler']} | {row['nfe_per_image']} | {row['images_per_s']:.2f} | "
                          f"{_fmt(row['seconds_per_image'])} |")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,9 @@ class CompareConfig:
     """``cfg.compare``, set by each preset (``conf/preset/*.yaml``)."""
 
     max_seconds: Optional[float] = None  # training time per family (the cpu budget: wall-clock binds on a laptop)
-    max_images: Optional[int] = None  # images drawn per family (the gpu budget: reproducible across machines)
+    # images drawn per family (the gpu budget: reproducible across machines): every real image a step reads, a GAN's
+    # critic batches included, so it buys max_images / (batch x Lab.batches_per_step()) steps (results.md says how many)
+    max_images: Optional[int] = None
     curve_seconds: float = 30.0  # KID probe every this many seconds of training
     curve_samples: int = 200  # images per KID probe (real and generated)
     eval_samples: int = 1000  # images per set in the final evaluation
@@ -48,6 +51,9 @@ class CompareConfig:
     evaluator_preset: str = "cpu"
     num_prompts: int = 6  # rows of samples.png (the dataset's fixed prompts)
     seeds: int = 4  # columns per family in samples.png
+    # FID of each guided family (diffusion) again at each of these guidance scales, reported with the one that
+    # minimises it; every other metric stays at the family's own guidance (null: off)
+    fid_guidance: Optional[list[float]] = None
     # families whose first stage is trained once, outside the budget, and cached (results.md shows its time)
     first_stages: dict[str, FirstStage] = field(default_factory=dict)
 
@@ -59,6 +65,9 @@ class CompareConfig:
                 raise ValueError(f"compare.{name} must be positive, got {getattr(self, name)}")
         if self.curve_samples < 4:
             raise ValueError("compare.curve_samples must be at least 4 (KID needs pairs)")
+        from lab_utils.evaluation.evaluate import check_guidance_sweep
+
+        check_guidance_sweep(self.fid_guidance, "compare.fid_guidance")
 
 
 # ------------------------------------------------------------------------------------ training
@@ -79,6 +88,7 @@ def family_config(cfg: DictConfig, model: str, run_dir: Path, first_stage: Optio
     family.trainer.max_images = budget.max_images
     family.trainer.steps = 10**9  # the budget binds, not the family's step count
     family.trainer.progress = cfg.get("progress", True)
+    family.trainer.device = cfg.device  # `genlab compare device=cuda:1` trains there too, not only evaluates
     from lab_utils.config import validate
 
     return validate(family)
@@ -98,7 +108,8 @@ def kid_probe(cfg: DictConfig, evaluator):
 
     def probe(trainer) -> dict[str, float]:
         with trainer.sampling_weights() as lab:
-            images, _ = generate(lab, prompts, cfg.seed, cfg.compare.eval_batch_size, {}, trainer.device)
+            images, _ = generate(lab, prompts, cfg.seed, cfg.compare.eval_batch_size, {}, trainer.device,
+                                 trainer.sampling_precision)
         fake = evaluator.embed(images)
         kid_mean, _ = kid(reference.features, fake.features, subset_size=min(n, 100), subsets=20, seed=cfg.seed)
         return {"curve/kid": kid_mean}
@@ -138,16 +149,21 @@ def train_family(cfg: DictConfig, model: str, evaluator, out_dir: Path,
 def evaluate_family(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], float]:
     from lab_utils.checkpoint import load_checkpoint
     from lab_utils.evaluation import evaluate_run
+    from lab_utils.evaluation.sets import takes_guidance
+    from lab_utils.registry import lab_class
 
     state = load_checkpoint(run_dir)
     step = state["trainer"]["step"]
     settings = {"num_samples": cfg.compare.eval_samples, "seed": cfg.seed, "batch_size": cfg.compare.eval_batch_size,
                 "evaluator_preset": cfg.compare.evaluator_preset, "device": cfg.device}
+    if cfg.compare.fid_guidance and takes_guidance(lab_class(state["config"]["model"].get("_target_"))):
+        settings["fid_guidance"] = list(cfg.compare.fid_guidance)  # the guided families (diffusion)
     path = run_dir / "eval.json"
     if cfg.reuse and path.exists():
         previous = json.loads(path.read_text())
-        if (previous.get("step"), previous.get("num_samples"), previous.get("seed")) == (step, settings["num_samples"],
-                                                                                         cfg.seed):
+        if ((previous.get("step"), previous.get("num_samples"), previous.get("seed"),
+             (previous.get("fid_guidance") or {}).get("guidance"))
+                == (step, settings["num_samples"], cfg.seed, settings.get("fid_guidance"))):
             return previous, 0.0
     started = time.perf_counter()
     result = evaluate_run(run_dir, settings)
@@ -156,12 +172,16 @@ def evaluate_family(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], flo
 
 # ------------------------------------------------------------------------------------ figures and table
 @torch.no_grad()
-def sample_block(lab, prompts: list[str], seeds: int, device: torch.device) -> torch.Tensor:
-    """(P, S, C, H, W): column s uses a generator seeded with s, the same for every family."""
+def sample_block(lab, prompts: list[str], seeds: int, device: torch.device, precision: str = "fp32") -> torch.Tensor:
+    """(P, S, C, H, W): column s uses a generator seeded with s, the same for every family; sampled under the
+    autocast of ``precision`` (an effective one, as evaluation's)."""
+    from lab_utils.devices import autocast_for
+
     columns = []
     for seed in range(seeds):
         generator = torch.Generator(device=device).manual_seed(seed)
-        columns.append(lab.sample(prompts, generator=generator).cpu())
+        with autocast_for(precision, device):
+            columns.append(lab.sample(prompts, generator=generator).float().cpu())
     return torch.stack(columns, dim=1)
 
 
@@ -208,6 +228,8 @@ def results_row(model: str, state: dict[str, Any], evaluation: dict[str, Any], n
         "nfe_per_sample": evaluation["nfe_per_sample"],
         "sampling_seconds_per_image": evaluation["sampling_seconds_per_image"],
         "metrics": metrics,
+        # FID at each scale of compare.fid_guidance and the lowest (guided families; None otherwise)
+        "fid_guidance": evaluation.get("fid_guidance"),
         # per attribute the prompts name (all prompts): what "all correct" hides
         "alignment_per_attribute": dict(generated["alignment"].get("per_attribute", {})),
         # a family that encodes and decodes: its reconstructions of the real images, the ceiling of its decoder
@@ -215,6 +237,14 @@ def results_row(model: str, state: dict[str, Any], evaluation: dict[str, Any], n
             "psnr": evaluation["reconstruction"]["psnr"], "fid": evaluation["reconstruction"]["fid"],
             "alignment_seen": all_correct(evaluation["reconstruction"]["alignment"], "seen")},
     }
+
+
+def budget_steps(budget: CompareConfig | DictConfig, batch_size: int, lab: Any) -> Optional[int]:
+    """The steps an image budget buys a family: ``max_images`` over the images one step draws (its batch times
+    ``lab.batches_per_step()``: a GAN's ``n_critic``); None for a time budget only."""
+    if budget.max_images is None:
+        return None
+    return math.ceil(budget.max_images / (batch_size * lab.batches_per_step()))
 
 
 def stage_times(lab: Any, run_dir: Path) -> dict[str, dict[str, float]]:
@@ -307,10 +337,12 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         loaded = load_lab(trained["run_dir"], device=device)
         prompts = prompts or list(loaded.lab.data_info.prompts[: cfg.compare.num_prompts])
         state = loaded.state
-        blocks[model] = sample_block(loaded.lab, prompts, cfg.compare.seeds, device)
+        blocks[model] = sample_block(loaded.lab, prompts, cfg.compare.seeds, device,
+                                     evaluation.get("sample_precision", "fp32"))
         n_params = sum(p.numel() for p in loaded.lab.parameters())
         rows.append(results_row(model, state, evaluation, n_params))
         rows[-1]["stages"] = stage_times(loaded.lab, trained["run_dir"])
+        rows[-1]["budget_steps"] = budget_steps(cfg.compare, loaded.cfg.trainer.batch_size, loaded.lab)
         rows[-1]["first_stage"] = first_stage
         for name, points in read_curves(trained["run_dir"], model).items():
             curves["KID" if "curve/kid" in name else "loss"][name.replace(": curve/kid", "")] = points
@@ -327,8 +359,9 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
                "rows": rows, "stage_seconds": stages}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     table, attributes, stages_and_ceilings = markdown_table(rows), attribute_table(rows), stage_text(rows)
+    guidance = guidance_text(rows)
     (out_dir / "results.md").write_text(
-        f"# genlab compare: {title}\n\nBudget per family: {budget_text(cfg.compare)}. "
+        f"# genlab compare: {title}\n\nBudget per family: {budget_text(cfg.compare, rows)}. "
         f"Each metric: generated (real held-out images at the same count: the floor for FID/KID, the ceiling "
         f"for IS, precision, recall and alignment). {cfg.compare.eval_samples} images per set. KID is the mean "
         f"over subsets. Alignment: share of images whose every prompted attribute the evaluator recovers.\n\n"
@@ -336,15 +369,34 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         + (f"Alignment per attribute (share of images showing each attribute their prompt names; real images "
            f"score ~1, chance is 1 / the number of values):\n\n{attributes}\n\n" if attributes else "")
         + (f"Stages and ceilings:\n\n{stages_and_ceilings}\n\n" if stages_and_ceilings else "")
+        + (f"FID over the guidance scale (the table's metrics are at each family's own guidance; FID is "
+           f"usually lowest at a smaller one, alignment highest at a larger one):\n\n{guidance}\n\n"
+           if guidance else "")
         + "![samples](samples.png)\n\n![curves](curves.png)\n")
     print(table)
     if attributes:
         print("\nalignment per attribute:\n" + attributes)
     if stages_and_ceilings:
         print("\n" + stages_and_ceilings)
+    if guidance:
+        print("\nFID over the guidance scale:\n" + guidance)
     print(f"wrote {out_dir / 'results.md'}, results.json, samples.png, curves.png")
     print("stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
     return results
+
+
+def guidance_text(rows: list[dict[str, Any]]) -> str:
+    """One line per guided family: FID (and all-attributes alignment) at each swept scale, and the lowest FID."""
+    lines = []
+    for row in rows:
+        sweep = row.get("fid_guidance")
+        if not sweep:
+            continue
+        points = ", ".join(f"w={w:g}: {fmt(f, 3)} ({fmt(a, 2)})"
+                           for w, f, a in zip(sweep["guidance"], sweep["fid"], sweep["alignment"]))
+        lines.append(f"- {row['model']}: FID (alignment) {points}; lowest FID {fmt(sweep['best_fid'], 3)} at "
+                     f"w={sweep['best_guidance']:g} (the table's: w={sweep['evaluated_guidance']:g})")
+    return "\n".join(lines)
 
 
 def attribute_table(rows: list[dict[str, Any]]) -> str:
@@ -359,12 +411,14 @@ def attribute_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def budget_text(budget: DictConfig) -> str:
+def budget_text(budget: DictConfig, rows: list[dict[str, Any]] = ()) -> str:
     parts = []
     if budget.max_seconds is not None:
         parts.append(f"{budget.max_seconds:g} s of training")
     if budget.max_images is not None:
-        parts.append(f"{budget.max_images:,} training images")
+        steps = ", ".join(f"{row['model']} {row['budget_steps']:,}" for row in rows if row.get("budget_steps"))
+        parts.append(f"{budget.max_images:,} training images (every real image a step draws, a GAN's critic "
+                     f"batches included{': steps ' + steps if steps else ''})")
     return " or ".join(parts) + " (whichever comes first)" if len(parts) > 1 else parts[0]
 
 

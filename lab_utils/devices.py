@@ -15,7 +15,12 @@ log = logging.getLogger("genlab.train")
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: cuda, then mps, then cpu. An explicit device that is not there is an error."""
+    """``auto``: cuda, then mps, then cpu. An explicit device that is not there is an error.
+    The device's backend is set up for it (:func:`backend_setup`)."""
+    return backend_setup(find_device(name))
+
+
+def find_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -27,6 +32,15 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError("trainer.device=mps but MPS is not available here; use trainer.device=auto or cpu")
     return torch.device(name)
+
+
+def backend_setup(device: torch.device) -> torch.device:
+    """cuDNN autotuning on CUDA, off elsewhere: a training step, an evaluation batch and a sampling step keep
+    their shapes, so timing each convolution's algorithms once (on the first call with a shape) and keeping the
+    fastest pays back within a few steps. It picks among algorithms of the same result up to rounding, and
+    the CPU never reads it (CPU numbers do not change)."""
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    return device
 
 
 def cpu_has_native_bf16() -> bool:
@@ -43,6 +57,14 @@ def effective_precision(precision: str, device: torch.device) -> str:
     if precision == "bf16" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())):
         return "bf16"
     return "fp32"
+
+
+def sampling_precision(precision: str, device: torch.device) -> str:
+    """What a run trained in ``trainer.precision`` samples in (its grids, KID probes, evaluation and
+    ``genlab bench``'s sampling): its training precision on CUDA (bf16: ~2x on tensor cores); fp32 on every
+    other device, so a CPU's figures stay what they were whether or not it multiplies bf16 in hardware
+    (``eval.precision`` asks for another)."""
+    return effective_precision(precision, device) if device.type == "cuda" else "fp32"
 
 
 def precision_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -69,8 +91,11 @@ def speed_setup(lab: Lab, cfg: DictConfig, device: torch.device) -> Lab:
         if blocker:
             raise ValueError(f"trainer.compile=true cannot train {cfg.model.name} as configured: {blocker}; "
                              "use trainer.compile=false")
+        chosen = lab.compile_modules()
         for name, child in lab.named_children():
-            if any(True for _ in child.parameters()):
+            if name in chosen:
                 child.compile()  # in place: the state_dict keys do not change
                 log.info("compiled %s.%s", type(lab).__name__, name)
+            elif any(True for _ in child.parameters()):
+                log.info("kept %s.%s eager (see %s.compile_modules)", type(lab).__name__, name, type(lab).__name__)
     return lab

@@ -129,6 +129,11 @@ class Lab(nn.Module):
         """Names of submodules (``self.<name>``) whose EMA weights are used for sampling."""
         return []
 
+    def batches_per_step(self) -> int:
+        """Batches one ``training_step`` draws (the one it is given and each ``ctx.next_batch()``): what a budget
+        of training images (``trainer.max_images``, the images steps draw) is worth in steps."""
+        return 1
+
     @torch.no_grad()
     def sample(
         self, prompts: list[str], generator: torch.Generator | None = None, **options: Any
@@ -167,6 +172,11 @@ class Lab(nn.Module):
     def compile_blocker(self) -> str | None:
         """Why ``torch.compile`` cannot train this lab as configured (None: it can)."""
         return None
+
+    def compile_modules(self) -> list[str]:
+        """The submodules ``trainer.compile`` compiles (default: every child with parameters). A lab leaves out one
+        that torch.compile cannot train, e.g. a network its loss differentiates twice; it stays eager."""
+        return [name for name, child in self.named_children() if any(True for _ in child.parameters())]
 
     def benchmark_samplers(self) -> dict[str, dict[str, Any]]:
         """The sampling settings ``genlab bench`` times: ``{name: options for sample()}``."""

@@ -40,7 +40,7 @@ from lab_utils import distributed
 from lab_utils.checkpoint import CheckpointError, checkpoint_dir, load_state_into, save_checkpoint
 from lab_utils.config import to_container
 from lab_utils.data_stream import DataStream
-from lab_utils.devices import autocast_for, effective_precision
+from lab_utils.devices import autocast_for, effective_precision, sampling_precision
 from lab_utils.ema import EMA
 from lab_utils.lab import DataInfo, Lab
 from lab_utils.plotting import save_grid
@@ -145,6 +145,7 @@ class Trainer:
         self.schedulers = {name: lr_schedule(opt, tcfg.warmup_steps, tcfg.lr_decay_steps)
                            for name, opt in self.optimizers.items()}
         self.precision = effective_precision(tcfg.precision, device)  # resolved once, not on every step
+        self.sampling_precision = sampling_precision(tcfg.precision, device)  # grids and callbacks' samples
         fp16 = self.precision == "fp16"
         self.scalers = {name: torch.amp.GradScaler("cuda") for name in self.optimizers} if fp16 else {}
         # The EMA, logs, grids and checkpoints live on rank 0 only.
@@ -295,8 +296,9 @@ class Trainer:
         prompts = list(self.data_info.prompts[: tcfg.num_sample_prompts]) or [""]
         prompts = [p for p in prompts for _ in range(tcfg.samples_per_prompt)]
         generator = torch.Generator(device=self.device).manual_seed(tcfg.sample_seed)
-        with self.sampling_weights():
+        with self.sampling_weights(), autocast_for(self.sampling_precision, self.device):
             images = self.lab.sample(prompts, generator=generator, **self.lab.sample_options(tcfg.sample_options))
+        images = images.float()  # (N, C, H, W): bf16 under autocast
         return save_grid(images, self.run_dir / "samples" / f"step_{self.step:06d}.png", captions=prompts,
                          ncols=tcfg.samples_per_prompt, title=f"{self.cfg.model.name} step {self.step}")
 

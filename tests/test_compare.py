@@ -16,12 +16,15 @@ from lab_utils.compare import CompareConfig, attribute_table, compare, markdown_
 from lab_utils.config import ConfigError, check_section, compose
 
 
+SWEEP = ["compare.fid_guidance=[1.0,3.0]"]  # FID of the guided families again at w = 1 (3 is their own)
+
+
 @pytest.fixture(scope="module")
 def smoke_comparison(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "smoke"
     done = subprocess.run([sys.executable, "-m", "lab_utils.cli", "compare", "data=shapes", "preset=smoke",
-                           f"out={out}", "progress=false"], env=subprocess_env(), capture_output=True, text=True,
-                          timeout=900)
+                           f"out={out}", "progress=false", *SWEEP], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stdout
 
@@ -56,6 +59,41 @@ def test_compare_writes_every_file(smoke_comparison):
         assert any("curve/kid" in row for row in rows)
 
 
+def test_the_image_budget_buys_the_steps_results_md_states(smoke_comparison):
+    """max_images counts every image a step draws, a GAN's critic batches included (smoke: n_critic 2), and the
+    steps it buys per family are in results.json and results.md."""
+    out, _ = smoke_comparison
+    rows = {row["model"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["dcgan"]["budget_steps"] == 64 // (8 * 2) and rows["ddpm"]["budget_steps"] == 64 // 8
+    for model in ("dcgan", "vae", "ddpm"):
+        assert rows[model]["steps"] == rows[model]["budget_steps"], model
+    # the ldm draws its scale-factor batches once, at the start of its diffusion stage: a step fewer at most
+    assert rows["ldm"]["budget_steps"] - 1 <= rows["ldm"]["steps"] <= rows["ldm"]["budget_steps"]
+    assert "a GAN's critic batches included: steps dcgan 4, vae 8, ddpm 8, ldm 8)" in (out / "results.md").read_text()
+
+
+def test_fid_is_swept_over_guidance_for_the_guided_families_only(smoke_comparison):
+    out, stdout = smoke_comparison
+    rows = {row["model"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["dcgan"]["fid_guidance"] is None and rows["vae"]["fid_guidance"] is None
+    for model in ("ddpm", "ldm"):
+        sweep = rows[model]["fid_guidance"]
+        assert sweep["guidance"] == [1.0, 3.0] and sweep["evaluated_guidance"] == 3.0
+        assert sweep["fid"][1] == rows[model]["metrics"]["fid"]["generated"]  # w = 3: the table's set, reused
+        assert sweep["fid"][0] != sweep["fid"][1]  # w = 1: sampled anew (no guidance: another set)
+        assert sweep["best_fid"] == min(sweep["fid"]) and sweep["best_guidance"] == [1.0, 3.0][
+            sweep["fid"].index(min(sweep["fid"]))]
+        assert all(0.0 <= a <= 1.0 for a in sweep["alignment"])
+        saved = json.loads((out / model / "eval.json").read_text())
+        assert saved["fid_guidance"] == sweep and saved["nfe_per_sample"] == rows[model]["nfe_per_sample"]
+    text = (out / "results.md").read_text()
+    assert "FID over the guidance scale" in text and "- ddpm: FID (alignment) w=1: " in text
+    assert "(the table's: w=3)" in text and "FID over the guidance scale" in stdout
+    with pytest.raises(ConfigError, match=r"compare.fid_guidance must be null \(off\) or a non-empty list"):
+        check_section(compose(["preset=smoke", "compare.fid_guidance=[]"], config_name="compare",
+                              check=False).compare, CompareConfig, "compare")
+
+
 def test_interrupted_comparison_resumes_and_finished_runs_are_reused(smoke_comparison, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(smoke_comparison[0], out)
@@ -69,7 +107,7 @@ def test_interrupted_comparison_resumes_and_finished_runs_are_reused(smoke_compa
     assert not run_finished(load_checkpoint(vae))
     ddpm_before = (out / "ddpm" / "checkpoints" / "last.pt").stat().st_mtime_ns
 
-    cfg = compose(["data=shapes", "preset=smoke", f"out={out}", "reuse=true", "progress=false"],
+    cfg = compose(["data=shapes", "preset=smoke", f"out={out}", "reuse=true", "progress=false", *SWEEP],
                   config_name="compare", check=False)
     results = compare(cfg)
     assert run_finished(load_checkpoint(vae))  # resumed to the end of its budget

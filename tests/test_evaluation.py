@@ -324,6 +324,7 @@ def test_eval_command_writes_eval_json(smoke_setup, capsys):
                 "alignment"} <= set(saved[which])
     assert saved["evaluator"]["key"] == evaluator.key and saved["step"] == 8 and saved["num_samples"] == 8
     assert saved["sample_options"] == {"scale": 0.5}
+    assert saved["sample_precision"] == "fp32" and saved["fid_guidance"] is None  # a CPU run; no sweep asked for
 
 
 def test_eval_config_errors_are_clear(smoke_setup):
@@ -339,6 +340,14 @@ def test_eval_config_errors_are_clear(smoke_setup):
                                    "eval.evaluator_preset=smoke", f"eval.cache_dir={cache}"],
                                   config_name="eval", check=False))
     assert isinstance(eval_config(None), EvalConfig)
+    with pytest.raises(ConfigError, match="eval.precision must be null"):
+        eval_config({"precision": "int8"})
+    with pytest.raises(ConfigError, match="eval.fid_guidance must be null"):
+        eval_config({"fid_guidance": [1.0, -2.0]})
+    with pytest.raises(ConfigError, match=r"eval.fid_guidance=\[1.0, 2.0\]: tiny samples without guidance"):
+        eval_command_main(compose([f"run={run_dir}", "eval.fid_guidance=[1.0,2.0]", "eval.num_samples=8",
+                                   "eval.evaluator_preset=smoke", f"eval.cache_dir={cache}"],
+                                  config_name="eval", check=False))
 
 
 # ------------------------------------------------------------------------------------ Inception

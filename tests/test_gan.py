@@ -254,6 +254,19 @@ def test_training_step_updates_each_player_with_all_its_parameters(changes):
     assert all(torch.isfinite(v) for v in out.values())
 
 
+@pytest.mark.parametrize("n_critic", [1, 3])
+def test_an_image_budget_counts_every_batch_the_critic_is_shown(n_critic):
+    """``batches_per_step`` (what ``genlab compare`` converts an image budget into steps with) is the number of
+    batches a training step draws: the one it is given and one more per further critic update."""
+    lab = tiny_lab(n_critic=n_critic).train()
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "caption": ["a red circle", "a blue square", "a", ""]}
+    ctx = RecordingContext(lab, batch)
+    drawn = []
+    ctx.next_batch = lambda: drawn.append(1) or batch
+    lab.training_step(batch, ctx)
+    assert lab.batches_per_step() == 1 + len(drawn) == n_critic
+
+
 # ------------------------------------------------------------------------------ the 2-D toy
 def test_toy_gan_covers_several_modes_of_a_gaussian_mixture():
     # 4 Gaussians (std 0.1) on a circle of radius 2: WGAN-GP covers all of them in 150 steps (a few seconds)

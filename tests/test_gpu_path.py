@@ -353,3 +353,66 @@ def test_a_time_budget_over_several_processes_is_shared_only_at_log_rows(tmp_pat
     result = trainer.fit()
     assert result.step == 8
     assert flags == [(0, False), (4, False), (8, True)]  # before the loop, then every log_every steps
+
+
+# --------------------------------------------------------------------------- the optimiser's kernel
+def test_adam_takes_the_fused_kernel_of_the_parameters_device_and_falls_back_to_foreach(tmp_path, monkeypatch):
+    """The labs' optimisers are built after the lab moved to its device, so they are fused on CUDA as on this CPU;
+    where torch has no fused kernel for the parameters it refuses ``fused=True`` and they fall back to foreach."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    from lab_utils.lab import adam
+
+    trainer = family_trainer("dcgan", tmp_path)
+    assert {name: opt.defaults["fused"] for name, opt in trainer.optimizers.items()} == {"generator": True,
+                                                                                          "critic": True}
+    assert "cuda" in _get_fused_kernels_supported_devices()  # what adam(...) on CUDA parameters takes
+
+    class NoFusedKernel(torch.optim.AdamW):  # torch's answer on a device it has no fused kernel for
+        def __init__(self, params, fused=None, **options):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                                   "supported devices")
+            super().__init__(params, fused=fused, **options)
+
+    monkeypatch.setattr(torch.optim, "AdamW", NoFusedKernel)
+    fallback = adam(nn.Linear(3, 3).parameters(), lr=1e-3)
+    assert isinstance(fallback, NoFusedKernel) and not fallback.defaults["fused"] and fallback.defaults["foreach"]
+
+
+# --------------------------------------------------------------------------- sampling precision
+def test_sampling_runs_in_the_training_precision_on_a_gpu_and_in_fp32_elsewhere():
+    from lab_utils.devices import sampling_precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [sampling_precision(p, cuda) for p in ("bf16", "fp16", "fp32")] == ["bf16", "fp16", "fp32"]
+    assert [sampling_precision(p, cpu) for p in ("bf16", "fp16", "fp32")] == ["fp32"] * 3  # CPU figures unchanged
+
+
+class AutocastSpy:
+    """Wraps ``lab.sample`` (or ``reconstruct``): records whether each call ran under a CPU autocast, and its dtype."""
+
+    def __init__(self, method):
+        self.method, self.calls = method, []
+
+    def __call__(self, *args, **kwargs):
+        enabled = torch.is_autocast_enabled("cpu")
+        self.calls.append(torch.get_autocast_dtype("cpu") if enabled else None)
+        return self.method(*args, **kwargs)
+
+
+def test_grids_and_evaluation_sample_under_the_sampling_autocast(tmp_path, monkeypatch):
+    from lab_utils.evaluation.sets import generate
+
+    trainer = family_trainer("vae", tmp_path)
+    assert trainer.sampling_precision == "fp32"  # a CPU run: grids exactly as before
+    spy = AutocastSpy(trainer.lab.sample)
+    monkeypatch.setattr(trainer.lab, "sample", spy)
+    trainer.write_samples()
+    trainer.sampling_precision = "bf16"  # what a bf16 run on CUDA samples in
+    trainer.write_samples()
+    assert spy.calls == [None, torch.bfloat16]
+    images, _ = generate(trainer.lab, ["a red circle"] * 3, 0, 2, {}, torch.device("cpu"), "bf16")
+    assert spy.calls[2:] == [torch.bfloat16] * 2 and images.dtype == torch.uint8 and images.shape[0] == 3
+    generate(trainer.lab, ["a red circle"], 0, 2, {}, torch.device("cpu"))
+    assert spy.calls[-1] is None  # evaluation's default: fp32

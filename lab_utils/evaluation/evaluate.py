@@ -35,7 +35,8 @@ from lab_utils.schema import typed_section
 from lab_utils.evaluation.cache import evaluator_from_run, get_evaluator
 from labs.evaluator import Evaluator, quantize, real_images
 from lab_utils.evaluation.sets import (  # noqa: F401 (generate, nfe_per_sample: imported from here by compare, bench)
-    check_sample_options, choose_items, generate, inception_metrics, nfe_per_sample, reconstruction_metrics, set_metrics,
+    check_sample_options, choose_items, fid_over_guidance, generate, inception_metrics, nfe_per_sample,
+    reconstruction_metrics, set_metrics, takes_guidance,
 )
 
 log = logging.getLogger("genlab.eval")
@@ -59,6 +60,11 @@ class EvalConfig:
     device: str = "auto"
     ema: bool = True  # sample with the run's EMA weights
     sample_options: dict[str, Any] = field(default_factory=dict)  # passed to lab.sample; None values are left out
+    # autocast of the sampling: null = the run's trainer.precision on CUDA, fp32 elsewhere (devices.sampling_precision)
+    precision: Optional[str] = None
+    # FID of the generated set again at each of these guidance scales (diffusion): the sweep and its minimum go
+    # into eval.json beside the metrics at the evaluated guidance (null: off)
+    fid_guidance: Optional[list[float]] = None
     evaluator_preset: str = "cpu"  # training budget of the evaluator when it is not cached yet
     evaluator_overrides: list[str] = field(default_factory=list)  # e.g. ["model.width=64"]
     evaluator_run: Optional[str] = None  # use this evaluator run directory instead of the cache
@@ -78,6 +84,17 @@ class EvalConfig:
                              "weights file> (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
         if not 0 <= self.held_out_fraction <= 1:
             raise ValueError(f"eval.held_out_fraction must be in [0, 1], got {self.held_out_fraction}")
+        if self.precision not in (None, "fp32", "bf16", "fp16"):
+            raise ValueError(f"eval.precision must be null (the run's on CUDA, fp32 elsewhere), fp32, bf16 or fp16, "
+                             f"got {self.precision!r}")
+        check_guidance_sweep(self.fid_guidance, "eval.fid_guidance")
+
+
+def check_guidance_sweep(scales: Optional[list[float]], name: str) -> None:
+    """A guidance sweep is null or a non-empty list of scales >= 0."""
+    if scales is not None and (not scales or any(w < 0 for w in scales)):
+        raise ValueError(f"{name} must be null (off) or a non-empty list of guidance scales >= 0, e.g. "
+                         f"[1.0, 1.5, 2.0, 3.0]; got {list(scales)}")
 
 
 # ------------------------------------------------------------------------------------ Inception
@@ -143,6 +160,9 @@ class EvalResult:
     generated: dict[str, Any]  # generated vs reference
     real_held_out: dict[str, Any]  # real held-out vs reference: the floor (FID/KID) / ceiling (the rest)
     held_out_prompts: int  # prompts whose attribute combination was held out of training
+    sample_precision: str = "fp32"  # the autocast the images were sampled under
+    # FID at each scale of eval.fid_guidance, and the scale that minimises it (None: no sweep)
+    fid_guidance: Optional[dict[str, Any]] = None
     inception: Optional[dict[str, Any]] = None  # the same with the standard Inception-v3, when asked for
     # a lab that can reconstruct (VAE, ldm): the held-out real images encoded and decoded, scored like a generated
     # set, plus their PSNR: the ceiling of what its decoder can draw
@@ -175,6 +195,10 @@ def summary_line(result: dict[str, Any]) -> str:
     if result.get("inception"):
         inc = result["inception"]
         parts.append(f"Inception FID {inc['generated']['fid']:.2f} (real {inc['real_held_out']['fid']:.2f})")
+    if result.get("fid_guidance"):
+        sweep = result["fid_guidance"]
+        points = ", ".join(f"w={w:g} {value:.2f}" for w, value in zip(sweep["guidance"], sweep["fid"]))
+        parts.append(f"FID over guidance {points} (lowest at w={sweep['best_guidance']:g})")
     parts.append(f"NFE {result['nfe_per_sample']}, {1000 * result['sampling_seconds_per_image']:.1f} ms/image")
     if result.get("reconstruction"):
         rec = result["reconstruction"]
@@ -201,14 +225,21 @@ def evaluate_lab(
     inception: Optional[InceptionFeatures] = None,
     model_name: Optional[str] = None,
     step: Optional[int] = None,
+    precision: str = "fp32",
+    fid_guidance: Optional[list[float]] = None,
 ) -> EvalResult:
     """Generate ``num_samples`` images from real test prompts and compare them, and real test images,
-    with ``num_samples`` real training images (see the module docstring)."""
+    with ``num_samples`` real training images (see the module docstring). The lab samples (and
+    reconstructs) under the autocast of ``precision``, an effective precision (``devices.sampling_precision``).
+    ``fid_guidance``: FID again at each of these guidance scales (a lab whose sampling takes ``guidance``)."""
     from lab_utils.data import build_dataset
 
     started = time.perf_counter()
     device = torch.device(device)
     sample_options = check_sample_options(lab, sample_options)  # None = the model's default: left out
+    if fid_guidance and not takes_guidance(lab):
+        raise ConfigError(f"eval.fid_guidance={list(fid_guidance)}: {type(lab).__name__}.sample takes no guidance "
+                          "(only the diffusion families do); leave eval.fid_guidance null")
     train_set, test_set = build_dataset(data_cfg, "train"), build_dataset(data_cfg, "test")
     attributes = list(train_set.attributes)
     if list(evaluator.attributes) != attributes:
@@ -227,7 +258,8 @@ def evaluate_lab(
     was_training = lab.training
     lab.eval()
     try:
-        generated_images, seconds_per_image = generate(lab, prompts, seed, batch_size, sample_options, device)
+        generated_images, seconds_per_image = generate(lab, prompts, seed, batch_size, sample_options, device,
+                                                       precision)
     finally:
         lab.train(was_training)
     if generated_images.shape[1:] != test_images.shape[1:]:
@@ -242,11 +274,15 @@ def evaluate_lab(
                    pr_k=pr_k, is_splits=is_splits)
     generated_metrics = set_metrics(reference, fake, targets, held_out_mask, **options)
     real_metrics = set_metrics(reference, real, targets, held_out_mask, **options)
+    sweep = None
+    if fid_guidance:
+        sweep = fid_over_guidance(lab, prompts, seed, batch_size, sample_options, device, precision, fid_guidance,
+                                  reference, evaluator, targets, generated_metrics)
 
     reconstruction = None
     if callable(getattr(lab, "reconstruct", None)):
         reconstruction = reconstruction_metrics(lab, test_images, prompts, reference, evaluator, batch_size, device,
-                                                targets, held_out_mask, options)
+                                                targets, held_out_mask, options, precision)
 
     inception_result = None
     if inception is not None:
@@ -268,6 +304,7 @@ def evaluate_lab(
                    "num_features": evaluator.num_features, "is_classes": evaluator.num_classes,
                    "path": evaluator.info.get("path")},
         generated=generated_metrics, real_held_out=real_metrics, held_out_prompts=int(held_out_mask.sum()),
+        sample_precision=precision, fid_guidance=sweep,
         inception=inception_result, reconstruction=reconstruction, eval_seconds=time.perf_counter() - started,
     )
 
@@ -284,7 +321,7 @@ def evaluate_run(run_dir: str | Path | None, eval_cfg: Any = None, pretrained: s
                  out: str | Path | None = None) -> dict[str, Any]:
     """Evaluate the run at ``run_dir`` (its EMA weights, its data config), or the shipped model ``pretrained``,
     and write ``out`` (default ``<run_dir>/eval.json``, or ``eval-<pretrained>.json`` in the working folder)."""
-    from lab_utils.devices import pick_device
+    from lab_utils.devices import effective_precision, pick_device, sampling_precision
     from lab_utils.pretrained import load_source
 
     cfg = eval_config(eval_cfg)
@@ -296,6 +333,12 @@ def evaluate_run(run_dir: str | Path | None, eval_cfg: Any = None, pretrained: s
     run_path = loaded.path.parent.parent if pretrained is None else Path(".")
     out_path = Path(out) if out else run_path / ("eval.json" if pretrained is None else f"eval-{pretrained}.json")
     check_sample_options(loaded.lab, cfg.sample_options)  # fail early
+    if cfg.fid_guidance and not takes_guidance(loaded.lab):
+        raise ConfigError(f"eval.fid_guidance={list(cfg.fid_guidance)}: {loaded.cfg.model.get('name')} samples "
+                          "without guidance (only the diffusion families take it); leave eval.fid_guidance null")
+    trained_in = (loaded.cfg.get("trainer") or {}).get("precision", "fp32")
+    precision = (sampling_precision(trained_in, device) if cfg.precision is None
+                 else effective_precision(cfg.precision, device))
     if cfg.evaluator_run:
         evaluator = evaluator_from_run(cfg.evaluator_run, device=device)
     else:
@@ -307,6 +350,7 @@ def evaluate_run(run_dir: str | Path | None, eval_cfg: Any = None, pretrained: s
         device, kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets, pr_k=cfg.pr_k,
         is_splits=cfg.is_splits, held_out_fraction=cfg.held_out_fraction, inception=inception,
         model_name=loaded.cfg.model.get("name"), step=int(loaded.state["trainer"]["step"]),
+        precision=precision, fid_guidance=cfg.fid_guidance,
     )
     result.run_dir, result.checkpoint = (str(run_path) if pretrained is None else None), str(loaded.path)
     out = result.to_dict()

@@ -4,7 +4,9 @@ Used by :mod:`lab_utils.evaluation.evaluate`."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
 import time
 from typing import Any, Optional
 
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from lab_utils.config import ConfigError
+from lab_utils.devices import autocast_for
 from labs.evaluator import Evaluator, EvaluatorOutput, dequantize, joint_log_probs, predict_from_logits, quantize
 from lab_utils.evaluation.metrics import fid, inception_score, kid, precision_recall, prompt_alignment, psnr
 
@@ -60,14 +63,16 @@ def check_sample_options(lab: nn.Module, sample_options: dict[str, Any]) -> dict
 
 @torch.no_grad()
 def generate(lab: nn.Module, prompts: list[str], seed: int, batch_size: int, sample_options: dict[str, Any],
-             device: torch.device) -> tuple[torch.Tensor, float]:
-    """uint8 images (N, C, H, W) for ``prompts`` (batch b seeded with ``seed + b``) and seconds per image."""
+             device: torch.device, precision: str = "fp32") -> tuple[torch.Tensor, float]:
+    """uint8 images (N, C, H, W) for ``prompts`` (batch b seeded with ``seed + b``) and seconds per image, sampled
+    under the autocast of ``precision`` (an effective one: ``lab_utils.devices.sampling_precision``)."""
     images, seconds = [], 0.0
     for index, start in enumerate(range(0, len(prompts), batch_size)):
         batch = prompts[start:start + batch_size]
         generator = torch.Generator(device=device).manual_seed(seed + index)
         started = time.perf_counter()
-        out = lab.sample(batch, generator=generator, **sample_options)  # (B, C, H, W) in [-1, 1]
+        with autocast_for(precision, device):
+            out = lab.sample(batch, generator=generator, **sample_options)  # (B, C, H, W) in [-1, 1]
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - started
@@ -75,6 +80,41 @@ def generate(lab: nn.Module, prompts: list[str], seed: int, batch_size: int, sam
             raise ValueError(f"{type(lab).__name__}.sample returned shape {tuple(out.shape)} for {len(batch)} prompts")
         images.append(quantize(out).cpu())  # clamped and quantised like the real images
     return torch.cat(images), seconds / max(len(prompts), 1)
+
+
+def takes_guidance(lab: Any) -> bool:
+    """Whether a lab (or its class) samples with classifier-free guidance: its ``SampleOptions`` has ``guidance``."""
+    options = getattr(lab, "SampleOptions", None)
+    return options is not None and "guidance" in {f.name for f in dataclasses.fields(options)}
+
+
+def fid_over_guidance(lab: nn.Module, prompts: list[str], seed: int, batch_size: int, sample_options: dict[str, Any],
+                      device: torch.device, precision: str, scales: list[float], reference: EvaluatorOutput,
+                      evaluator: Evaluator, targets: torch.Tensor, evaluated: dict[str, Any]) -> dict[str, Any]:
+    r"""FID of the generated set at each guidance scale $w$ of ``scales`` (the same prompts, seeds and other
+    options), with its all-attributes alignment, and the $w$ of the lowest FID.
+
+    Classifier-free guidance, $\hat\epsilon = \epsilon(x_t) + w\,(\epsilon(x_t, c) - \epsilon(x_t))$ (Ho & Salimans
+    2022), trades diversity for fidelity to the prompt: they find FID lowest at a small guidance (0.1-0.3 in
+    their $1 + w$ convention, 1.1-1.3 here) while the samples' fidelity to the class keeps rising with it. So FID
+    is reported at the $w$ that minimises it, alignment at the model's own. ``evaluated``: the metrics at the
+    evaluated options, reused for the scale they were sampled at."""
+    current = float(sample_options.get("guidance", lab.sampling_defaults().get("guidance", math.nan)))
+    fids, alignments = [], []
+    for w in scales:
+        if float(w) == current:  # the generated set already evaluated: no second sampling
+            metrics = evaluated
+        else:
+            images, _ = generate(lab, prompts, seed, batch_size, {**sample_options, "guidance": float(w)}, device,
+                                 precision)
+            fake = evaluator.embed(images, batch_size)
+            metrics = {"fid": fid(reference.features, fake.features),
+                       "alignment": prompt_alignment(predict_from_logits(fake.logits), targets)}
+        fids.append(float(metrics["fid"]))
+        alignments.append(float(metrics["alignment"]["all"]))
+    best = min(range(len(scales)), key=fids.__getitem__)
+    return {"guidance": [float(w) for w in scales], "fid": fids, "alignment": alignments,
+            "best_guidance": float(scales[best]), "best_fid": fids[best], "evaluated_guidance": current}
 
 
 # ------------------------------------------------------------------------------------ metrics of a set
@@ -111,13 +151,15 @@ def inception_metrics(reference: tuple[torch.Tensor, torch.Tensor], other: tuple
 
 def reconstruction_metrics(lab: nn.Module, test_images: torch.Tensor, prompts: list[str], reference: EvaluatorOutput,
                            evaluator: Evaluator, batch_size: int, device: torch.device, targets: torch.Tensor,
-                           held_out_mask: torch.Tensor, options: dict[str, Any]) -> dict[str, Any]:
-    """The real test images through ``lab.reconstruct`` (encode, decode), scored against the reference set like a
-    generated set, with their MSE and PSNR ([-1, 1] images, quantised like the others)."""
+                           held_out_mask: torch.Tensor, options: dict[str, Any],
+                           precision: str = "fp32") -> dict[str, Any]:
+    """The real test images through ``lab.reconstruct`` (encode, decode; under the autocast of ``precision``, as
+    the generated set), scored against the reference set like a generated set, with their MSE and PSNR ([-1, 1]
+    images, quantised like the others)."""
     was_training = lab.training
     lab.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast_for(precision, device):
             recons = torch.cat([quantize(lab.reconstruct(dequantize(test_images[i:i + batch_size]).to(device),
                                                          prompts[i:i + batch_size])).cpu()
                                 for i in range(0, len(test_images), batch_size)])

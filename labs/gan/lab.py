@@ -131,11 +131,20 @@ class GANLab(Lab):
     def ema_modules(self) -> list[str]:
         return ["generator", "text_encoder"]
 
-    def compile_blocker(self) -> str | None:
-        if (self.config.loss == "wgan_gp" and self.config.gp_weight > 0) or self.config.r1_gamma > 0:
-            return ("the gradient penalty (model.loss=wgan_gp) and R1 (model.r1_gamma) differentiate twice, which "
-                    "torch.compile does not support; model.loss=hinge with model.critic.spectral_norm=true compiles")
-        return None
+    def batches_per_step(self) -> int:
+        """One real batch per critic update (the generator's update reads none): an image budget counts every real
+        image the critic is shown, as StyleGAN's kimg does, so it buys max_images / (n_critic x batch) steps."""
+        return self.config.n_critic
+
+    def differentiates_critic_twice(self) -> bool:
+        """The gradient penalty (``loss=wgan_gp``) and R1 (``r1_gamma``) differentiate the critic's gradient."""
+        return (self.config.loss == "wgan_gp" and self.config.gp_weight > 0) or self.config.r1_gamma > 0
+
+    def compile_modules(self) -> list[str]:
+        """The generator and the text encoder always; the critic only when no penalty differentiates it twice
+        (torch.compile does not support double backward). The text encoder is differentiated once even then:
+        the penalty's second backward runs through the critic alone and reaches the text vectors as an input."""
+        return ["generator", "text_encoder"] + ([] if self.differentiates_critic_twice() else ["critic"])
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """The prompts' pooled text vectors (B, text_dim); "" is the empty prompt ([CLS] only)."""
