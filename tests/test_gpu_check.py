@@ -1,15 +1,19 @@
 """The GPU path, tested on a CPU: ``tests/gpu_check.py`` (its CPU answer, arguments and table), the device that
-``genlab compare`` trains on, ``genlab bench``'s sampling batch, cuDNN autotuning and the gpu preset's switches.
+``genlab compare`` trains on, ``genlab bench``'s sampling batch, cuDNN autotuning, and CIFAR-10's random flips.
 
 (No test here has "cuda" in its name: ``gpu_check`` runs ``pytest -k cuda`` on a GPU machine, and these are not
 CUDA tests.)"""
 
 from __future__ import annotations
 
+import pickle
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from conftest import REPO
 from lab_utils.config import ConfigError, compose
@@ -154,4 +158,88 @@ def test_gpu_preset_switches():
     for preset in ("cpu", "smoke"):  # make demo and the tests: no sweep, no warm-up (their figures unchanged)
         other = compose(["model=ddpm", f"preset={preset}"])
         assert other.compare.get("fid_guidance") is None and not other.trainer.ema_warmup
+    assert cfg.data.random_flip is True
 
+
+# --- random horizontal flips ---------------------------------------------------------------------
+@pytest.fixture
+def cifar_root(tmp_path) -> Path:
+    """A fake CIFAR-10 folder: 5 x 16 train and 16 test random images, none of them mirror-symmetric."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ["test_batch"] + [f"data_batch_{k}" for k in range(1, 6)]:
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": rng.integers(0, 256, (16, 3072), dtype=np.uint8),
+                         b"labels": [int(k) for k in rng.integers(0, 10, 16)]}, handle)
+    return tmp_path
+
+
+def cifar(root: Path, split: str = "train", **overrides):
+    from lab_utils.data import build_dataset
+
+    return build_dataset({"name": "cifar10", "root": str(root), **overrides}, split)
+
+
+def mirrored(dataset, images: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """(B,) bool: which images of a batch are the mirror of their item (and the rest are the item itself)."""
+    plain = torch.stack([dataset[i]["image"] for i in order])  # (B, C, S, S)
+    flipped = torch.tensor([torch.equal(x, p.flip(-1)) for x, p in zip(images, plain)])
+    same = torch.tensor([torch.equal(x, p) for x, p in zip(images, plain)])
+    assert torch.all(flipped ^ same)
+    return flipped
+
+
+def test_cifar_training_batches_flip_half_the_images_the_same_way_for_a_seed(cifar_root):
+    from lab_utils.data_stream import DataStream
+
+    train = cifar(cifar_root, random_flip=True)
+    assert train.random_flip and not cifar(cifar_root, "test", random_flip=True).random_flip
+    batches = []
+    for global_seed in range(2):  # the trainer's stream, twice with the same seed (the coins draw nothing from
+        torch.manual_seed(global_seed)  # torch's RNG: the run's own draws cannot move them)
+        stream = DataStream(train, batch_size=40, seed=0, device=torch.device("cpu"))
+        batches.append([next(stream) for _ in range(2)])  # the whole epoch: 2 batches of 40
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(*batches))
+    order = torch.randperm(80, generator=torch.Generator().manual_seed(0)).tolist()  # DistributedSampler's order
+    images = torch.cat([batch["image"] for batch in batches[0]])
+    flips = mirrored(train, images, order)
+    assert 28 <= int(flips.sum()) <= 52  # ~ Binomial(80, 1/2): mean 40, sd 4.5
+    assert [batch["caption"] for batch in batches[0]][0] == [train.caption(i) for i in order[:40]]
+    assert all(torch.equal(train[3]["image"], cifar(cifar_root)[3]["image"]) for _ in range(3))  # items never flip
+
+
+def test_loader_workers_flip_reproducibly_and_no_flip_without_the_option(cifar_root):
+    from lab_utils.data_stream import DataStream
+
+    train = cifar(cifar_root, random_flip=True)
+    runs = []
+    for workers in (2, 0):  # the coins hash (seed, epoch, item): the same in worker processes as in ours
+        stream = DataStream(train, batch_size=20, seed=1, device=torch.device("cpu"), num_workers=workers)
+        runs.append(torch.cat([next(stream)["image"] for _ in range(4)]))
+    assert torch.equal(*runs)
+    order = torch.randperm(80, generator=torch.Generator().manual_seed(1)).tolist()
+    assert 20 <= int(mirrored(train, runs[0], order).sum()) <= 60
+    resumed = DataStream(train, batch_size=20, seed=1, device=torch.device("cpu"), num_workers=2)
+    resumed.load_state_dict({"epoch": 0, "position": 2, "global_batch": 20})
+    assert torch.equal(torch.cat([next(resumed)["image"] for _ in range(2)]), runs[0][40:])  # a resume: same flips
+    batch = next(iter(DataLoader(train, batch_size=80)))["image"]  # a DataLoader of one's own: the items as stored
+    assert not mirrored(train, batch, list(range(80))).any()
+    plain = cifar(cifar_root)  # the dataclass default: today's unflipped stream
+    assert not plain.random_flip
+    stream = DataStream(plain, batch_size=80, seed=1, device=torch.device("cpu"))
+    assert not mirrored(plain, next(stream)["image"], order).any()
+
+
+def test_shapes_never_flips(tmp_path):
+    from lab_utils.data import build_dataset
+
+    assert "random_flip" not in compose(["data=shapes"], config_name="dataview").data
+    with pytest.raises(ConfigError, match="random_flip"):  # its captions say left and right
+        compose(["data=shapes", "+data.random_flip=true"], config_name="dataview")
+    shapes = build_dataset({"name": "shapes", "subset": 32, "num_train": 64, "num_test": 16,
+                            "cache_dir": str(tmp_path)}, "train")
+    assert not shapes.random_flip
+    torch.manual_seed(0)
+    batch = next(iter(DataLoader(shapes, batch_size=32)))["image"]
+    assert torch.equal(batch, torch.stack([shapes[i]["image"] for i in range(32)]))

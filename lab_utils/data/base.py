@@ -12,6 +12,12 @@ same captions). Images are kept decoded as one uint8 tensor and converted per it
     x = p / 127.5 - 1                    # {0..255} -> [-1, 1]
     x = pad(x, value=-1)                 # 28 x 28 sources -> 32 x 32 (background value)
     x = resize(x, image_size)            # bilinear, antialiased, only if sizes differ
+
+A dataset whose config has ``random_flip: true`` (CIFAR-10; never ``shapes``, whose captions say left and
+right) has its train split mirrored left-right, item by item with probability 1/2, by the trainer's stream
+(:mod:`lab_utils.data_stream`: a coin per (run seed, epoch, item), the same after a resume and whatever the
+number of loader workers). The dataset itself never flips: ``dataset[i]`` (evaluation's real images,
+``genlab data``, any ``DataLoader`` of your own) is always the item as stored.
 """
 
 from __future__ import annotations
@@ -79,17 +85,23 @@ def cache_root(name: str) -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "genlab").expanduser() / name
 
 
+def uint8_to_images(pixels: torch.Tensor, pad_to: Optional[int], image_size: int) -> torch.Tensor:
+    """(B, C, H, W) uint8 -> (B, C, image_size, image_size) float in [-1, 1] on ``pixels``' device (see the module
+    docstring): what ``dataset[i]`` computes for one item, and the on-device stream for a batch."""
+    images = pixels.float() / 127.5 - 1.0  # {0, ..., 255} -> [-1, 1]
+    if pad_to is not None and images.shape[-1] < pad_to:
+        before = (pad_to - images.shape[-1]) // 2
+        after = pad_to - images.shape[-1] - before
+        images = F.pad(images, (before, after, before, after), value=-1.0)  # background is -1
+    if images.shape[-1] != image_size:
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear",
+                               antialias=True, align_corners=False)  # (B, C, S, S)
+    return images
+
+
 def uint8_to_image(pixels: torch.Tensor, pad_to: Optional[int], image_size: int) -> torch.Tensor:
-    """(C, H, W) uint8 -> (C, image_size, image_size) float in [-1, 1] (see the module docstring)."""
-    image = pixels.float() / 127.5 - 1.0  # {0, ..., 255} -> [-1, 1]
-    if pad_to is not None and image.shape[-1] < pad_to:
-        before = (pad_to - image.shape[-1]) // 2
-        after = pad_to - image.shape[-1] - before
-        image = F.pad(image, (before, after, before, after), value=-1.0)  # background is -1
-    if image.shape[-1] != image_size:
-        image = F.interpolate(image[None], size=(image_size, image_size), mode="bilinear",
-                              antialias=True, align_corners=False)[0]  # (C, S, S)
-    return image
+    """(C, H, W) uint8 -> (C, image_size, image_size) float in [-1, 1]: :func:`uint8_to_images` of one item."""
+    return uint8_to_images(pixels[None], pad_to, image_size)[0]  # (C, S, S)
 
 
 class CaptionedDataset(Dataset):
@@ -145,6 +157,12 @@ class CaptionedDataset(Dataset):
             "caption": self.caption(index),
             "labels": self.labels[index].clone(),  # (A,)
         }
+
+    @property
+    def random_flip(self) -> bool:
+        """Whether the trainer's stream mirrors this split's items at random (the train split of a dataset with
+        ``random_flip: true``); ``dataset[i]`` itself is never mirrored."""
+        return self.split == "train" and bool(getattr(self.cfg, "random_flip", False))
 
     def caption(self, index: int) -> str:
         """The caption of item ``index``: its labels written with a template chosen by (seed, index)."""

@@ -120,6 +120,11 @@ class CIFAR10Dataset(ClassCaptionedDataset):
     @dataclass
     class Config(DataConfig):
         name: str = "cifar10"
+        # The trainer's stream mirrors each training image left-right with probability 1/2 (a coin per run seed,
+        # epoch and item; Ho et al. 2020 train on CIFAR-10 with random flips): the classes have no left/right, so
+        # it doubles the data for free. False (an old checkpoint's config has no such key) keeps the unflipped
+        # stream; conf/data/cifar10.yaml turns it on.
+        random_flip: bool = False
 
     def __init__(self, cfg: Any, split: str = "train"):
         super().__init__(cfg, split)
