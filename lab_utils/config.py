@@ -68,6 +68,10 @@ class TrainerConfig:
     # the grids' sampling options, {} = the model's defaults (Lab.SampleOptions: one home, the model config)
     sample_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     num_workers: int = 0
+    # Keep an in-memory dataset's uint8 images and labels on the device and cut each batch there (conversion to
+    # [-1, 1] and flips too): no worker processes, no per-step copy. The same batches as the loader; a dataset
+    # that cannot (not in memory, or over a quarter of the GPU's free memory) uses the loader, with a warning.
+    data_on_device: bool = False
     tensorboard: bool = False
     progress: bool = True  # progress bar on stderr
 

@@ -158,8 +158,9 @@ class Trainer:
             raise ValueError(f"trainer.batch_size={tcfg.batch_size} (the global batch) does not split over {world} "
                              "processes; choose a multiple of the number of processes or trainer.batch_scope=per_process")
         per_process = tcfg.batch_size // world if tcfg.batch_scope == "global" else tcfg.batch_size
+        # trainer.data_on_device (TrainerConfig): the batches cut on the device; absent from configs saved before it
         self.stream = DataStream(train_set, per_process, cfg.seed, device, tcfg.num_workers, dist_info.rank, world,
-                                 channels_last=tcfg.channels_last)
+                                 channels_last=tcfg.channels_last, on_device=bool(tcfg.get("data_on_device", False)))
         self.loss_module: nn.Module = LossFunction(lab)
         self.ddp: DistributedDataParallel | None = None
         if dist_info.enabled:
