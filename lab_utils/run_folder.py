@@ -99,11 +99,11 @@ LATER_TRAINER_FIELDS = {"ema_warmup": False}
 
 def settings_key(cfg: DictConfig, code: str) -> str:
     """sha256 of what determines a trained run, for the caches of trained runs (the evaluator, a first stage):
-    data (not where it lives), model, trainer (not how it reports or which device), seed, and ``code``, a
+    data (not where it lives), model, trainer (not how it reports, which device or how batches reach it), seed, and ``code``, a
     version or digest of the code that trains it."""
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in LOCATION_KEYS}
     trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
-               if k not in ("device", "progress", "num_workers", "tensorboard", "log_every")
+               if k not in ("device", "progress", "num_workers", "data_on_device", "tensorboard", "log_every")
                and not (k in LATER_TRAINER_FIELDS and v == LATER_TRAINER_FIELDS[k])}
     payload = {"data": data, "model": OmegaConf.to_container(cfg.model, resolve=True), "trainer": trainer,
                "seed": cfg.seed, "code": code}

@@ -273,8 +273,6 @@ def test_the_trainer_builds_its_stream_on_the_device_when_asked(tmp_path):
         assert (trainer.stream.resident is not None) is on_device
 
 
-@pytest.mark.xfail(strict=True, reason="lab_utils/run_folder.py's settings_key must leave trainer.data_on_device out "
-                   "(a speed switch, like num_workers); remove this mark with that change")
 def test_data_on_device_is_left_out_of_the_settings_key_so_the_shipped_evaluator_still_matches():
     import json
 
