@@ -25,6 +25,30 @@ def data_info(channels: int = 3, size: int = 16):
                     prompts=["a red circle", "a small blue square at the top left"])
 
 
+def fake_cifar10(root: Path) -> Path:
+    """Write a fake CIFAR-10 folder under ``root`` (the dataset's ``data.root``): 5 x 16 train and 16 test random
+    images, none of them mirror-symmetric (so a flip is always visible), with random labels; returns ``root``."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ["test_batch"] + [f"data_batch_{k}" for k in range(1, 6)]:
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": rng.integers(0, 256, (16, 3072), dtype=np.uint8),
+                         b"labels": [int(k) for k in rng.integers(0, 10, 16)]}, handle)
+    return root
+
+
+def cifar(root: Path, split: str = "train", **overrides):
+    """The CIFAR-10 dataset of a (fake) folder ``root``, with data-config ``overrides``."""
+    from lab_utils.data import build_dataset
+
+    return build_dataset({"name": "cifar10", "root": str(root), **overrides}, split)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): one thread avoids

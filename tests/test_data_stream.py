@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import cifar, fake_cifar10
 from lab_utils import data_stream
 from lab_utils.config import compose
 from lab_utils.data import build_dataset
@@ -51,20 +51,7 @@ class PaddedDigits(ClassCaptionedDataset):
 
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory) -> Path:
-    """A fake CIFAR-10 folder: 5 x 16 train and 16 test random images (none mirror-symmetric)."""
-    root = tmp_path_factory.mktemp("cifar")
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name in ["test_batch"] + [f"data_batch_{k}" for k in range(1, 6)]:
-        with open(folder / name, "wb") as handle:
-            pickle.dump({b"data": rng.integers(0, 256, (16, 3072), dtype=np.uint8),
-                         b"labels": [int(k) for k in rng.integers(0, 10, 16)]}, handle)
-    return root
-
-
-def cifar(root: Path, split: str = "train", **overrides):
-    return build_dataset({"name": "cifar10", "root": str(root), **overrides}, split)
+    return fake_cifar10(tmp_path_factory.mktemp("cifar"))
 
 
 def take(stream: DataStream, count: int) -> list[dict]:

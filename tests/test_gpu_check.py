@@ -6,16 +6,14 @@ CUDA tests.)"""
 
 from __future__ import annotations
 
-import pickle
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import REPO
+from conftest import REPO, cifar, fake_cifar10
 from lab_utils.config import ConfigError, compose
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -164,21 +162,7 @@ def test_gpu_preset_switches():
 # --- random horizontal flips ---------------------------------------------------------------------
 @pytest.fixture
 def cifar_root(tmp_path) -> Path:
-    """A fake CIFAR-10 folder: 5 x 16 train and 16 test random images, none of them mirror-symmetric."""
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name in ["test_batch"] + [f"data_batch_{k}" for k in range(1, 6)]:
-        with open(folder / name, "wb") as handle:
-            pickle.dump({b"data": rng.integers(0, 256, (16, 3072), dtype=np.uint8),
-                         b"labels": [int(k) for k in rng.integers(0, 10, 16)]}, handle)
-    return tmp_path
-
-
-def cifar(root: Path, split: str = "train", **overrides):
-    from lab_utils.data import build_dataset
-
-    return build_dataset({"name": "cifar10", "root": str(root), **overrides}, split)
+    return fake_cifar10(tmp_path)
 
 
 def mirrored(dataset, images: torch.Tensor, order: list[int]) -> torch.Tensor:
