@@ -20,6 +20,7 @@ the composed config without running.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import logging
 import os
 import re
@@ -394,6 +395,33 @@ def notebooks_command(args: list[str]) -> int:
     return 0
 
 
+# The commands that need an optional extra of the package, and the modules (import names) that show the extra is
+# installed: checked before the command's module is imported, so a missing extra is one line, not a traceback.
+# (tests/test_packaging.py checks each module against the extra's list in pyproject.toml.)
+EXTRA_MODULES = {"instructor": ("nbformat", "nbclient", "IPython", "ipykernel")}
+COMMAND_EXTRAS = {"notebooks": "instructor", "grade": "instructor"}
+
+
+def missing_extra(command: str) -> str | None:
+    """One line naming the extra ``genlab <command>`` needs when one of its modules is not installed (None: all are,
+    or the command needs none)."""
+    extra = COMMAND_EXTRAS.get(command)
+    if extra is None:
+        return None
+    missing = [name for name in EXTRA_MODULES[extra] if not _installed(name)]
+    if not missing:
+        return None
+    return (f"`genlab {command}` needs the {extra} extra ({', '.join(missing)} not installed): "
+            f"pip install \"genlab[{extra}]\" (in a clone of the repository: pip install -e \".[{extra}]\")")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # already imported, without a spec (as __main__ is): it is there
+        return True
+
+
 def composition_error(err: BaseException, command: str) -> str:
     """One line for a config Hydra could not compose (an unknown group choice, key or value)."""
     from hydra.errors import MissingConfigException
@@ -454,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    problem = missing_extra(command)
+    if problem is not None:
+        print(f"genlab: error: {problem}", file=sys.stderr)
+        return 1
     if command == "notebooks":
         return notebooks_command(rest)
     if command == "grade":
