@@ -44,7 +44,7 @@ from lab_utils.devices import autocast_for, effective_precision, sampling_precis
 from lab_utils.ema import EMA
 from lab_utils.lab import DataInfo, Lab
 from lab_utils.plotting import save_grid
-from lab_utils.progress import Progress
+from lab_utils.progress import TrainingProgress
 from lab_utils.step_context import LossFunction, TrainingStepContext
 
 log = logging.getLogger("genlab.train")
@@ -364,7 +364,8 @@ class Trainer:
         tcfg = self.cfg.trainer
         self.lab.train()
         main = self.dist.is_main
-        progress = Progress(enabled=tcfg.progress and main, start=self.budget_used())
+        progress = TrainingProgress(enabled=tcfg.progress and main, start=self.budget_used(),
+                                    desc=f"train {self.cfg.model.name}")
         window, last_row, last_grid_step = LogWindow(self.step), {}, -1
         # With several processes every one must stop at the same step: the step and image budgets
         # agree by construction, a time budget is decided by rank 0 and broadcast. Reading the broadcast
@@ -423,7 +424,7 @@ class Trainer:
         losses = {k: v for k, v in last_row.items() if k.startswith(("loss/", "grad_norm/"))}
         return TrainResult(self.run_dir, self.step, self.last_checkpoint, self.images_seen, self.train_seconds, losses)
 
-    def log_window(self, window: "LogWindow", progress: Progress) -> dict[str, Any]:
+    def log_window(self, window: "LogWindow", progress: TrainingProgress) -> dict[str, Any]:
         """The row of ``metrics.jsonl`` for the steps since the last one: the window's averages (over the
         processes too), speed and learning rates; the NaN guard of ``nan_check=log`` reads it."""
         keys = sorted(window.sums)
