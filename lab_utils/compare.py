@@ -155,7 +155,8 @@ def evaluate_family(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], flo
     state = load_checkpoint(run_dir)
     step = state["trainer"]["step"]
     settings = {"num_samples": cfg.compare.eval_samples, "seed": cfg.seed, "batch_size": cfg.compare.eval_batch_size,
-                "evaluator_preset": cfg.compare.evaluator_preset, "device": cfg.device}
+                "evaluator_preset": cfg.compare.evaluator_preset, "device": cfg.device,
+                "progress": cfg.get("progress", True)}  # the evaluation's bars, as the training's
     if cfg.compare.fid_guidance and takes_guidance(lab_class(state["config"]["model"].get("_target_"))):
         settings["fid_guidance"] = list(cfg.compare.fid_guidance)  # the guided families (diffusion)
     path = run_dir / "eval.json"
@@ -320,7 +321,8 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
 
     tick = time.perf_counter()
-    evaluator = get_evaluator(cfg.data, preset=cfg.compare.evaluator_preset, device=device)
+    quiet = [] if cfg.get("progress", True) else ["trainer.progress=false"]  # (not part of the evaluator's key)
+    evaluator = get_evaluator(cfg.data, quiet, preset=cfg.compare.evaluator_preset, device=device)
     stages["evaluator"] = time.perf_counter() - tick
 
     rows, curves, blocks = [], {"loss": {}, "KID": {}}, {}

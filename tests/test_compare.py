@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,9 @@ def smoke_comparison(tmp_path_factory):
                            f"out={out}", "progress=false", *SWEEP], env=subprocess_env(), capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    # progress=false: no bar for any family's training or evaluation, nor for the evaluator's training
+    bars = [line for line in done.stderr.splitlines() if re.match(r"(train|eval) \w+(: \w+)*: ", line)]
+    assert bars == [], bars[:5]
     return out, done.stdout
 
 
@@ -94,7 +98,7 @@ def test_fid_is_swept_over_guidance_for_the_guided_families_only(smoke_compariso
                               check=False).compare, CompareConfig, "compare")
 
 
-def test_interrupted_comparison_resumes_and_finished_runs_are_reused(smoke_comparison, tmp_path):
+def test_interrupted_comparison_resumes_and_finished_runs_are_reused(smoke_comparison, tmp_path, capsys):
     out = tmp_path / "again"
     shutil.copytree(smoke_comparison[0], out)
     vae = out / "vae"
@@ -107,10 +111,17 @@ def test_interrupted_comparison_resumes_and_finished_runs_are_reused(smoke_compa
     assert not run_finished(load_checkpoint(vae))
     ddpm_before = (out / "ddpm" / "checkpoints" / "last.pt").stat().st_mtime_ns
 
-    cfg = compose(["data=shapes", "preset=smoke", f"out={out}", "reuse=true", "progress=false", *SWEEP],
+    cfg = compose(["data=shapes", "preset=smoke", f"out={out}", "reuse=true", *SWEEP],  # progress on (the default)
                   config_name="compare", check=False)
+    capsys.readouterr()
     results = compare(cfg)
+    bars = capsys.readouterr().err.splitlines()  # outside a terminal: a line as each bar starts and one as it ends
     assert run_finished(load_checkpoint(vae))  # resumed to the end of its budget
+    # the resumed VAE's bars: its training (from where it stopped, to its total) and its evaluation's phases
+    assert any(line.startswith("train vae: 100.0%") for line in bars), bars
+    assert any(line.startswith("eval vae: sample: 32/32 img (100%)") for line in bars), bars
+    assert any(line.startswith("eval vae: features and metrics: 3/3 set") for line in bars), bars
+    assert not any(line.startswith(("train ddpm", "eval ddpm")) for line in bars)  # reused: nothing to show
     assert (vae / "eval.json").is_file()
     assert (out / "ddpm" / "checkpoints" / "last.pt").stat().st_mtime_ns == ddpm_before  # reused, not retrained
     assert results["stage_seconds"]["train ddpm"] == 0.0 and results["stage_seconds"]["eval ddpm"] == 0.0

@@ -272,7 +272,7 @@ def test_evaluator_is_a_lab_the_harness_trains(smoke_setup):
     assert cfg.model.name == "evaluator" and cfg.trainer.steps > 0
 
 
-def test_alignment_of_real_images_is_the_evaluator_accuracy(smoke_setup):
+def test_alignment_of_real_images_is_the_evaluator_accuracy(smoke_setup, capsys):
     run_dir, cfg, _, evaluator = smoke_setup
     from lab_utils.checkpoint import load_lab
     from lab_utils.data import build_dataset
@@ -291,9 +291,11 @@ def test_alignment_of_real_images_is_the_evaluator_accuracy(smoke_setup):
     # the evaluation is reproducible and does not touch the caller's RNG
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    again = evaluate_lab(lab, cfg.data, evaluator, num_samples=12, seed=3, batch_size=5, kid_subsets=5)
+    capsys.readouterr()
+    again = evaluate_lab(lab, cfg.data, evaluator, num_samples=12, seed=3, batch_size=5, kid_subsets=5, progress=False)
     assert torch.equal(torch.get_rng_state(), state)
-    assert again.generated == result.generated and again.real_held_out == result.real_held_out
+    assert again.generated == result.generated and again.real_held_out == result.real_held_out  # bars change nothing
+    assert capsys.readouterr().err == ""  # progress=False: no bar
 
 
 def test_nfe_per_sample_reads_the_lab():
@@ -306,14 +308,23 @@ def test_nfe_per_sample_reads_the_lab():
     assert nfe_per_sample(Diffusionish(), {"steps": 20, "guidance": 1.0}) == 20
 
 
-def test_eval_command_writes_eval_json(smoke_setup, capsys):
+def test_eval_command_writes_eval_json(smoke_setup, capsys, monkeypatch):
+    import lab_utils.progress
+
+    monkeypatch.setattr(lab_utils.progress, "LOG_INTERVAL", 1e9)  # a log's lines as bars start and end, none between
     run_dir, _, cache, evaluator = smoke_setup
     cfg = compose([f"run={run_dir}", "eval.num_samples=8", "eval.batch_size=4", "eval.evaluator_preset=smoke",
                    f"eval.cache_dir={cache}", "eval.kid_subsets=3", "eval.device=cpu",
                    "+eval.sample_options.scale=0.5"], config_name="eval", check=False)
     result = eval_command_main(cfg)
-    line = capsys.readouterr().out.splitlines()[0]
+    printed = capsys.readouterr()
+    line = printed.out.splitlines()[0]
     assert line.startswith("tiny step 8 on shapes (n=8): FID ") and "(real " in line and "NFE 1" in line
+    # the phases' bars on stderr (outside a terminal: a line as each starts and one as it ends)
+    bars = [line for line in printed.err.splitlines() if line.startswith("eval tiny: ")]
+    assert any(line.startswith("eval tiny: sample: 8/8 img (100%)") for line in bars), printed.err
+    assert any(line.startswith("eval tiny: features and metrics: 3/3 set (100%)") for line in bars), printed.err
+    assert len(bars) == 4, bars  # two bars, two lines each: not a line per batch
     saved = json.loads((run_dir / "eval.json").read_text())
     assert saved == json.loads(json.dumps(result))
     assert {"model", "data", "step", "num_samples", "seed", "sample_options", "nfe_per_sample",
@@ -325,6 +336,16 @@ def test_eval_command_writes_eval_json(smoke_setup, capsys):
     assert saved["evaluator"]["key"] == evaluator.key and saved["step"] == 8 and saved["num_samples"] == 8
     assert saved["sample_options"] == {"scale": 0.5}
     assert saved["sample_precision"] == "fp32" and saved["fid_guidance"] is None  # a CPU run; no sweep asked for
+
+
+def test_eval_progress_false_prints_no_bar(smoke_setup, tmp_path, capsys):
+    run_dir, _, cache, _ = smoke_setup
+    cfg = compose([f"run={run_dir}", "eval.num_samples=8", "eval.batch_size=4", "eval.evaluator_preset=smoke",
+                   f"eval.cache_dir={cache}", "eval.kid_subsets=3", "eval.device=cpu", "eval.progress=false",
+                   f"out={tmp_path / 'eval.json'}"], config_name="eval", check=False)
+    eval_command_main(cfg)
+    printed = capsys.readouterr()
+    assert printed.out.startswith("tiny step 8") and "eval tiny" not in printed.err
 
 
 def test_eval_config_errors_are_clear(smoke_setup):

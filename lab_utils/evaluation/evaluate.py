@@ -31,6 +31,7 @@ from torch import nn
 
 from lab_utils.checkpoint import first_line
 from lab_utils.config import ConfigError
+from lab_utils.progress import progress_bar
 from lab_utils.schema import typed_section
 from lab_utils.evaluation.cache import evaluator_from_run, get_evaluator
 from labs.evaluator import Evaluator, quantize, real_images
@@ -70,6 +71,7 @@ class EvalConfig:
     evaluator_run: Optional[str] = None  # use this evaluator run directory instead of the cache
     train_evaluator: bool = True  # train the evaluator when it is not cached (else: error)
     cache_dir: Optional[str] = None  # null: $GENLAB_CACHE/evaluators or ~/.cache/genlab/evaluators
+    progress: bool = True  # progress bars on stderr (sampling, features; lab_utils.progress), widgets in Jupyter
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "batch_size", "kid_subset_size", "kid_subsets", "pr_k", "is_splits"):
@@ -227,11 +229,14 @@ def evaluate_lab(
     step: Optional[int] = None,
     precision: str = "fp32",
     fid_guidance: Optional[list[float]] = None,
+    progress: bool = True,
 ) -> EvalResult:
     """Generate ``num_samples`` images from real test prompts and compare them, and real test images,
     with ``num_samples`` real training images (see the module docstring). The lab samples (and
     reconstructs) under the autocast of ``precision``, an effective precision (``devices.sampling_precision``).
-    ``fid_guidance``: FID again at each of these guidance scales (a lab whose sampling takes ``guidance``)."""
+    ``fid_guidance``: FID again at each of these guidance scales (a lab whose sampling takes ``guidance``).
+    ``progress``: a bar while the images are sampled and one while the sets are embedded and scored
+    (``lab_utils.progress``: a widget in Jupyter, a bar in a terminal, a line now and then in a log)."""
     from lab_utils.data import build_dataset
 
     started = time.perf_counter()
@@ -244,6 +249,7 @@ def evaluate_lab(
     attributes = list(train_set.attributes)
     if list(evaluator.attributes) != attributes:
         raise ValueError(f"the evaluator classifies {list(evaluator.attributes)}, the dataset has {attributes}")
+    name = model_name or getattr(getattr(lab, "config", None), "name", None) or type(lab).__name__  # a Lab's config
 
     # (1) the real sets, quantised exactly like generated images
     reference_idx = choose_items(num_samples, len(train_set), seed)
@@ -259,7 +265,7 @@ def evaluate_lab(
     lab.eval()
     try:
         generated_images, seconds_per_image = generate(lab, prompts, seed, batch_size, sample_options, device,
-                                                       precision)
+                                                       precision, progress, f"eval {name}: sample")
     finally:
         lab.train(was_training)
     if generated_images.shape[1:] != test_images.shape[1:]:
@@ -267,17 +273,21 @@ def evaluate_lab(
                          f"{tuple(test_images.shape[1:])}")
 
     # (3) embed every set once; every metric reads these features and logits
-    reference = evaluator.embed(reference_images, batch_size)
-    real = evaluator.embed(test_images, batch_size)
-    fake = evaluator.embed(generated_images, batch_size)
-    options = dict(attributes=attributes, seed=seed, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
-                   pr_k=pr_k, is_splits=is_splits)
-    generated_metrics = set_metrics(reference, fake, targets, held_out_mask, **options)
-    real_metrics = set_metrics(reference, real, targets, held_out_mask, **options)
+    with progress_bar(3, f"eval {name}: features and metrics", unit="set", enabled=progress) as bar:
+        reference = evaluator.embed(reference_images, batch_size)
+        bar.update()
+        real = evaluator.embed(test_images, batch_size)
+        bar.update()
+        fake = evaluator.embed(generated_images, batch_size)
+        options = dict(attributes=attributes, seed=seed, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
+                       pr_k=pr_k, is_splits=is_splits)
+        generated_metrics = set_metrics(reference, fake, targets, held_out_mask, **options)
+        real_metrics = set_metrics(reference, real, targets, held_out_mask, **options)
+        bar.update()
     sweep = None
     if fid_guidance:
         sweep = fid_over_guidance(lab, prompts, seed, batch_size, sample_options, device, precision, fid_guidance,
-                                  reference, evaluator, targets, generated_metrics)
+                                  reference, evaluator, targets, generated_metrics, progress, f"eval {name}: sample")
 
     reconstruction = None
     if callable(getattr(lab, "reconstruct", None)):
@@ -286,16 +296,20 @@ def evaluate_lab(
 
     inception_result = None
     if inception is not None:
-        inc_reference = inception.embed(reference_images)
+        with progress_bar(3, f"eval {name}: Inception features", unit="set", enabled=progress) as bar:
+            embedded = []
+            for images in (reference_images, generated_images, test_images):
+                embedded.append(inception.embed(images))
+                bar.update()
+        inc_reference, inc_generated, inc_real = embedded
         inception_result = {
             "weights": inception.path,
-            "generated": inception_metrics(inc_reference, inception.embed(generated_images), seed,
-                                           kid_subset_size, kid_subsets, is_splits),
-            "real_held_out": inception_metrics(inc_reference, inception.embed(test_images), seed,
-                                               kid_subset_size, kid_subsets, is_splits),
+            "generated": inception_metrics(inc_reference, inc_generated, seed, kid_subset_size, kid_subsets,
+                                           is_splits),
+            "real_held_out": inception_metrics(inc_reference, inc_real, seed, kid_subset_size, kid_subsets,
+                                               is_splits),
         }
 
-    name = model_name or getattr(getattr(lab, "cfg", None), "name", None) or type(lab).__name__
     return EvalResult(
         model=str(name), data=str(train_set.name), step=step, num_samples=num_samples, seed=seed,
         sample_options=sample_options, nfe_per_sample=nfe_per_sample(lab, sample_options),
@@ -342,15 +356,16 @@ def evaluate_run(run_dir: str | Path | None, eval_cfg: Any = None, pretrained: s
     if cfg.evaluator_run:
         evaluator = evaluator_from_run(cfg.evaluator_run, device=device)
     else:
-        evaluator = get_evaluator(loaded.cfg.data, cfg.evaluator_overrides, cfg.evaluator_preset, cfg.cache_dir,
-                                  device, train_if_missing=cfg.train_evaluator)
+        quiet = [] if cfg.progress else ["trainer.progress=false"]  # an evaluator trained here shows no bar either
+        evaluator = get_evaluator(loaded.cfg.data, [*cfg.evaluator_overrides, *quiet], cfg.evaluator_preset,
+                                  cfg.cache_dir, device, train_if_missing=cfg.train_evaluator)
     inception = InceptionFeatures(cfg.inception_weights).to(device) if cfg.features == "inception" else None
     result = evaluate_lab(
         loaded.lab, loaded.cfg.data, evaluator, cfg.num_samples, cfg.seed, cfg.batch_size, cfg.sample_options,
         device, kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets, pr_k=cfg.pr_k,
         is_splits=cfg.is_splits, held_out_fraction=cfg.held_out_fraction, inception=inception,
         model_name=loaded.cfg.model.get("name"), step=int(loaded.state["trainer"]["step"]),
-        precision=precision, fid_guidance=cfg.fid_guidance,
+        precision=precision, fid_guidance=cfg.fid_guidance, progress=cfg.progress,
     )
     result.run_dir, result.checkpoint = (str(run_path) if pretrained is None else None), str(loaded.path)
     out = result.to_dict()

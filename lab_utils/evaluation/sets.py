@@ -15,6 +15,7 @@ from torch import nn
 
 from lab_utils.config import ConfigError
 from lab_utils.devices import autocast_for
+from lab_utils.progress import progress_bar
 from labs.evaluator import Evaluator, EvaluatorOutput, dequantize, joint_log_probs, predict_from_logits, quantize
 from lab_utils.evaluation.metrics import fid, inception_score, kid, precision_recall, prompt_alignment, psnr
 
@@ -63,22 +64,27 @@ def check_sample_options(lab: nn.Module, sample_options: dict[str, Any]) -> dict
 
 @torch.no_grad()
 def generate(lab: nn.Module, prompts: list[str], seed: int, batch_size: int, sample_options: dict[str, Any],
-             device: torch.device, precision: str = "fp32") -> tuple[torch.Tensor, float]:
+             device: torch.device, precision: str = "fp32", progress: bool = False,
+             desc: str = "sample") -> tuple[torch.Tensor, float]:
     """uint8 images (N, C, H, W) for ``prompts`` (batch b seeded with ``seed + b``) and seconds per image, sampled
-    under the autocast of ``precision`` (an effective one: ``lab_utils.devices.sampling_precision``)."""
+    under the autocast of ``precision`` (an effective one: ``lab_utils.devices.sampling_precision``). ``progress``:
+    a bar named ``desc`` over the images, moved on after each batch (the images and their timing are the same)."""
     images, seconds = [], 0.0
-    for index, start in enumerate(range(0, len(prompts), batch_size)):
-        batch = prompts[start:start + batch_size]
-        generator = torch.Generator(device=device).manual_seed(seed + index)
-        started = time.perf_counter()
-        with autocast_for(precision, device):
-            out = lab.sample(batch, generator=generator, **sample_options)  # (B, C, H, W) in [-1, 1]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - started
-        if out.ndim != 4 or len(out) != len(batch):
-            raise ValueError(f"{type(lab).__name__}.sample returned shape {tuple(out.shape)} for {len(batch)} prompts")
-        images.append(quantize(out).cpu())  # clamped and quantised like the real images
+    with progress_bar(len(prompts), desc, unit="img", enabled=progress) as bar:
+        for index, start in enumerate(range(0, len(prompts), batch_size)):
+            batch = prompts[start:start + batch_size]
+            generator = torch.Generator(device=device).manual_seed(seed + index)
+            started = time.perf_counter()
+            with autocast_for(precision, device):
+                out = lab.sample(batch, generator=generator, **sample_options)  # (B, C, H, W) in [-1, 1]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - started
+            if out.ndim != 4 or len(out) != len(batch):
+                raise ValueError(f"{type(lab).__name__}.sample returned shape {tuple(out.shape)} for {len(batch)} "
+                                 "prompts")
+            images.append(quantize(out).cpu())  # clamped and quantised like the real images
+            bar.update(len(batch))
     return torch.cat(images), seconds / max(len(prompts), 1)
 
 
@@ -90,7 +96,8 @@ def takes_guidance(lab: Any) -> bool:
 
 def fid_over_guidance(lab: nn.Module, prompts: list[str], seed: int, batch_size: int, sample_options: dict[str, Any],
                       device: torch.device, precision: str, scales: list[float], reference: EvaluatorOutput,
-                      evaluator: Evaluator, targets: torch.Tensor, evaluated: dict[str, Any]) -> dict[str, Any]:
+                      evaluator: Evaluator, targets: torch.Tensor, evaluated: dict[str, Any], progress: bool = False,
+                      desc: str = "sample") -> dict[str, Any]:
     r"""FID of the generated set at each guidance scale $w$ of ``scales`` (the same prompts, seeds and other
     options), with its all-attributes alignment, and the $w$ of the lowest FID.
 
@@ -98,7 +105,8 @@ def fid_over_guidance(lab: nn.Module, prompts: list[str], seed: int, batch_size:
     2022), trades diversity for fidelity to the prompt: they find FID lowest at a small guidance (0.1-0.3 in
     their $1 + w$ convention, 1.1-1.3 here) while the samples' fidelity to the class keeps rising with it. So FID
     is reported at the $w$ that minimises it, alignment at the model's own. ``evaluated``: the metrics at the
-    evaluated options, reused for the scale they were sampled at."""
+    evaluated options, reused for the scale they were sampled at. ``progress``: a bar per scale sampled, ``desc`` and
+    the scale."""
     current = float(sample_options.get("guidance", lab.sampling_defaults().get("guidance", math.nan)))
     fids, alignments = [], []
     for w in scales:
@@ -106,7 +114,7 @@ def fid_over_guidance(lab: nn.Module, prompts: list[str], seed: int, batch_size:
             metrics = evaluated
         else:
             images, _ = generate(lab, prompts, seed, batch_size, {**sample_options, "guidance": float(w)}, device,
-                                 precision)
+                                 precision, progress, f"{desc} (w={float(w):g})")
             fake = evaluator.embed(images, batch_size)
             metrics = {"fid": fid(reference.features, fake.features),
                        "alignment": prompt_alignment(predict_from_logits(fake.logits), targets)}
