@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 BEGIN_MARKER = "# BEGIN SOLUTION"
@@ -132,8 +133,15 @@ STUDENT_START = """# genlab: the student notebooks
 
 These are the lab's notebooks with every exercise left for you to write (`raise NotImplementedError`).
 
-1. Install the lab (Python 3.10+): `pip install {wheel}` (the wheel in this folder) in a fresh virtual environment
-   (or, from a clone of the repository, `make install`).
+1. Install the lab and Jupyter (Python 3.10+) in a fresh virtual environment, in this folder:
+
+       python3 -m venv .venv
+       source .venv/bin/activate          (Windows: .venv\\Scripts\\activate)
+       pip install "{wheel}[notebooks]"
+
+   `[notebooks]` adds JupyterLab, its Python kernel and the widgets the progress bars use to the lab itself
+   (PyTorch comes with it: a large download the first time). From a clone of the repository instead:
+   `pip install -e ".[notebooks]"`.
 2. Start Jupyter in this folder: `jupyter lab notebooks/`, and open `00_setup_data_and_text.ipynb`.
 3. Fill in each exercise cell and run the check below it: it prints one line (a tick, or what differed and a
    hint; run it again after a wrong try for a fuller hint). Until your answer passes, the notebook goes on with
@@ -145,7 +153,16 @@ and reads each check's result: what the check finds, not what a cell prints.
 """
 
 
-def make_release(src_dir: str | Path, out_dir: str | Path, wheel: str = "genlab-*.whl") -> list[Path]:
+def wheel_name() -> str:
+    """The file name of this version's wheel, as `make notebooks` puts it in the release folder (START_HERE.md names
+    the file: a shell does not expand ``genlab-*.whl[notebooks]``)."""
+    try:
+        return f"genlab-{version('genlab')}-py3-none-any.whl"
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "genlab-<version>-py3-none-any.whl"
+
+
+def make_release(src_dir: str | Path, out_dir: str | Path, wheel: str | None = None) -> list[Path]:
     """The folder an instructor hands out: ``out_dir/notebooks/`` (the student versions), ``START_HERE.md``; no
     solutions. ``out_dir`` is replaced only once every notebook has been converted."""
     import shutil
@@ -157,7 +174,7 @@ def make_release(src_dir: str | Path, out_dir: str | Path, wheel: str = "genlab-
     for path in written:
         if BEGIN_MARKER in path.read_text(encoding="utf-8"):
             raise ValueError(f"{path.name}: a solution marker is left in the student version")
-    (staging / "START_HERE.md").write_text(STUDENT_START.format(wheel=wheel), encoding="utf-8")
+    (staging / "START_HERE.md").write_text(STUDENT_START.format(wheel=wheel or wheel_name()), encoding="utf-8")
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return sorted(out_dir.rglob("*.*"))

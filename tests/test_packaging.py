@@ -154,3 +154,13 @@ def test_build_requirement_and_licence():
     assert PROJECT["license-files"] == ["LICENSE"]
     text = (REPO / "LICENSE").read_text()
     assert text.startswith("MIT License") and "Copyright (c) 2026 the genlab authors" in text
+
+
+def test_start_here_installs_the_wheel_with_the_notebooks_extra():
+    """START_HERE.md names the wheel file `make notebooks` puts beside it (a shell does not expand
+    ``genlab-*.whl[notebooks]``) with the extra that brings Jupyter; tests/test_student_install.py runs that line."""
+    from lab_utils.notebooks import STUDENT_START, wheel_name
+
+    text = STUDENT_START.format(wheel=wheel_name())
+    assert f'pip install "genlab-{PROJECT["version"]}-py3-none-any.whl[notebooks]"' in text
+    assert "jupyter lab notebooks/" in text
