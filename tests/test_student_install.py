@@ -83,15 +83,24 @@ def install_line(start_here: str) -> list[str]:
     return shlex.split(lines[0])
 
 
-def test_the_handout_installs_and_a_student_notebook_runs(tmp_path):
+@pytest.fixture
+def venv(tmp_path):
+    """Where the student's virtual environment goes (in the release folder, as START_HERE.md says); removed after
+    the test: ~6 GB with PyTorch, and pytest keeps its last three temporary folders."""
+    path = tmp_path / "release" / ".venv"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_the_handout_installs_and_a_student_notebook_runs(tmp_path, venv):
     release = build_release(tmp_path)
     wheels = sorted(path.name for path in release.glob("*.whl"))
+    assert len(wheels) == 1, wheels
     start_here = (release / "START_HERE.md").read_text(encoding="utf-8")
     command = install_line(start_here)
     assert command[2] == f"{wheels[0]}[notebooks]", f"START_HERE.md names {command[2]}; the folder has {wheels}"
 
     # 1. a fresh virtual environment in the release folder, and START_HERE.md's install line in it
-    venv = release / ".venv"
     run([sys.executable, "-m", "venv", str(venv)], timeout=120)
     bin_dir = venv / "bin"
     env = student_environment(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", VIRTUAL_ENV=str(venv))
