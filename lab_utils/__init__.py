@@ -53,6 +53,8 @@ LAYERS: dict[str, str] = {
     "lab_utils.bench": "applications",
     "lab_utils.notebooks": "applications",
     "lab_utils.grading": "applications",
+    "lab_utils.grade_runner": "applications",
+    "lab_utils.sandbox": "applications",
     "lab_utils.zoo": "applications",
     "lab_utils.serve": "applications",
     "genlab": "applications",

@@ -17,13 +17,15 @@ recursively and print **one line**: a pass, or what differed (which case, which 
 shapes, the largest error) and a hint. A stub that still raises ``NotImplementedError``
 gets "not implemented yet". The check returns ``True``/``False``.
 
-**Graded and hard to fool.** A topic check is declared with :func:`graded` (``@graded("attention")``):
-only while it runs does a result count, and then it is also appended as a signed line to the record file
-named by ``GENLAB_GRADE_RECORD`` (``genlab grade`` sets it, with a one-time key in ``GENLAB_GRADE_KEY``
-that this module reads at import and removes from the environment). A printed tick, a hand-written
-record or a generic ``check_function`` call writes no record. While the student's code runs, the
-reference it is compared with (and whatever ``forbid=`` names) is replaced by a function that raises,
-so an answer that just calls the reference fails with a message that says so.
+**Graded where the student's code cannot decide.** A topic check is declared with :func:`graded`
+(``@graded("attention")``). In a student's Jupyter it runs as above and prints its line: that is feedback, and
+nothing it prints or returns is a grade. ``genlab grade`` (``lab_utils.grading``) runs the same checks in two
+halves: inside a sandbox, on inputs drawn for that run (:func:`case_seed`), a check only *observes* what the
+student's code returns (``_MODE`` "observe", :class:`Observation`); the grader, in its own process, takes the
+check's :class:`CheckSpec` (reference, cases, tolerances, hints: :func:`check_spec`) and :func:`judge` compares the
+observed outputs with the reference outputs it computes itself. While the student's code runs, the reference it is
+compared with (and whatever ``forbid=`` names) is replaced by a function that raises, so an answer that just calls
+the reference fails with a message that says so (the grader's sandbox adds a guard that catches it under any name).
 
 **Hints in two steps.** A :class:`Hint` has the idea (shown after the first wrong try) and a fuller
 hint (shown from the second on); a recognised mistake gets its own message at once.
@@ -49,9 +51,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import hashlib
-import hmac
-import json
 import math
 import numbers
 import os
@@ -69,22 +68,23 @@ __all__ = [
     "CheckResult",
     "ExerciseFailed",
     "Hint",
-    "Record",
+    "CheckSpec",
+    "Observation",
+    "case_seed",
     "check_function",
     "check_module",
+    "check_spec",
     "check_value",
     "compare",
     "graded",
-    "read_records",
+    "judge",
+    "observe",
     "smoke_mode",
     "strict_mode",
 ]
 
 _TRUTHY = {"1", "true", "yes", "on"}
 NOT_IMPLEMENTED = "not implemented yet — fill in the cell above and run this check again"
-RECORD_ENV = "GENLAB_GRADE_RECORD"  # the file graded checks append their results to
-KEY_ENV = "GENLAB_GRADE_KEY"  # the key that signs them (read once, below, and removed from the environment)
-_GRADE_KEY = os.environ.pop(KEY_ENV, "").encode()
 REFERENCE_CALLED = "genlab: the reference was called: "  # the message of the stand-in that raises
 
 
@@ -320,17 +320,8 @@ class CheckResult:
         return self.fallback
 
 
-@dataclass(frozen=True)
-class Record:
-    """One graded check's result as ``genlab grade`` reads it from the record file."""
-
-    exercise: str
-    passed: bool
-    detail: str
-    sequence: int
-
-
 _GRADED: list[str] = []  # the graded checks running now (innermost last)
+_ANSWERS: dict[str, Any] = {}  # exercise -> what the notebook last gave its check (the grader observes that)
 _SEQUENCE = [0]
 FORBIDDEN: dict[str, tuple] = {}  # exercise id -> what its check forbids the student to call (read by the tests)
 
@@ -340,41 +331,197 @@ def _note_forbidden(forbid: Sequence[Any]) -> None:
         FORBIDDEN[_GRADED[-1]] = tuple(dict.fromkeys(FORBIDDEN.get(_GRADED[-1], ()) + tuple(forbid)))
 
 
-def _signature(key: bytes, payload: dict) -> str:
-    return hmac.new(key, json.dumps(payload, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+# --------------------------------------------------------------------------- grading: spec, observation, judgement
+
+_MODE = ["feedback"]  # "feedback" (a notebook), "spec" (the grader learns a check), "observe" (the grader's sandbox)
+_DRAW = [0]  # 0: the notebook's fixed inputs; else the grading run's draw (case_seed)
+_OBSERVED: list["Observation"] = []  # what checks observed in "observe" mode (read by the grader's sandbox)
 
 
-def _write_record(exercise: str, passed: bool, detail: str) -> None:
-    path = os.environ.get(RECORD_ENV)
-    if not path or not _GRADE_KEY:
+def case_seed(base: int) -> int:
+    """The seed of a check's inputs: ``base`` in a notebook (the same inputs every time, so hints are stable); in a
+    grading run a seed mixed with that run's draw, so the inputs are new for every run and an answer cannot be a
+    table of outputs recorded at home."""
+    draw = _DRAW[0]
+    return base if draw == 0 else (base * 1_000_003 + draw) % (2**62)
+
+
+@dataclass
+class CheckSpec:
+    """What a graded check compares, without the student's code: what the grader needs to judge an observation."""
+
+    exercise: str
+    name: str
+    kind: str  # "function" or "module"
+    reference: Any
+    cases: list[Case]
+    init: Case | None
+    atol: float
+    rtol: float
+    seed: int | None
+    hint: Hint | str
+    known_mistakes: Sequence[tuple[Callable, str]]
+    forbid: tuple
+
+
+@dataclass
+class Observation:
+    """What the student's code returned on a check's cases, in order, and what stopped it (if anything):
+    ``not_implemented``, or ``error`` (its message) at case ``len(outputs)``."""
+
+    exercise: str
+    outputs: list = field(default_factory=list)
+    error: str | None = None
+    not_implemented: bool = False
+    reference_called: str | None = None
+
+
+class _SpecCaptured(Exception):
+    def __init__(self, spec: CheckSpec):
+        super().__init__(spec.name)
+        self.spec = spec
+
+
+def _unwritten(*args: Any, **kwargs: Any) -> Any:
+    raise NotImplementedError
+
+
+def check_spec(check: Callable[..., Any], draw: int = 0) -> CheckSpec:
+    """The :class:`CheckSpec` of a :func:`graded` check on the inputs of ``draw`` (0: the notebook's): the check is
+    called with a stand-in answer and stops where it would run it."""
+    mode, previous = _MODE[0], _DRAW[0]
+    _MODE[0], _DRAW[0] = "spec", draw
+    try:
+        check(_unwritten)
+    except _SpecCaptured as captured:
+        return captured.spec
+    finally:
+        _MODE[0], _DRAW[0] = mode, previous
+    raise TypeError(f"{getattr(check, '__name__', check)!r} is not a graded check (it never compared anything)")
+
+
+def observe(check: Callable[..., Any], answer: Any, draw: int = 0) -> list[Observation]:
+    """What a :func:`graded` check observes of ``answer`` on the inputs of ``draw``, without judging it (the half of a
+    check that runs in the grader's sandbox; :func:`judge` is the other half)."""
+    mode, previous = _MODE[0], _DRAW[0]
+    _MODE[0], _DRAW[0] = "observe", draw
+    start = len(_OBSERVED)
+    try:
+        check(answer)
+    finally:
+        _MODE[0], _DRAW[0] = mode, previous
+    observed = _OBSERVED[start:]
+    del _OBSERVED[start:]
+    return observed
+
+
+def _spec(kind: str, name: str, reference: Any, cases: Sequence[Case], init: Case | None, atol: float, rtol: float,
+          seed: int | None, hint: Hint | str, known_mistakes: Sequence[tuple[Callable, str]], forbid: tuple) -> None:
+    exercise = _GRADED[-1] if _GRADED else name
+    raise _SpecCaptured(CheckSpec(exercise, name, kind, reference, list(cases), init, atol, rtol, seed, hint,
+                                  tuple(known_mistakes), tuple(forbid)))
+
+
+def _observe_function(student_fn: Callable, cases: Sequence[Case], seed: int | None) -> None:
+    """"observe" mode: the student's outputs on every case (the reference is not run: the grader runs it)."""
+    observation = Observation(_GRADED[-1] if _GRADED else "")
+    _OBSERVED.append(observation)
+    if not callable(student_fn):
+        observation.error = f"expected a function, got {_type_name(student_fn)}"
         return
-    _SEQUENCE[0] += 1
-    payload = {"exercise": exercise, "passed": passed, "detail": detail, "sequence": _SEQUENCE[0]}
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({**payload, "signature": _signature(_GRADE_KEY, payload)}) + "\n")
-
-
-def read_records(path: str | Path, key: str) -> tuple[list[Record], int]:
-    """The records in ``path`` signed with ``key``, and how many lines were not (forged or garbled)."""
-    records, rejected = [], 0
-    file = Path(path)
-    if not file.exists():
-        return records, rejected
-    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+    for index, case in enumerate(cases):
         try:
-            entry = json.loads(line)
-            signature = entry.pop("signature")
-            valid = hmac.compare_digest(str(signature), _signature(key.encode(), entry))
-            record = Record(str(entry["exercise"]), entry["passed"] is True, str(entry["detail"]),
-                            int(entry["sequence"]))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            rejected += 1
-            continue
-        if valid:
-            records.append(record)
-        else:
-            rejected += 1
-    return records, rejected
+            observation.outputs.append(_call(student_fn, case, seed))
+        except NotImplementedError:
+            observation.not_implemented = True
+            return
+        except Exception as err:  # noqa: BLE001 - any student error is an observation
+            message, called = _student_error(err, case.describe(index, len(cases)))
+            observation.error = message
+            if called:
+                observation.reference_called = message
+            return
+
+
+def _observe_module(student_cls: Callable[..., nn.Module], reference_cls: Callable[..., nn.Module], init: Case,
+                    cases: Sequence[Case], seed: int | None) -> None:
+    """"observe" mode for a layer: build it, give it the reference's weights, its outputs on every case."""
+    observation = Observation(_GRADED[-1] if _GRADED else "")
+    _OBSERVED.append(observation)
+    try:
+        student = _call(student_cls, init, seed)
+    except NotImplementedError:
+        observation.not_implemented = True
+        return
+    except Exception as err:  # noqa: BLE001
+        observation.error = f"building the layer raised {type(err).__name__}: {err}"
+        return
+    if not isinstance(student, nn.Module):
+        observation.error = f"expected an nn.Module, got {_type_name(student)}"
+        return
+    problem = _load_reference_weights(student.eval(), _call(reference_cls, init, seed).eval())
+    if problem:
+        observation.error = problem
+        return
+    for index, case in enumerate(cases):
+        try:
+            with torch.no_grad():
+                observation.outputs.append(_call(student, case, seed))
+        except NotImplementedError:
+            observation.not_implemented = True
+            return
+        except Exception as err:  # noqa: BLE001
+            observation.error, called = _student_error(err, case.describe(index, len(cases)))
+            if called:
+                observation.reference_called = observation.error
+            return
+
+
+def _load_reference_weights(student: nn.Module, reference: nn.Module) -> str | None:
+    """Load the reference layer's weights into the student's; what differed in their names or shapes, if anything."""
+    ref_state, stu_state = reference.state_dict(), student.state_dict()
+    missing = [key for key in ref_state if key not in stu_state]
+    extra = [key for key in stu_state if key not in ref_state]
+    if missing or extra:
+        return f"parameter names differ — missing {missing}, unexpected {extra}"
+    for key, value in ref_state.items():
+        if _shape(stu_state[key]) != _shape(value):
+            return f"parameter `{key}`: shape {_shape(stu_state[key])}, expected {_shape(value)}"
+    student.load_state_dict(ref_state)
+    return None
+
+
+def judge(spec: CheckSpec, observation: Observation | None) -> tuple[bool, str]:
+    """The grader's verdict on an observation: it runs the reference itself on the same cases and compares, case by
+    case, as the check does in a notebook (with the same tolerances and known-mistake hints)."""
+    if observation is None:
+        return False, "its check did not run"
+    if observation.reference_called:
+        return False, observation.reference_called
+    hint = spec.hint.for_attempt(2) if isinstance(spec.hint, Hint) else spec.hint
+    total = len(spec.cases)
+    reference = spec.reference
+    if spec.kind == "module":
+        reference = _call(spec.reference, spec.init, spec.seed).eval()
+    for index, case in enumerate(spec.cases):
+        where = case.describe(index, total)
+        if index >= len(observation.outputs):
+            if observation.not_implemented:
+                return False, NOT_IMPLEMENTED
+            if observation.error:
+                return False, observation.error + (f" — hint: {hint}" if hint else "")
+            return False, f"{where}: no output (the check did not finish)"
+        with torch.no_grad() if spec.kind == "module" else contextlib.nullcontext():
+            expected = _call(reference, case, spec.seed)
+        got = observation.outputs[index]
+        message = compare(got, expected, atol=spec.atol, rtol=spec.rtol)
+        if message:
+            specific = _diagnose(got, case, spec.known_mistakes, spec.seed, spec.atol, spec.rtol)
+            text = specific or hint
+            return False, f"{where}: {message}" + (f" — hint: {text}" if text else "")
+    if observation.not_implemented or observation.error:
+        return False, observation.error or NOT_IMPLEMENTED
+    return True, f"passed ({total} case{'s' if total != 1 else ''})"
 
 
 def graded(exercise: str) -> Callable[[Callable[..., CheckResult]], Callable[..., CheckResult]]:
@@ -384,6 +531,8 @@ def graded(exercise: str) -> Callable[[Callable[..., CheckResult]], Callable[...
     def decorate(check: Callable[..., CheckResult]) -> Callable[..., CheckResult]:
         @functools.wraps(check)
         def run(*args: Any, **kwargs: Any) -> CheckResult:
+            if _MODE[0] == "feedback" and args:
+                _ANSWERS[exercise] = args[0]  # before `.pick` may rebind the student's name to the lab's version
             _GRADED.append(exercise)
             try:
                 return check(*args, **kwargs)
@@ -510,10 +659,7 @@ def _call(fn: Callable, case: Case, seed: int | None) -> Any:
 
 
 def _report(name: str, ok: bool, detail: str, hint: Hint | str = "", fallback: Any = None) -> CheckResult:
-    """Print the check's one line, write its grading record (inside a :func:`graded` check), and in strict mode
-    raise on a failure."""
-    if _GRADED:
-        _write_record(_GRADED[-1], ok, detail)
+    """Print the check's one line and in strict mode raise on a failure."""
     if ok:
         print(f"✅ {name}: {detail}")
         return CheckResult(name, True, detail, fallback)
@@ -580,6 +726,11 @@ def check_function(
     forbid = (reference_fn,) if forbid is None else tuple(forbid)
     fallback = reference_fn if fallback is None else fallback
     _note_forbidden(forbid)
+    if _MODE[0] == "spec":
+        _spec("function", name, reference_fn, cases, None, atol, rtol, seed, hint, known_mistakes, forbid)
+    if _MODE[0] == "observe":
+        _observe_function(student_fn, cases, seed)
+        return CheckResult(name, False, "observed", fallback)
     if not callable(student_fn):
         return _report(name, False, f"expected a function, got {_type_name(student_fn)}", hint, fallback)
     if not cases:
@@ -636,6 +787,11 @@ def check_module(
     """
     forbid = (reference_cls,) if forbid is None else tuple(forbid)
     _note_forbidden(forbid)
+    if _MODE[0] == "spec":
+        _spec("module", name, reference_cls, cases, init, atol, rtol, seed, hint, (), forbid)
+    if _MODE[0] == "observe":
+        _observe_module(student_cls, reference_cls, init, cases, seed)
+        return CheckResult(name, False, "observed", reference_cls)
 
     def build(cls: Callable[..., nn.Module]) -> nn.Module:
         return _call(cls, init, seed)
@@ -654,15 +810,9 @@ def check_module(
         return fail(f"expected an nn.Module, got {_type_name(student)}")
     student.eval()
 
-    ref_state, stu_state = reference.state_dict(), student.state_dict()
-    missing = [key for key in ref_state if key not in stu_state]
-    extra = [key for key in stu_state if key not in ref_state]
-    if missing or extra:
-        return fail(f"parameter names differ — missing {missing}, unexpected {extra}")
-    for key, value in ref_state.items():
-        if _shape(stu_state[key]) != _shape(value):
-            return fail(f"parameter `{key}`: shape {_shape(stu_state[key])}, expected {_shape(value)}")
-    student.load_state_dict(ref_state)
+    problem = _load_reference_weights(student, reference)
+    if problem:
+        return fail(problem)
 
     total = len(cases)
     if not cases:

@@ -18,7 +18,7 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 import lab_utils.exercises as exercises
 import labs.gan.exercises as gan_exercises
-from lab_utils.exercises import CheckResult, Hint, read_records
+from lab_utils.exercises import CheckResult, Hint, check_spec, judge, observe
 from labs.gan import (
     ProjectionHead, bce_critic_loss, bce_generator_loss, critic_loss, gradient_penalty, hinge_critic_loss,
     hinge_generator_loss, interpolate, r1_penalty,
@@ -129,17 +129,24 @@ def test_the_notebook_gives_points_to_exactly_these_exercises():
     assert all(points in (1, 2) for points in meta["exercises"].values())
 
 
-def test_graded_checks_write_signed_records(tmp_path, monkeypatch, capsys):
-    record = tmp_path / "records.jsonl"
-    monkeypatch.setattr(exercises, "_GRADE_KEY", b"test-key")
-    monkeypatch.setenv(exercises.RECORD_ENV, str(record))
-    for check, answer, _ in CHECKS.values():
-        check(answer)
-    check_hinge_loss(lambda real, fake: (real.mean(), fake.mean()))
+def test_the_grader_judges_what_the_sandbox_observed_as_the_notebook_check_does(capsys):
+    """The two halves of a graded check (observe the answer, judge it against the reference computed apart) give the
+    notebook's verdict, on the notebook's inputs and on inputs drawn for a grading run."""
+    for draw in (0, 12345):
+        for check, answer, _ in CHECKS.values():
+            (observation,) = observe(check, answer, draw)
+            assert judge(check_spec(check, draw), observation) [0], check.exercise
+        wrong = lambda real, fake: (real.mean(), fake.mean())  # noqa: E731
+        (observation,) = observe(check_hinge_loss, wrong, draw)
+        passed, detail = judge(check_spec(check_hinge_loss, draw), observation)
+        assert not passed and "case 1/" in detail
     capsys.readouterr()
-    records, rejected = read_records(record, "test-key")
-    assert rejected == 0
-    assert [(r.exercise, r.passed) for r in records] == [(e, True) for e in CHECKS] + [("hinge_loss", False)]
+
+
+def test_a_grading_run_draws_new_inputs():
+    first, second = check_spec(check_hinge_loss, 0), check_spec(check_hinge_loss, 7)
+    assert not torch.equal(first.cases[0].args[0], second.cases[0].args[0])
+    assert torch.equal(check_spec(check_hinge_loss, 7).cases[0].args[0], second.cases[0].args[0])  # the draw decides
 
 
 # --------------------------------------------------------------------------- known mistakes, from scratch

@@ -35,9 +35,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Metric .* will save all extracte
 
 @pytest.fixture(autouse=True)
 def fresh_checks(monkeypatch):
-    """Lenient checks, no grading record, and a fresh count of failed tries (which hint is shown)."""
+    """Lenient checks and a fresh count of failed tries (which hint is shown)."""
     monkeypatch.delenv("GENLAB_STRICT_CHECKS", raising=False)
-    monkeypatch.delenv(exercises.RECORD_ENV, raising=False)
     monkeypatch.setattr(exercises, "_FAILURES", {})
 
 
@@ -309,20 +308,25 @@ def test_an_unwritten_answer_is_not_implemented_and_falls_back_to_the_labs(capsy
         assert "not implemented yet" in out and "uses the lab's version" in out
 
 
-def test_a_graded_check_writes_a_signed_record(tmp_path, monkeypatch, capsys):
-    record = tmp_path / "records.jsonl"
-    monkeypatch.setenv(exercises.RECORD_ENV, str(record))
-    monkeypatch.setattr(exercises, "_GRADE_KEY", b"a test key")
-    assert check_padded_batch(padded_from_scratch)
-    assert not check_precision_recall(lambda r, f, k=3: pr_from_scratch(r, f, k, swap=True))
-    assert check_inception_score(is_from_scratch)
+def test_the_judged_observation_matches_the_notebook_verdict(capsys):
+    for draw in (0, 99):
+        for check, answer, passes in ((check_padded_batch, padded_from_scratch, True),
+                                      (check_precision_recall,
+                                       lambda r, f, k=3: pr_from_scratch(r, f, k, swap=True), False),
+                                      (check_inception_score, is_from_scratch, True)):
+            (observation,) = exercises.observe(check, answer, draw)
+            passed, detail = exercises.judge(exercises.check_spec(check, draw), observation)
+            assert passed is passes, detail
+            if not passes:
+                assert "case 1/4" in detail
     capsys.readouterr()
-    records, rejected = exercises.read_records(record, "a test key")
-    assert rejected == 0
-    assert [(entry.exercise, entry.passed) for entry in records] == [
-        ("padded_batch", True), ("precision_recall", False), ("inception_score", True)]
-    assert "swapped" not in records[1].detail and "case 1/4" in records[1].detail  # the check's finding, no hint
-    assert exercises.read_records(record, "another key") == ([], 3), "a record is only valid with its run's key"
+
+
+def test_the_padding_helper_of_the_check_is_forbidden_too(capsys):
+    from labs.text_encoder import exercises as text_exercises
+
+    assert not check_padded_batch(lambda tokenizer, prompts: text_exercises._pad(tokenizer, prompts))
+    assert "calls the lab's" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- the cases and the lab's references

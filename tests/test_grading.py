@@ -1,9 +1,11 @@
-"""``genlab grade``: scores come from the graded checks' signed records, never from printed text.
+"""``genlab grade``: the verdict is decided in the grader, on what a sandboxed notebook's code returns.
 
-One ``genlab grade`` run over a folder of five small "students" (each a notebook with two graded exercises,
-attention from notebook 00 and the KL divergence from notebook 02) checks every case of the issue: full marks,
-no answers, printed ticks and forged records, one right and one wrong, an answer that calls the reference, points
-taken from the solutions folder rather than the student's copy, and the time limit.
+One ``genlab grade`` run over a folder of small "students" (each a notebook with two graded exercises, attention from
+notebook 00 and the KL divergence from notebook 02) checks honest answers and the attacks of issue 31: forged
+records and keys, a patched checker, the solutions read from disk, a path as notebook id, a background process, a
+kernel that rewrites the solutions or kills the grader, the reference reached under another name, a table of
+recorded outputs, the grading channel read early, a notebook handed in twice, files outside the submission, the
+grader's environment, and memory. Each scores 0 for what it targets; the honest answers score full.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lab_utils.exercises import read_records
+import shutil
+import time
 
 REPO = Path(__file__).resolve().parent.parent
 POINTS = {"attention": 2, "kl_divergence": 1}
@@ -75,79 +78,172 @@ STUDENTS = {
     "slow": notebook(IMPORTS, KL_RIGHT, "check_kl_divergence(kl)", "import time\ntime.sleep(60)",
                      ATTENTION_RIGHT + "check_attention(attention)"),
 }
-EXPECTED = {"full": 3, "empty": 0, "ticks": 0, "half": 2, "calls_reference": 1, "slow": 1}
+EXPECTED = {"full": 3, "empty": 0, "ticks": 0, "half": 2, "calls_reference": 1, "slow": 0}  # slow: the checks run after the notebook
+
+
+
+SECRET = "instructor-secret-value"
+SOLUTIONS = "SOLUTIONS_FOLDER"  # replaced by the solutions folder's path in the attacks that look for it
+OUTSIDE = "OUTSIDE_FILE"  # replaced by the path of a file outside the submission
+WRONG_ATTENTION = "def attention(q, k, v, mask=None):\n    return v * 0\n"
+ATTACKS = {
+    # records written by hand with the old internals, and forged observation files in the working folder
+    "write_record": [ATTENTION_STUB, KL_STUB, CHECKS,
+                     "import lab_utils.exercises as ex\nfor e in ('attention', 'kl_divergence'):\n"
+                     "    ex._write_record(e, True, '')"],
+    "forged_files": [ATTENTION_STUB, KL_STUB, CHECKS,
+                     "for i in range(4):\n    open(f'obs-{i}.bin', 'wb').write(b'garbage')\n"],
+    # a key from the module, the environment or /proc
+    "key": [ATTENTION_STUB, KL_STUB, CHECKS,
+            "import os, lab_utils.exercises as ex\nkey = getattr(ex, '_GRADE_KEY', b'') or os.environ.get("
+            "'GENLAB_GRADE_KEY', '')\nassert not key, key\nprint(open('/proc/self/environ').read())"],
+    # the checker monkeypatched, with wrong answers
+    "patched_compare": ["import lab_utils.exercises as ex\nex.compare = lambda *a, **k: None\n"
+                        "ex.judge = lambda *a, **k: (True, 'passed')", WRONG_ATTENTION, KL_WRONG, CHECKS],
+    "patched_check_function": ["import lab_utils.exercises as ex, labs.vae.exercises as vx, "
+                               "labs.text_encoder.exercises as tx\n"
+                               "stub = lambda *a, **k: ex.CheckResult('x', True, 'passed')\n"
+                               "for m in (ex, vx, tx):\n    m.check_function = stub\n    m.check_module = stub",
+                               ATTENTION_STUB, KL_STUB, CHECKS],
+    # the solution notebook read from disk and its cells executed
+    "reads_solutions": [ATTENTION_STUB, KL_STUB,
+                        "import json, glob\nfor path in glob.glob('SOLUTIONS_FOLDER/*.ipynb'):\n"
+                        "    for cell in json.load(open(path))['cells'][1:3]:\n        exec(''.join(cell['source']))",
+                        CHECKS],
+    # a background process in a session of its own: would outlive the notebook and rewrite a file outside
+    "background": [ATTENTION_STUB, KL_STUB, CHECKS,
+                   "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time, pathlib; "
+                   "time.sleep(4); pathlib.Path(\"OUTSIDE_FILE\").write_text(\"999\")'], start_new_session=True)"],
+    # the solutions' points rewritten by a kernel
+    "rewrites_solutions": [ATTENTION_STUB, KL_STUB, CHECKS,
+                           "import json\np = 'SOLUTIONS_FOLDER/graded_fixture.ipynb'\nnb = json.load(open(p))\n"
+                           "nb['metadata']['genlab']['exercises'] = {'attention': 0.001, 'kl_divergence': 0.001}\n"
+                           "json.dump(nb, open(p, 'w'))"],
+    # the grader killed
+    "kills_grader": [ATTENTION_RIGHT, KL_RIGHT, CHECKS, "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)"],
+    # the reference under other names
+    "sdpa_builtin": ["import torch\ndef attention(q, k, v, mask=None):\n"
+                     "    return torch._C._nn.scaled_dot_product_attention(q, k, v, attn_mask=mask)", KL_RIGHT, CHECKS],
+    "sdpa_ops": ["import torch\ndef attention(q, k, v, mask=None):\n"
+                 "    return torch.ops.aten.scaled_dot_product_attention.default(q, k, v, mask)", KL_RIGHT, CHECKS],
+    "code_copy": ["import types\nfrom labs.text_encoder import model\n"
+                  "f = model.scaled_dot_product_attention\n"
+                  "attention = types.FunctionType(f.__code__, f.__globals__, 'attention', f.__defaults__)", KL_RIGHT, CHECKS],
+    "source_reloaded": ["import importlib, labs.text_encoder.model as m\nfresh = importlib.reload(m)\n"
+                        "attention = fresh.scaled_dot_product_attention\n", KL_RIGHT, CHECKS],
+    "patch_during_check": ["import sys\ndef attention(q, k, v, mask=None):\n    sys.setprofile(None)\n"
+                           "    from labs.text_encoder.model import scaled_dot_product_attention as f\n"
+                           "    return f(q, k, v, mask)", KL_RIGHT, CHECKS],
+    # a table of the reference's outputs on the notebook's fixed inputs
+    "table": ["from labs.text_encoder.exercises import attention_cases\n"
+              "from labs.text_encoder.model import scaled_dot_product_attention as f\n"
+              "TABLE = [(c.args[0], f(*c.args, **c.kwargs)) for c in attention_cases()]\n"
+              "def attention(q, k, v, mask=None):\n"
+              "    return next(out for inp, out in TABLE if inp.shape == q.shape and torch.allclose(inp, q))",
+              KL_RIGHT, CHECKS],
+    # the draw read before the checks run
+    "reads_channel": [ATTENTION_RIGHT, KL_RIGHT, CHECKS,
+                      "import os\nfor fd in range(3, 64):\n    try:\n        os.read(fd, 64)\n"
+                      "    except OSError:\n        pass"],
+    # files outside, the grader's environment, memory
+    "outside": [ATTENTION_STUB, KL_STUB, CHECKS, "import os, pathlib\npathlib.Path('OUTSIDE_FILE').write_text('x')",
+                "assert 'GENLAB_TEST_SECRET' not in os.environ, 'the secret'", "x = bytearray(int(4.75 * 2**30))"],
+}
+EXPECTED_ATTACKS = {name: 0 for name in ATTACKS}
+EXPECTED_ATTACKS.update({"sdpa_builtin": 1, "sdpa_ops": 1, "code_copy": 1, "source_reloaded": 1,
+                         "patch_during_check": 1, "table": 1, "kills_grader": 3})
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
+                                 reason="bubblewrap (Debian: bubblewrap) is not installed: .ci/run installs it")
 
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory) -> dict:
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed")
     root = tmp_path_factory.mktemp("grade")
     solutions, submissions, out = root / "solutions", root / "submissions", root / "grades"
+    outside = root / "outside.txt"
+    outside.write_text("untouched")
     solutions.mkdir()
     nbformat.write(notebook(IMPORTS, ATTENTION_RIGHT, KL_RIGHT, CHECKS), solutions / "graded_fixture.ipynb")
-    for student, nb in STUDENTS.items():
+    solution_bytes = (solutions / "graded_fixture.ipynb").read_bytes()
+    students = dict(STUDENTS)
+    for name, cells in ATTACKS.items():
+        cells = [cell.replace(SOLUTIONS, str(solutions)).replace(OUTSIDE, str(outside)) for cell in cells]
+        students[name] = notebook(IMPORTS, *cells)
+    students["path_id"] = notebook(IMPORTS, ATTENTION_STUB, KL_STUB, CHECKS)
+    students["path_id"].metadata["genlab"]["notebook"] = str(root / "evil")
+    (root / "evil.ipynb").write_bytes(solution_bytes.replace(b'"attention": 2', b'"attention": 1000'))
+    for student, nb in students.items():
         (submissions / student).mkdir(parents=True)
         nbformat.write(nb, submissions / student / "graded_fixture.ipynb")
+    nbformat.write(students["full"], submissions / "full" / "graded_fixture_copy.ipynb")  # handed in twice
+    (submissions / "unreadable").mkdir()
+    (submissions / "unreadable" / "graded_fixture.ipynb").write_text("{not json")
     result = subprocess.run([sys.executable, "-m", "genlab", "grade", str(submissions), "--out", str(out),
-                             "--solutions", str(solutions), "--time-limit", "20", "--jobs", "3"],
-                            capture_output=True, text=True, cwd=root, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # three small kernels share the cores
+                             "--solutions", str(solutions), "--time-limit", "40", "--jobs", "2",
+                             "--memory-limit", "3"],
+                            capture_output=True, text=True, cwd=root, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "GENLAB_TEST_SECRET": SECRET})
     assert result.returncode == 0, result.stderr
-    return {"stdout": result.stdout, "json": json.loads((out / "grades.json").read_text()),
-            "csv": list(csv.DictReader(open(out / "grades.csv", encoding="utf-8")))}
+    grades_text = (out / "grades.json").read_text()
+    time.sleep(5)  # the background process's time to strike, had it survived
+    return {"stdout": result.stdout, "json": json.loads(grades_text),
+            "grades_kept": (out / "grades.json").read_text() == grades_text,
+            "csv": list(csv.DictReader(open(out / "grades.csv", encoding="utf-8"))),
+            "outside": outside.read_text(),
+            "solution_unchanged": (solutions / "graded_fixture.ipynb").read_bytes() == solution_bytes}
 
 
 def test_each_student_scores_what_their_answers_earn(graded):
+    scores = {name: entry["earned"] for name, entry in graded["json"]["students"].items()}
+    for name, expected in {**EXPECTED, **EXPECTED_ATTACKS, "path_id": 0, "unreadable": 0}.items():
+        assert scores[name] == expected, (name, graded["json"]["students"][name])
+
+
+def test_points_come_from_the_solutions_read_before_any_submission(graded):
     students = graded["json"]["students"]
-    assert sorted(students) == sorted(STUDENTS)
-    scores = {name: entry["earned"] for name, entry in students.items()}
-    assert scores == EXPECTED, graded["stdout"]
-    assert all(entry["possible"] == 3 for entry in students.values()), "points come from the solutions folder"
+    assert all(entry["possible"] == 3 for name, entry in students.items()
+               if name not in ("path_id", "unreadable", "full"))
+    assert students["path_id"]["possible"] == 0
+    assert "plain name" in students["path_id"]["notebooks"][0]["problems"][0]
+    assert graded["solution_unchanged"], "a kernel rewrote the solutions"
 
 
 def test_per_exercise_results_say_why(graded):
     rows = {(row["student"], row["exercise"]): row for row in graded["csv"]}
-    assert len(rows) == len(STUDENTS) * len(POINTS)
     assert rows[("half", "attention")]["status"] == "passed" and rows[("half", "attention")]["earned"] == "2.0"
     assert rows[("half", "kl_divergence")]["status"] == "failed"
-    assert rows[("empty", "attention")]["status"] == "failed"
     assert "not implemented yet" in rows[("empty", "attention")]["detail"]
-    assert rows[("ticks", "attention")]["status"] == "not run", "printed ticks and forged records count for nothing"
-    assert "calls the lab's" in rows[("calls_reference", "attention")]["detail"]
-    assert rows[("slow", "kl_divergence")]["status"] == "passed"
+    assert rows[("ticks", "attention")]["status"] == "failed", "printed ticks count for nothing"
+    for name in ("calls_reference", "sdpa_builtin", "sdpa_ops", "code_copy", "source_reloaded", "patch_during_check"):
+        assert "calls" in rows[(name, "attention")]["detail"], (name, rows[(name, "attention")]["detail"])
+    assert rows[("slow", "kl_divergence")]["status"] == "not run"
     assert rows[("slow", "attention")]["status"] == "not run"
+    assert rows[("unreadable", "")]["status"] == "not graded"
+    assert "not a readable notebook" in rows[("unreadable", "")]["detail"]
 
 
-def test_forged_records_and_the_time_limit_are_reported(graded):
-    notebooks = {name: entry["notebooks"][0] for name, entry in graded["json"]["students"].items()}
-    assert any("not signed by this run" in problem for problem in notebooks["ticks"]["problems"])
-    assert any("time limit of 20 s" in problem for problem in notebooks["slow"]["problems"])
-    assert notebooks["slow"]["seconds"] < 30
-    assert notebooks["full"]["problems"] == [] and notebooks["full"]["smoke"] is True
-    assert "full" in graded["stdout"] and "3/3" in graded["stdout"]
-
-
-def test_records_need_the_runs_key(tmp_path, monkeypatch):
-    import lab_utils.exercises as exercises
-
-    path = tmp_path / "records.jsonl"
-    monkeypatch.setenv(exercises.RECORD_ENV, str(path))
-    monkeypatch.setattr(exercises, "_GRADE_KEY", b"k1")
-    monkeypatch.delenv("GENLAB_STRICT_CHECKS", raising=False)
-    check = exercises.graded("double")(lambda fn: exercises.check_value(fn(2), 4, name="double"))
-    assert check(lambda x: 2 * x) and not check(lambda x: x + 3)
-    exercises.check_value(4, 4, name="double")  # outside a graded check: no record
-    records, rejected = read_records(path, "k1")
-    assert [(r.exercise, r.passed) for r in records] == [("double", True), ("double", False)] and rejected == 0
-    assert read_records(path, "another key") == ([], 2)
-    lines = path.read_text().splitlines()
-    path.write_text(lines[1].replace('"passed": false', '"passed": true') + "\n")  # a record edited by hand
-    assert read_records(path, "k1") == ([], 1)
+def test_the_sandbox_keeps_the_grader_and_other_files_out_of_reach(graded):
+    assert graded["outside"] == "untouched" and graded["grades_kept"], "something outside the sandbox was written"
+    assert SECRET not in graded["stdout"] + json.dumps(graded["json"])
+    notebooks = {name: entry["notebooks"] for name, entry in graded["json"]["students"].items()}
+    assert len(notebooks["full"]) == 2 and sum(nb["earned"] for nb in notebooks["full"]) == 3
+    assert any("a second copy" in problem for nb in notebooks["full"] for problem in nb["problems"])
+    assert any("grading channel" in problem for problem in notebooks["reads_channel"][0]["problems"])
+    problems = notebooks["outside"][0]["problems"]
+    assert any("MemoryError" in problem for problem in problems), problems
+    assert any("the secret" in problem for problem in problems) is False, problems
+    assert any("time limit of 40 s" in problem for problem in notebooks["slow"][0]["problems"])
 
 
 @pytest.mark.parametrize("args, message", [
     (["/no/such/folder"], "no notebook or folder"),
     (["README.md"], "is not a notebook"),
     (["tests", "--time-limit", "0"], "--time-limit must be a positive"),
+    (["tests", "--time-limit", "nan"], "--time-limit must be a positive"),
+    (["tests", "--time-limit", "inf"], "--time-limit must be a positive"),
     (["tests", "--jobs", "0"], "--jobs must be at least 1"),
     (["tests", "--out", "README.md"], "is a file"),
     (["tests", "--solutions", "/no/such"], "no solutions folder"),

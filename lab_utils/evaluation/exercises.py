@@ -20,7 +20,7 @@ from lab_utils.evaluation.metrics import (
     polynomial_kernel, precision_recall,
 )
 
-from lab_utils.exercises import Case, CheckResult, Hint, check_function, graded
+from lab_utils.exercises import Case, CheckResult, Hint, case_seed, check_function, graded
 
 
 def _mixing(gen: torch.Generator, dim: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ FRECHET_HINT = Hint(
 
 
 def frechet_cases(seed: int = 0) -> list[Case]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
     a, b = _features(gen, 200, 6), _features(gen, 150, 6, shift=0.5, scale=1.5)
     same = gaussian_stats(a)
     cases = [
@@ -132,7 +132,7 @@ KID_HINT = Hint(
 
 
 def kid_cases(seed: int = 0) -> list[Case]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
     mixing = _mixing(gen, 5)
     return [
         Case((_features(gen, 40, 5, mixing=mixing), _features(gen, 50, 5, mixing=mixing)),
@@ -198,7 +198,7 @@ INCEPTION_SCORE_HINT = Hint(
 
 def inception_score_cases(seed: int = 0) -> list[Case]:
     """(N, K) class probabilities, every entry positive (softmaxes of logits)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
 
     def probs(logits: torch.Tensor) -> torch.Tensor:
         return logits.double().softmax(dim=1)
@@ -284,7 +284,7 @@ PRECISION_RECALL_HINT = Hint(
 
 
 def precision_recall_cases(seed: int = 0) -> list[Case]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
     line = torch.arange(10, dtype=torch.float64)[:, None]  # 0, 1, ..., 9: every 1-NN radius is 1
     cloud = _features(gen, 40, 3)
     space = _mixing(gen, 4)

@@ -21,7 +21,7 @@ from labs.diffusion import (
 )
 from labs.text_encoder import TextEncoding
 
-from lab_utils.exercises import Case, CheckResult, Hint, check_function, check_module, graded
+from lab_utils.exercises import Case, CheckResult, Hint, case_seed, check_function, check_module, graded
 
 
 def _scheduler(schedule: str = "linear", T: int = 1000) -> NoiseScheduler:
@@ -40,7 +40,7 @@ def check_add_noise(add_noise: Callable) -> CheckResult:
 
     x0, eps: (B, C, H, W); t: (B,) long; alpha_bar: (T,) the schedule's cumulative products.
     Compared with ``NoiseScheduler.add_noise``, which may not be called."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(case_seed(0))
     cases = []
     for schedule, t in (("linear", [0, 10, 500, 999]), ("cosine", [999, 3, 250, 700]), ("linear", [42, 42, 42, 42])):
         scheduler = _scheduler(schedule)
@@ -87,7 +87,7 @@ def check_ddpm_step(ddpm_step: Callable) -> CheckResult:
     $x_{t-1} = \frac{1}{\sqrt{\alpha_t}}\big(x_t - \frac{\beta_t}{\sqrt{1-\bar\alpha_t}}\epsilon\big) + \sigma_t z$,
     $\sigma_t^2 = \tilde\beta_t = \frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}\beta_t$, and no noise at t = 0.
     t: an int; betas, alpha_bar: (T,) float64; z: standard normal noise like xt."""
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(case_seed(1))
     cases = []
     for schedule, t in (("linear", 999), ("linear", 500), ("cosine", 250), ("cosine", 1), ("linear", 0)):
         scheduler = _scheduler(schedule)
@@ -133,7 +133,7 @@ def check_ddim_step(ddim_step: Callable) -> CheckResult:
 
     $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\epsilon)/\sqrt{\bar\alpha_t}$,
     $x_{s} = \sqrt{\bar\alpha_s}\hat x_0 + \sqrt{1-\bar\alpha_s}\,\epsilon$, with $\bar\alpha_{-1} = 1$ (prev_t = -1)."""
-    gen = torch.Generator().manual_seed(2)
+    gen = torch.Generator().manual_seed(case_seed(2))
     cases = []
     for schedule, t, prev_t in (("linear", 999, 979), ("cosine", 999, 499), ("cosine", 500, 480),
                                 ("linear", 20, 0), ("linear", 20, -1)):
@@ -184,7 +184,7 @@ class _ToyEpsModel(nn.Module):
 def _toy_eps_model(seed: int) -> _ToyEpsModel:
     """A toy eps_theta with weights drawn from ``seed`` (the caller's random stream is left alone)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(case_seed(seed))
         return _ToyEpsModel()
 
 
@@ -196,7 +196,7 @@ def check_ddpm_loss(ddpm_loss: Callable) -> CheckResult:
 
     x0, eps: (B, C, H, W); t: (B,) long; alpha_bar: (T,) float32; ``eps_model(xt, t, cond)`` the network.
     Compared with the lab's ``diffusion_loss`` (eps target, no weighting), which may not be called."""
-    gen = torch.Generator().manual_seed(6)
+    gen = torch.Generator().manual_seed(case_seed(6))
     cases = []
     for seed, (schedule, t) in enumerate((("cosine", [0, 10, 500, 999]), ("linear", [999, 3, 250, 700]),
                                           ("cosine", [42, 42]))):
@@ -286,7 +286,7 @@ def check_training_step(training_step: Callable) -> CheckResult:
 
     Run twice on a toy model with SGD (momentum 0.9) from the same weights as :func:`reference_training_step`:
     the returned losses and the parameters after each step must match."""
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(case_seed(7))
     cases = []
     for schedule, B, lr in (("cosine", 4, 0.1), ("linear", 2, 0.03)):
         alpha_bar = _scheduler(schedule).alpha_bar.float()
@@ -325,7 +325,7 @@ def check_guidance(guidance_fn: Callable) -> CheckResult:
     r"""``guidance_fn(eps_uncond, eps_cond, w) -> eps``: $\epsilon_\varnothing + w(\epsilon_c - \epsilon_\varnothing)$.
 
     Compared with the lab's ``classifier_free_guidance``, which may not be called (and is what ``.pick`` hands on)."""
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(case_seed(3))
     cases = [Case((_randn(gen, 2, 3, 4, 4), _randn(gen, 2, 3, 4, 4), w), label=f"w = {w}")
              for w in (1.0, 0.0, 3.0, 7.5)]
 
@@ -355,7 +355,7 @@ def check_attention_weights(weights_fn: Callable) -> CheckResult:
 
     q: (B, nh, Tq, d), k: (B, nh, Tk, d), mask: (B, 1, 1, Tk) bool, True = real token. The lab's ``attention`` may
     not be called, nor ``F.scaled_dot_product_attention`` (with the identity as values it returns the weights)."""
-    gen = torch.Generator().manual_seed(4)
+    gen = torch.Generator().manual_seed(case_seed(4))
     mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])[:, None, None, :]
     cases = [
         Case((_randn(gen, 2, 2, 6, 8), _randn(gen, 2, 2, 5, 8), mask), label="padded prompt in the batch"),
@@ -414,7 +414,7 @@ def check_cross_attention(cross_attention_cls: Callable[..., nn.Module]) -> Chec
     The lab's ``CrossAttention`` may not run (its forward raises: a layer that inherits or wraps it fails). The
     attention inside may be the student's ``attention_weights`` (or the lab's, through ``.pick``) or
     ``F.scaled_dot_product_attention``: the exercise is the layer around it."""
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator().manual_seed(case_seed(5))
     B, C, D, L = 2, 16, 12, 5
     mask = torch.tensor([[True, True, True, False, False], [True] * 5])
 

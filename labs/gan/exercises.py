@@ -31,7 +31,7 @@ from labs.gan.losses import (
 )
 from labs.gan.model import ProjectionHead, SpectralNormEstimate, power_iteration
 
-from lab_utils.exercises import Case, CheckResult, Hint, check_function, check_module, graded
+from lab_utils.exercises import Case, CheckResult, Hint, case_seed, check_function, check_module, graded
 
 
 def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -51,7 +51,7 @@ BCE_CRITIC_HINT = Hint(
 
 
 def bce_critic_cases(seed: int = 0) -> list[Case]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
     return [
         Case((_randn(gen, 16), _randn(gen, 16)), {"label_smoothing": 0.0}, label="no smoothing"),
         Case((_randn(gen, 16, scale=3.0), _randn(gen, 16, scale=3.0)), {"label_smoothing": 0.1},
@@ -109,7 +109,7 @@ GENERATOR_HINT = Hint(
 
 
 def generator_cases(seed: int = 1) -> list[Case]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
     return [
         Case((_randn(gen, 16),), label="scores around 0"),
         Case((_randn(gen, 16) - 4.0,), label="a discriminator that is winning (D(G(z)) near 0)"),
@@ -168,7 +168,7 @@ HINGE_HINT = Hint(
 
 
 def hinge_cases(seed: int = 4) -> list[Case]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
     return [
         Case((_randn(gen, 16, scale=2.0) + 1.5, _randn(gen, 16, scale=2.0) - 1.5),
              label="scores on both sides of the margins"),
@@ -270,7 +270,7 @@ def _small_critics(seed: int) -> tuple[SmallCritic, SmallCritic]:
     """A 2-D and a (3, 4, 4)-image critic with weights x3 (gradient norms well away from 1), without moving the
     global RNG."""
     torch_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # the small critics' initial weights
+    torch.manual_seed(case_seed(seed))  # the small critics' initial weights
     small_2d, small_image = SmallCritic(2), SmallCritic(3 * 4 * 4)
     torch.random.set_rng_state(torch_state)
     with torch.no_grad():
@@ -281,7 +281,7 @@ def _small_critics(seed: int) -> tuple[SmallCritic, SmallCritic]:
 
 
 def gradient_penalty_cases(seed: int = 2) -> list[Case]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
     small_2d, small_image = _small_critics(seed)
     eps = torch.rand(6, generator=gen)
     return [
@@ -387,7 +387,7 @@ R1_HINT = Hint(
 
 
 def r1_cases(seed: int = 5) -> list[Case]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
     small_2d, small_image = _small_critics(seed)
     return [
         Case((LinearCritic(torch.tensor([3.0, 4.0])), _randn(gen, 6, 2)), {"gamma": 10.0},
@@ -456,7 +456,7 @@ PROJECTION_HINT = Hint(
 
 
 def projection_cases(seed: int = 3) -> tuple[Case, list[Case]]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
     init = Case((12, 5), label="feature_dim=12, cond_dim=5")
     cases = [
         Case((_randn(gen, 4, 12), _randn(gen, 4, 5)), label="4 images"),
@@ -487,7 +487,7 @@ SPECTRAL_HINT = Hint(
 
 
 def spectral_norm_cases(seed: int = 6) -> list[Case]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
     return [
         Case((_randn(gen, 4, 4), _randn(gen, 4), 1), label="a square 4x4 W, one iteration"),
         Case((_randn(gen, 6, 4), _randn(gen, 6), 3), label="a 6x4 W (a Linear(4, 6) layer's weight), 3 iterations"),

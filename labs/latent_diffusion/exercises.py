@@ -17,7 +17,7 @@ import torch
 
 from labs.diffusion import NoiseScheduler, SchedulerConfig
 
-from lab_utils.exercises import Case, CheckResult, Hint, check_function, graded
+from lab_utils.exercises import Case, CheckResult, Hint, case_seed, check_function, graded
 
 from .autoencoder import AutoencoderConfig, KLAutoencoder
 from .lab import LatentDiffusionLab
@@ -33,7 +33,7 @@ def check_scale_and_shift(scale_and_shift: Callable) -> CheckResult:
     r"""``scale_and_shift(z) -> (s, m)``: two floats, $s = 1 / \operatorname{std}(z)$ and $m = \operatorname{mean}(z)$
     over *every* element of the latents z (N, C, h, w), so that $s (z - m)$ has zero mean and unit variance.
     The lab's ``LatentDiffusionLab.measure_scale_factor`` (the same on encoded images) may not be called."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(case_seed(0))
     cases = [Case((_randn(gen, 16, 4, 8, 8) * 0.6 + 0.4,), label="latents of std 0.6, mean 0.4"),
              Case((_randn(gen, 8, 4, 8, 8) * torch.tensor([0.2, 1.0, 2.0, 5.0]).view(1, 4, 1, 1),),
                   label="channels of very different spreads"),
@@ -68,7 +68,7 @@ def check_scale_and_shift(scale_and_shift: Callable) -> CheckResult:
 
 # ---------------------------------------------------------------------------------- encoding
 def _tiny_autoencoder() -> KLAutoencoder:
-    torch.manual_seed(0)
+    torch.manual_seed(case_seed(0))
     return KLAutoencoder(AutoencoderConfig(channels=[8, 16], groups=4, z_channels=4), channels=3).eval()
 
 
@@ -78,7 +78,7 @@ def check_encode_to_latents(encode_to_latents: Callable) -> CheckResult:
     $s (\mu_\phi(x) - m)$, shape (N, 4, h, w), for images (N, 3, H, W) in [-1, 1]. ``autoencoder.encode(x)``
     returns the posterior (``.mu``, ``.logvar``); no sampling, no gradients needed. The lab's
     ``LatentDiffusionLab.to_latents`` (the same with the lab's s and m) may not be called."""
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(case_seed(1))
     ae = _tiny_autoencoder()
     cases = [Case((ae, _randn(gen, 4, 3, 16, 16).clamp(-1, 1), 1.7, 0.3), label="4 images, s = 1.7, m = 0.3"),
              Case((ae, _randn(gen, 2, 3, 8, 8).clamp(-1, 1), 0.5, -0.2), label="2 images of 8x8, s = 0.5, m = -0.2")]
@@ -125,7 +125,7 @@ def check_latent_ddim_step(latent_ddim_step: Callable) -> CheckResult:
     $z_{prev} = \sqrt{a_{prev}} \hat z_0 + \sqrt{1 - a_{prev}} \hat\epsilon$ (no clipping of $\hat z_0$).
     t, prev_t: ints (prev_t = -1 for the last step); alpha_bar: (T,) float64.
     The scheduler's ``ddim_step`` and its v conversions may not be called."""
-    gen = torch.Generator().manual_seed(2)
+    gen = torch.Generator().manual_seed(case_seed(2))
     scheduler = _latent_scheduler()
     alpha_bar = scheduler.alpha_bar
     cases = [Case((_randn(gen, 3, 4, 8, 8) * 2, _randn(gen, 3, 4, 8, 8), t, prev, alpha_bar), label=f"t = {t} -> {prev}")

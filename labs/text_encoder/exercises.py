@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from labs.text_encoder import MultiHeadSelfAttention, TokenBatch, Tokenizer, scaled_dot_product_attention
 
-from lab_utils.exercises import Case, CheckResult, Hint, check_function, check_module, graded
+from lab_utils.exercises import Case, CheckResult, Hint, case_seed, check_function, check_module, graded
 
 
 # --------------------------------------------------------------------------- a padded batch and its mask
@@ -35,7 +35,10 @@ _WORDS = ["a", "at", "big", "blue", "bottom", "circle", "left", "red", "small", 
 
 
 def _tokenizer(max_length: int = 12) -> Tokenizer:
-    return Tokenizer(list(Tokenizer.SPECIALS) + _WORDS, max_length=max_length)
+    """The exercise's tokenizer; in a grading run its words come in an order drawn for the run (other ids)."""
+    order = torch.randperm(len(_WORDS), generator=torch.Generator().manual_seed(case_seed(0))).tolist()
+    words = _WORDS if case_seed(0) == 0 else [_WORDS[i] for i in order]
+    return Tokenizer(list(Tokenizer.SPECIALS) + words, max_length=max_length)
 
 
 def padded_batch_cases() -> list[Case]:
@@ -100,7 +103,7 @@ def check_padded_batch(fn: Callable, name: str = "padded_batch") -> CheckResult:
     (``Tokenizer.__call__``, which raises while ``fn`` runs: ``tokenizer.encode`` is allowed)."""
     return check_function(
         fn, lab_padded_batch, padded_batch_cases(), name=name, hint=PADDED_BATCH_HINT,
-        known_mistakes=PADDED_BATCH_MISTAKES, forbid=(lab_padded_batch, (Tokenizer, "__call__")),
+        known_mistakes=PADDED_BATCH_MISTAKES, forbid=(lab_padded_batch, _pad, (Tokenizer, "__call__")),
     )
 
 
@@ -129,7 +132,7 @@ def attention_cases(seed: int = 0) -> list[Case]:
     the (..., Tq, Tk) scores; a key-padding mask (B, Tk) comes as ``mask[:, None, :]`` for
     (B, T, d) inputs and ``mask[:, None, None, :]`` for multi-head (B, H, T, d) inputs.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return scale * torch.randn(*shape, generator=gen)
@@ -239,7 +242,7 @@ MULTI_HEAD_INIT = Case((16, 4), label="dim 16, 4 heads")
 
 def multi_head_cases(seed: int = 0) -> list[Case]:
     """(B, T, C) inputs for a layer of width 16 with 4 heads, with and without a (B, T) key-padding mask."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
     dim = MULTI_HEAD_INIT.args[0]
     return [
         Case((torch.randn(2, 5, dim, generator=gen),), label="(B, T, C) = (2, 5, 16), no mask"),

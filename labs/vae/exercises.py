@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from labs.vae import gaussian_kl, gaussian_nll, kl_divergence, negative_elbo, reparameterize
 
-from lab_utils.exercises import Case, CheckResult, Hint, check_function, graded
+from lab_utils.exercises import Case, CheckResult, Hint, case_seed, check_function, graded
 
 
 def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -33,7 +33,7 @@ def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tenso
 
 def _posterior_cases(seed: int) -> list[Case]:
     """(mu, logvar) pairs: random, the prior itself, very confident and very unsure posteriors."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
     return [
         Case((_randn(gen, 4, 6), _randn(gen, 4, 6)), label="random mu and logvar, (B, Z) = (4, 6)"),
         Case((torch.zeros(3, 5), torch.zeros(3, 5)), label="mu = 0, logvar = 0: the prior itself"),
@@ -67,7 +67,7 @@ def check_reparameterize(student_fn: Callable) -> CheckResult:
 
     Compares z and the gradients that flow back to mu and logvar (the point of the trick). The lab's
     ``reparameterize`` may not be called; it is what ``.pick`` hands on when the check fails."""
-    gen = torch.Generator().manual_seed(10)
+    gen = torch.Generator().manual_seed(case_seed(10))
     cases = []
     for case in _posterior_cases(11):
         mu, logvar = case.args
@@ -144,7 +144,7 @@ def check_kl_divergence(student_fn: Callable) -> CheckResult:
 
 # ---------------------------------------------------------------------------------- Gaussian NLL
 def _likelihood_cases(seed: int) -> list[Case]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(case_seed(seed))
     x0 = _randn(gen, 3, 3, 8, 8).clamp(-1, 1)
     return [
         Case((x0, x0 + _randn(gen, 3, 3, 8, 8, scale=0.1), torch.tensor(math.log(0.1))), label="sigma = 0.1"),
@@ -203,7 +203,7 @@ def check_beta_elbo_loss(student_fn: Callable) -> CheckResult:
 
     The reference is an adapter around the lab's ``negative_elbo``, which may not be called. The two terms may come
     from the lab (a student whose own KL or likelihood has not passed yet uses the lab's, through ``.pick``)."""
-    gen = torch.Generator().manual_seed(14)
+    gen = torch.Generator().manual_seed(case_seed(14))
     cases = []
     for beta, sigma in ((1.0, 0.1), (4.0, 0.2), (0.0, 0.5)):
         x0 = _randn(gen, 3, 1, 8, 8).clamp(-1, 1)
