@@ -54,6 +54,7 @@ import functools
 import math
 import numbers
 import os
+import threading
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -333,6 +334,7 @@ def _note_forbidden(forbid: Sequence[Any]) -> None:
 
 # --------------------------------------------------------------------------- grading: spec, observation, judgement
 
+_MODE_LOCK = threading.RLock()  # check_spec and observe switch the mode of the whole process: one at a time
 _MODE = ["feedback"]  # "feedback" (a notebook), "spec" (the grader learns a check), "observe" (the grader's sandbox)
 _DRAW = [0]  # 0: the notebook's fixed inputs; else the grading run's draw (case_seed)
 _OBSERVED: list["Observation"] = []  # what checks observed in "observe" mode (read by the grader's sandbox)
@@ -389,29 +391,31 @@ def _unwritten(*args: Any, **kwargs: Any) -> Any:
 def check_spec(check: Callable[..., Any], draw: int = 0) -> CheckSpec:
     """The :class:`CheckSpec` of a :func:`graded` check on the inputs of ``draw`` (0: the notebook's): the check is
     called with a stand-in answer and stops where it would run it."""
-    mode, previous = _MODE[0], _DRAW[0]
-    _MODE[0], _DRAW[0] = "spec", draw
-    try:
-        check(_unwritten)
-    except _SpecCaptured as captured:
-        return captured.spec
-    finally:
-        _MODE[0], _DRAW[0] = mode, previous
+    with _MODE_LOCK:
+        mode, previous = _MODE[0], _DRAW[0]
+        _MODE[0], _DRAW[0] = "spec", draw
+        try:
+            check(_unwritten)
+        except _SpecCaptured as captured:
+            return captured.spec
+        finally:
+            _MODE[0], _DRAW[0] = mode, previous
     raise TypeError(f"{getattr(check, '__name__', check)!r} is not a graded check (it never compared anything)")
 
 
 def observe(check: Callable[..., Any], answer: Any, draw: int = 0) -> list[Observation]:
     """What a :func:`graded` check observes of ``answer`` on the inputs of ``draw``, without judging it (the half of a
     check that runs in the grader's sandbox; :func:`judge` is the other half)."""
-    mode, previous = _MODE[0], _DRAW[0]
-    _MODE[0], _DRAW[0] = "observe", draw
-    start = len(_OBSERVED)
-    try:
-        check(answer)
-    finally:
-        _MODE[0], _DRAW[0] = mode, previous
-    observed = _OBSERVED[start:]
-    del _OBSERVED[start:]
+    with _MODE_LOCK:
+        mode, previous = _MODE[0], _DRAW[0]
+        _MODE[0], _DRAW[0] = "observe", draw
+        start = len(_OBSERVED)
+        try:
+            check(answer)
+        finally:
+            _MODE[0], _DRAW[0] = mode, previous
+        observed = _OBSERVED[start:]
+        del _OBSERVED[start:]
     return observed
 
 

@@ -108,11 +108,13 @@ def bwrap_command(work: Path, argv: list[str], env: dict[str, str]) -> list[str]
                 "--ro-bind-try", "/sys/devices/system/cpu", "/sys/devices/system/cpu"]
     for path in ("/etc/ld.so.cache", "/etc/localtime", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf"):
         command += ["--ro-bind-try", path, path]
-    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                               os.path.dirname(os.path.realpath(sys.executable)))}
-    for prefix in sorted(prefixes):
-        if not prefix.startswith("/usr/"):
-            command += ["--ro-bind", prefix, prefix]
+    # this Python where it really is, and also where it is named (a virtual environment reached by a symbolic link)
+    paths = (sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)))
+    mounts = {os.path.realpath(p): os.path.realpath(p) for p in paths}
+    mounts.update({os.path.abspath(p): os.path.realpath(p) for p in paths})
+    for inside in sorted(mounts):
+        if not inside.startswith("/usr/"):
+            command += ["--ro-bind", mounts[inside], inside]
     for name, folder in _package_dirs().items():
         command += ["--ro-bind", folder, f"{INSIDE_PACKAGES}/{name}"]
     command += ["--bind", str(work), INSIDE_WORK, "--chdir", INSIDE_WORK]
