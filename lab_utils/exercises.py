@@ -324,14 +324,6 @@ class CheckResult:
 _GRADED: list[str] = []  # the graded checks running now (innermost last)
 _ANSWERS: dict[str, Any] = {}  # exercise -> what the notebook last gave its check (the grader observes that)
 _SEQUENCE = [0]
-FORBIDDEN: dict[str, tuple] = {}  # exercise id -> what its check forbids the student to call (read by the tests)
-
-
-def _note_forbidden(forbid: Sequence[Any]) -> None:
-    if _GRADED:
-        FORBIDDEN[_GRADED[-1]] = tuple(dict.fromkeys(FORBIDDEN.get(_GRADED[-1], ()) + tuple(forbid)))
-
-
 # --------------------------------------------------------------------------- grading: spec, observation, judgement
 
 _MODE_LOCK = threading.RLock()  # check_spec and observe switch the mode of the whole process: one at a time
@@ -729,7 +721,6 @@ def check_function(
     """
     forbid = (reference_fn,) if forbid is None else tuple(forbid)
     fallback = reference_fn if fallback is None else fallback
-    _note_forbidden(forbid)
     if _MODE[0] == "spec":
         _spec("function", name, reference_fn, cases, None, atol, rtol, seed, hint, known_mistakes, forbid)
     if _MODE[0] == "observe":
@@ -790,7 +781,6 @@ def check_module(
     raises, so a subclass of the reference or a layer that wraps it fails.
     """
     forbid = (reference_cls,) if forbid is None else tuple(forbid)
-    _note_forbidden(forbid)
     if _MODE[0] == "spec":
         _spec("module", name, reference_cls, cases, init, atol, rtol, seed, hint, (), forbid)
     if _MODE[0] == "observe":

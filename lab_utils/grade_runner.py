@@ -24,10 +24,12 @@ variables and default arguments, which a cell cannot rebind.
 
 from __future__ import annotations
 
+import _thread
 import functools
+import importlib
 import json
-import math
 import os
+import select
 import signal
 import sys
 import types
@@ -265,8 +267,6 @@ def _make_audit(start_pid: int, state: list, protected: tuple, getpid=os.getpid,
 def main(folder: str) -> int:
     work = Path(folder)
     plan = json.loads((work / "plan.json").read_text(encoding="utf-8"))
-    import importlib
-
     from IPython.core.interactiveshell import InteractiveShell
 
     checks = []
@@ -275,8 +275,6 @@ def main(folder: str) -> int:
         spec = exercises.check_spec(check)
         checks.append((entry["exercise"], check, entry["argument"], forbidden_sets(spec)))
     op_codes = _op_codes()
-    import _thread
-
     spawners = frozenset({_thread.start_new_thread, os.fork, os.system, os.execv, os.execve})  # no helpers in a check
     # Everything phase 2 calls, captured before any student code runs (a cell cannot rebind a running frame's locals).
     fork, pipe, read, write, close, waitpid, exit_now = os.fork, os.pipe, os.read, os.write, os.close, os.waitpid, \
@@ -285,8 +283,6 @@ def main(folder: str) -> int:
         functools.partial
     set_threads, set_signal, set_timer, observe, encode_all = torch.set_num_threads, signal.signal, \
         signal.setitimer, exercises.observe, encode_observations
-    import select
-
     wait_readable = select.select
     draw_fd = dup(0)  # the draw, read in phase 2 only
     null = open_file(os.devnull, os.O_RDONLY)

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import resource
 import secrets
 import subprocess
 import sys
@@ -162,14 +163,6 @@ def load_solutions(folder: Path) -> dict[str, SolutionNotebook]:
     return out
 
 
-def official_points(notebook_id: str, solutions: Path) -> tuple[dict[str, float], bool] | None:
-    """The points per exercise and the smoke-mode flag of the solution notebook ``notebook_id`` (a plain name)."""
-    if not PLAIN_NAME.match(notebook_id):
-        return None
-    entry = load_solutions(solutions).get(notebook_id)
-    return None if entry is None else (entry.points, entry.smoke)
-
-
 def find_submissions(target: Path) -> list[tuple[str, Path]]:
     """``(student, notebook path)`` pairs: a file is one notebook (its folder names the student); in a folder,
     ``<student>/<...>.ipynb`` or ``<student>.ipynb`` (checkpoint folders and symbolic links are skipped)."""
@@ -212,8 +205,10 @@ def _run_sandboxed(work: Path, draw: int, env: dict[str, str], time_limit: float
         cwd = work
     problems = []
     with open(work / "output.log", "wb") as log:
+        rlimits = limits.rlimits()  # worked out here: the child between fork and exec only sets them
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-                                   env=process_env, start_new_session=True, preexec_fn=limits.apply)
+                                   env=process_env, start_new_session=True,
+                                   preexec_fn=lambda: [resource.setrlimit(*item) for item in rlimits])
         try:
             process.stdin.write(f"{draw}\n".encode())
             process.stdin.close()

@@ -37,16 +37,17 @@ class Limits:
     cpu_seconds: int = 3600  # CPU time over all threads (the wall-clock limit is the grader's)
     processes: int = 256  # on top of what the grader's user runs already
 
-    def apply(self) -> None:
-        """Set the limits on this process (called in the child between fork and exec)."""
-        resource.setrlimit(resource.RLIMIT_DATA, (self.memory_bytes, self.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_bytes, self.file_bytes))
-        resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    def rlimits(self) -> list[tuple[int, tuple[int, int]]]:
+        """``(resource, (soft, hard))`` pairs for ``resource.setrlimit`` in the child: worked out in the grader (the
+        child of a threaded process should do as little as possible between fork and exec)."""
+        out = [(resource.RLIMIT_DATA, (self.memory_bytes, self.memory_bytes)),
+               (resource.RLIMIT_FSIZE, (self.file_bytes, self.file_bytes)),
+               (resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds)),
+               (resource.RLIMIT_CORE, (0, 0))]
         running = _processes_of_this_user()
         if running is not None:
-            cap = running + self.processes
-            resource.setrlimit(resource.RLIMIT_NPROC, (cap, cap))
+            out.append((resource.RLIMIT_NPROC, (running + self.processes, running + self.processes)))
+        return out
 
 
 def _processes_of_this_user() -> int | None:

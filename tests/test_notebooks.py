@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import ast
 import json
-import contextlib
-import io
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +16,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lab_utils.grading import grade_notebook
+from lab_utils.grading import grade_notebook, load_solutions
 from lab_utils.notebooks import execute_notebook, make_release, make_student_versions
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -72,9 +70,11 @@ def grades(student_dir) -> dict:
     jobs = [(kind, notebook, notebook if kind == "solution" else student_dir / notebook.name)
             for kind in ("solution", "student") for notebook in NOTEBOOKS]
 
+    solutions = load_solutions(NOTEBOOK_DIR)  # once, as genlab grade reads them
+
     def run(job):
         kind, notebook, path = job
-        return (kind, notebook.stem), grade_notebook(kind, path, NOTEBOOK_DIR, time_limit=NOTEBOOK_LIMIT, full=False,
+        return (kind, notebook.stem), grade_notebook(kind, path, solutions, time_limit=NOTEBOOK_LIMIT, full=False,
                                                      env=kernel_env(notebook))
 
     with ThreadPoolExecutor(max_workers=3) as pool:
@@ -103,8 +103,8 @@ def test_student_version_runs_to_the_end_and_scores_zero(notebook, grades):
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
 def test_no_notebook_imports_the_reference_of_its_own_exercises(notebook, monkeypatch):
-    """Run each graded check the notebook imports once (with an unwritten answer) to learn what it forbids, then
-    look for any of those objects among the names the notebook's import lines bring in."""
+    """Take what each graded check the notebook imports forbids (its spec), then look for any of those objects among
+    the names the notebook's import lines bring in."""
     import lab_utils.exercises as exercises
 
     monkeypatch.delenv("GENLAB_STRICT_CHECKS", raising=False)
@@ -121,13 +121,7 @@ def test_no_notebook_imports_the_reference_of_its_own_exercises(notebook, monkey
     assert sorted(value.exercise for value in checks.values()) == sorted(points(notebook)), \
         "the notebook's metadata gives points to exactly the graded checks it imports"
 
-    def unwritten(*args, **kwargs):
-        raise NotImplementedError
-
-    for check in checks.values():
-        with contextlib.redirect_stdout(io.StringIO()):
-            check(unwritten)
-    forbidden = [target for check in checks.values() for target in exercises.FORBIDDEN.get(check.exercise, ())]
+    forbidden = [target for check in checks.values() for target in exercises.check_spec(check).forbid]
     objects = [getattr(*target) if isinstance(target, tuple) else target for target in forbidden]
     imported = [name for name, value in namespace.items() if any(value is target for target in objects)]
     assert forbidden, f"the checks of {notebook.name} forbid nothing"
