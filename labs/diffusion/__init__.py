@@ -2,7 +2,8 @@
 
     scheduler.py  the noise schedule, forward process and reverse updates (no network, no parameters)
     unet.py       the UNet eps_theta(x_t, t, c) with self- and cross-attention
-    sampling.py   one sampling loop over the scheduler's DDPM or DDIM step, and classifier-free guidance
+    sampling.py   the one sampling loop (sample_levels: any list of levels, any step rule; the flow lab's too),
+                  the scheduler's DDPM and DDIM steps over it (sample_loop), and classifier-free guidance
     lab.py        DDPMConfig, diffusion_loss (Ho et al. eq. 14), DiffusionLab (training step, sampling pipeline)
 
     genlab train model=ddpm data=shapes preset=cpu
@@ -11,7 +12,8 @@
 
 from .lab import DDPMConfig, DiffusionLab, SamplingConfig, diffusion_loss
 from .sampling import (
-    SAMPLER_STEPS, SAMPLERS, SamplerOutput, classifier_free_guidance, ddim_sample, ddpm_sample, sample_loop,
+    SAMPLER_STEPS, SAMPLERS, SamplerOutput, classifier_free_guidance, ddim_sample, ddpm_sample, sample_levels,
+    sample_loop, start_noise,
 )
 from .scheduler import NoiseScheduler, SchedulerConfig, SchedulerStep, cosine_betas, linear_betas
 from .unet import (
@@ -41,6 +43,8 @@ __all__ = [
     "ddpm_sample",
     "diffusion_loss",
     "linear_betas",
+    "sample_levels",
     "sample_loop",
+    "start_noise",
     "timestep_embedding",
 ]
