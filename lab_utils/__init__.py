@@ -61,4 +61,5 @@ LAYERS: dict[str, str] = {
 }
 ORDER = ("core", "harness", "content", "applications")  # bottom to top
 # composite lab -> the labs it is built from (and so may import); read by tests/test_layers.py
-COMPOSITE_LABS: dict[str, tuple[str, ...]] = {"labs.latent_diffusion": ("labs.diffusion", "labs.vae")}
+COMPOSITE_LABS: dict[str, tuple[str, ...]] = {"labs.latent_diffusion": ("labs.diffusion", "labs.vae"),
+                                               "labs.flow": ("labs.diffusion",)}

@@ -81,7 +81,7 @@ def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def zoo() -> dict[str, PretrainedEntry]:
-    """Every shipped model, by name, in the families' order (dcgan, vae, ddpm, ldm ...)."""
+    """Every shipped model, by name, in the families' order (dcgan, vae, ddpm, ldm, flow ...)."""
     entries: dict[str, PretrainedEntry] = {}
     packages = family_packages(evaluator=True)
     for family, package in sorted(packages.items(), key=lambda item: _FAMILY_ORDER.get(item[0], 99)):
@@ -93,7 +93,7 @@ def zoo() -> dict[str, PretrainedEntry]:
     return entries
 
 
-_FAMILY_ORDER = {"dcgan": 0, "vae": 1, "ddpm": 2, "ldm": 3, "evaluator": 4}
+_FAMILY_ORDER = {"dcgan": 0, "vae": 1, "ddpm": 2, "ldm": 3, "flow": 4, "evaluator": 5}
 
 
 def shipped_evaluator(dataset: str, key: str) -> PretrainedEntry | None:

@@ -25,6 +25,7 @@ BUILTIN_LABS: dict[str, str] = {  # model._target_ -> the family it is (model.na
     "labs.gan.GANLab": "dcgan",
     "labs.vae.VAELab": "vae",
     "labs.latent_diffusion.LatentDiffusionLab": "ldm",
+    "labs.flow.FlowLab": "flow",
     "labs.evaluator.EvaluatorLab": "evaluator",
 }
 # Names genlab's own labs had before they moved: a checkpoint saved then still loads (as the new class).

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-FAMILIES = ("dcgan", "vae", "ddpm", "ldm")
+FAMILIES = ("dcgan", "vae", "ddpm", "ldm", "flow")
 PARTS = ("tests", "sync", "bench", "cifar")
 PEAK_GOAL = 0.40  # issue 17: the DDPM step reaches >= 40% of the bf16 matmul peak at the gpu preset's batch
 

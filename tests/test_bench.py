@@ -24,7 +24,7 @@ def bench_config(model: str, *extra: str):
     return compose([f"model={model}", "data=shapes", *QUICK, *extra], config_name="bench", check=False)
 
 
-@pytest.mark.parametrize("model", ["dcgan", "vae", "ddpm", "ldm"])
+@pytest.mark.parametrize("model", ["dcgan", "vae", "ddpm", "ldm", "flow"])
 def test_bench_runs_for_every_family_with_consistent_figures(model):
     result = bench(bench_config(model))
     rows = {row["variant"]: row for row in result["variants"]}
@@ -42,6 +42,9 @@ def test_bench_runs_for_every_family_with_consistent_figures(model):
     if model in ("ddpm", "ldm"):  # per sampler and step count; guidance doubles the network evaluations
         assert set(samplers) == {"ddim-50", "ddpm-50"}  # the smoke preset has T = 50
         assert samplers["ddim-50"]["nfe_per_image"] == 100
+    elif model == "flow":  # Euler and Heun at the same evaluations (Heun: 2 per step but the last), x2 with guidance
+        assert set(samplers) == {"euler-25", "heun-13"}
+        assert samplers["euler-25"]["nfe_per_image"] == samplers["heun-13"]["nfe_per_image"] == 50
     else:
         assert set(samplers) == {"default"} and samplers["default"]["nfe_per_image"] == 1
     for row in samplers.values():

@@ -131,7 +131,7 @@ def test_sampling_defaults_have_one_home(preset):
     from lab_utils.checkpoint import build_lab
     from lab_utils.lab import DataInfo
 
-    for model in ("dcgan", "vae", "ddpm", "ldm"):
+    for model in ("dcgan", "vae", "ddpm", "ldm", "flow"):
         cfg = compose([f"model={model}", "data=shapes", f"preset={preset}"])
         assert dict(cfg.trainer.sample_options) == {}, (model, preset)
     cfg = compose(["model=ddpm", "data=shapes", f"preset={preset}"])

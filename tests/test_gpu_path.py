@@ -192,7 +192,7 @@ def guarded_step(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> dict[str,
     return named
 
 
-@pytest.mark.parametrize("model", ["dcgan", "vae", "ddpm"])
+@pytest.mark.parametrize("model", ["dcgan", "vae", "ddpm", "flow"])
 def test_a_training_step_makes_no_host_sync(model, tmp_path, monkeypatch):
     trainer = family_trainer(model, tmp_path)
     guarded_step(trainer, monkeypatch)  # the first step creates the optimiser state and the scheduler's table
