@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from lab_utils.data import words
 from lab_utils.plotting import png_bytes, tiles
 
-from .models import Limits, ServedModel, ServeConfig
+from .models import SAMPLER_NAMES, Limits, ServedModel, ServeConfig
 
 STATIC = Path(__file__).parent / "static"
 
@@ -97,8 +97,9 @@ def request_model(limits: Limits) -> type[BaseModel]:
         model=(str, Field(..., max_length=200, description="a model's name from GET /models")),
         n=(int, Field(1, ge=1, le=limits.n, description="images of the prompt")),
         seed=(int, Field(0, ge=0, le=2**63 - 1, description="the same seed gives the same images")),
-        sampler=(Optional[Literal["ddim", "ddpm"]], Field(None, description="diffusion families")),
-        steps=(Optional[int], Field(None, ge=1, le=limits.steps, description="diffusion sampling steps")),
+        sampler=(Optional[Literal[tuple(SAMPLER_NAMES)]],
+                 Field(None, description="diffusion and flow families (GET /models lists each model's choices)")),
+        steps=(Optional[int], Field(None, ge=1, le=limits.steps, description="diffusion and flow sampling steps")),
         guidance=(Optional[float], Field(None, ge=0, le=limits.guidance, description="classifier-free guidance w")),
         eta=(Optional[float], Field(None, ge=0, le=1, description="DDIM stochasticity")),
         temperature=(Optional[float], Field(None, ge=0, le=limits.temperature, description="VAE prior temperature")),
@@ -176,6 +177,11 @@ def sampling_options(model: ServedModel, body: BaseModel) -> dict[str, Any]:
         if name not in takes:
             raise ServeError(422, f"{name}: model {model.name!r} ({model.family}) takes no option {name}; it takes "
                                   f"{', '.join(takes) if takes else 'no sampling options'}", name)
+    choices = model.sampler_choices()
+    if "sampler" in given and given["sampler"] not in choices:
+        names = " or ".join(repr(choice) for choice in choices)
+        raise ServeError(422, f"sampler: model {model.name!r} ({model.family}) takes sampler {names}, got "
+                              f"{given['sampler']!r}", "sampler")
     return model.lab.sample_options(given)
 
 
@@ -223,8 +229,9 @@ def create_app(config: ServeConfig, models: dict[str, ServedModel]) -> FastAPI:
         executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="genlab", version="1", lifespan=lifespan,
-                  description="Text-to-image with every family of the lab: a GAN, a VAE, a pixel DDPM and a latent "
-                              "DDPM, trained on the same data. Models are chosen by name (GET /models).")
+                  description="Text-to-image with every family of the lab: a GAN, a VAE, a pixel DDPM, a latent "
+                              "DDPM and a rectified flow, trained on the same data. Models are chosen by name "
+                              "(GET /models).")
     app.state.models, app.state.gate, app.state.config = models, gate, config
 
     @app.exception_handler(ServeError)

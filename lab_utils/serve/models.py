@@ -20,6 +20,10 @@ from lab_utils.checkpoint import LoadedLab, load_lab
 from lab_utils.lab import Lab
 from lab_utils.pretrained import load as load_pretrained
 from lab_utils.pretrained import zoo
+from labs.diffusion.lab import DiffusionSampleOptions
+from labs.diffusion.sampling import SAMPLERS as DIFFUSION_SAMPLERS
+from labs.flow.lab import FlowSampleOptions
+from labs.flow.sampling import SAMPLER_STEPS as FLOW_SAMPLERS
 
 log = logging.getLogger("genlab")
 
@@ -88,11 +92,15 @@ class ServedModel:
     def option_names(self) -> list[str]:
         return [item.name for item in fields(self.lab.SampleOptions)]
 
+    def sampler_choices(self) -> list[str]:
+        """The ``sampler`` values this model takes (every known one for a lab of the user's own)."""
+        return SAMPLER_CHOICES.get(self.lab.SampleOptions, SAMPLER_NAMES)
+
     def describe(self, limits: Limits) -> dict[str, Any]:
         """What ``GET /models`` says of this model."""
         info = self.lab.data_info
         defaults = self.lab.sampling_defaults()
-        options = {name: {**OPTION_SCHEMA[name](limits), "default": defaults.get(name)}
+        options = {name: {**OPTION_SCHEMA[name](limits, self), "default": defaults.get(name)}
                    for name in self.option_names() if name in OPTION_SCHEMA}
         return {"name": self.name, "family": self.family, "source": self.source, "dataset": info.name,
                 "image": {"channels": info.channels, "size": info.image_size},
@@ -103,13 +111,19 @@ class ServedModel:
                 "live_preview": type(self.lab).sample_with_progress is not Lab.sample_with_progress}
 
 
+# The sampler names of each family's sampling options (the DDPM's and the ldm's, the flow's): a request's `sampler`
+# must be one of its model's; the request body takes any of them (SAMPLER_NAMES), so an unknown name is refused first.
+SAMPLER_CHOICES: dict[type, list[str]] = {DiffusionSampleOptions: sorted(DIFFUSION_SAMPLERS),
+                                          FlowSampleOptions: sorted(FLOW_SAMPLERS)}
+SAMPLER_NAMES: list[str] = sorted({name for names in SAMPLER_CHOICES.values() for name in names})
+
 # The request fields of the families' sampling options, with the server's limits (GET /models reports them).
 OPTION_SCHEMA = {
-    "sampler": lambda limits: {"type": "string", "choices": ["ddim", "ddpm"]},
-    "steps": lambda limits: {"type": "integer", "min": 1, "max": limits.steps},
-    "guidance": lambda limits: {"type": "number", "min": 0.0, "max": limits.guidance},
-    "eta": lambda limits: {"type": "number", "min": 0.0, "max": 1.0},
-    "temperature": lambda limits: {"type": "number", "min": 0.0, "max": limits.temperature},
+    "sampler": lambda limits, model: {"type": "string", "choices": model.sampler_choices()},
+    "steps": lambda limits, model: {"type": "integer", "min": 1, "max": limits.steps},
+    "guidance": lambda limits, model: {"type": "number", "min": 0.0, "max": limits.guidance},
+    "eta": lambda limits, model: {"type": "number", "min": 0.0, "max": 1.0},
+    "temperature": lambda limits, model: {"type": "number", "min": 0.0, "max": limits.temperature},
 }
 
 

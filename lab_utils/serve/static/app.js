@@ -42,7 +42,9 @@ function request(model) {
   for (const [field, id] of Object.entries(numbers)) {
     if (field in model.options && $(id).value !== "") body[field] = Number($(id).value);
   }
-  if ("sampler" in model.options && $("sampler").value) body.sampler = $("sampler").value;
+  // a sampler only where this model takes that one (ddim/ddpm: the DDPMs; euler/heun: the flow)
+  const sampler = $("sampler").value;
+  if ("sampler" in model.options && sampler && model.options.sampler.choices.includes(sampler)) body.sampler = sampler;
   return body;
 }
 
@@ -52,6 +54,7 @@ const HOW = {
   vae: "a VAE: a draw from the prior p(z | prompt), decoded",
   ddpm: "a DDPM: denoising steps on the 32x32 pixels",
   ldm: "latent diffusion: denoising steps on 4x8x8 latents, then the decoder",
+  flow: "rectified flow: ODE steps along straight paths from noise to the 32x32 pixels",
 };
 
 function card(model) {
