@@ -14,9 +14,10 @@ from lab_utils.config import ConfigError, compose
 from labs.diffusion import (
     CrossAttention, DDPMConfig, DiffusionLab, NoiseScheduler, SamplingConfig, SchedulerConfig, UNet, UNetConfig,
     attention,
-    classifier_free_guidance, cosine_betas, ddim_sample, ddpm_sample, sample_loop,
+    classifier_free_guidance, cosine_betas, ddim_sample, ddpm_sample, diffusion_loss, patchify, sample_loop,
+    unpatchify,
 )
-from labs.text_encoder import TextEncoderConfig
+from labs.text_encoder import TextEncoderConfig, TextEncoding
 
 def tiny_config(**changes) -> DDPMConfig:
     cfg = DDPMConfig(
@@ -333,6 +334,102 @@ def test_min_snr_weighting_lowers_the_weight_of_low_noise_levels():
     assert 0.3 * unweighted < weighted < unweighted  # weights min(SNR_t, 5) / SNR_t <= 1
 
 
+# ------------------------------------------------------------------------------ targets, levels, weights, patches
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0", "edm"])
+def test_every_prediction_type_gives_back_x0_from_its_own_target(prediction):
+    scheduler = NoiseScheduler(SchedulerConfig(num_train_timesteps=100, prediction_type=prediction, sigma_data=0.3,
+                                               clip_x0=False))
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 8, 8, generator=generator) * 2 - 1
+    eps = torch.randn(4, 3, 8, 8, generator=generator)
+    t = torch.tensor([0, 30, 70, 95])  # x0 from eps at t = 99 (alpha_bar ~ 1e-5) would divide noise by ~0.003
+    xt = scheduler.add_noise(x0, eps, t)
+    torch.testing.assert_close(scheduler.pred_x0(scheduler.target(x0, eps, t), xt, t), x0, atol=1e-4, rtol=0)
+
+
+def test_edm_preconditioning_with_unit_sigma_data_is_minus_v_and_its_target_has_unit_variance():
+    edm = NoiseScheduler(SchedulerConfig(prediction_type="edm", sigma_data=1.0))
+    v = NoiseScheduler(SchedulerConfig(prediction_type="v"))
+    generator = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 4096, generator=generator), torch.randn(2, 4096, generator=generator)
+    t = torch.tensor([10, 900])
+    torch.testing.assert_close(edm.target(x0, eps, t), -v.target(x0, eps, t), atol=1e-5, rtol=1e-5)
+    # with data of std sigma_data (and mean 0), F* = (x0 - c_skip x_t) / c_out has unit variance at every level
+    scaled = NoiseScheduler(SchedulerConfig(prediction_type="edm", sigma_data=0.3))
+    for level in (5, 300, 600, 990):
+        target = scaled.target(0.3 * x0, eps, torch.full((2,), level))
+        assert abs(target.var().item() - 1.0) < 0.1, (level, target.var().item())
+
+
+def test_a_drawn_log_snr_becomes_the_first_level_at_or_below_it():
+    scheduler = NoiseScheduler(SchedulerConfig(num_train_timesteps=1000, snr_shift=2.0))
+    table = scheduler.snr(torch.arange(1000)).double().log()  # decreasing
+    draws = torch.tensor([50.0, table[0].item(), 3.0, 0.0, -2.5, table[999].item(), -50.0])
+    levels = scheduler.level_of_log_snr(draws)
+    assert levels[0] == 0 and levels[1] == 0 and levels[-1] == 999 and levels[-2] == 999
+    for draw, level in zip(draws[2:5].tolist(), levels[2:5].tolist()):
+        assert table[level] >= draw - 1e-4 > table[level + 1] - 1e-4 or level == 999, (draw, level)
+    assert torch.all(levels[1:] >= levels[:-1])  # less SNR, more noise
+
+
+def test_log_snr_normal_training_levels_follow_their_density():
+    lab = DiffusionLab(tiny_config(timestep_sampling="log_snr_normal", log_snr_mean=1.0, log_snr_std=2.0,
+                                   scheduler=SchedulerConfig(num_train_timesteps=1000)), data_info())
+    seen = []
+
+    class Recorder(torch.nn.Module):  # records the levels it is asked about
+        def forward(self, xt, t, context):
+            seen.append(t)
+            return torch.zeros_like(xt)
+
+    lab.unet = Recorder()
+    torch.manual_seed(0)
+    lab.loss(torch.zeros(4000, 3, 2, 2), [""] * 4000)
+    log_snr = lab.scheduler.snr(seen[0]).log()
+    assert abs(log_snr.median().item() - 1.0) < 0.15  # the draw's median, up to the levels' spacing and sampling
+    assert abs((log_snr > 3.0).float().mean().item() - 0.159) < 0.03  # P(N(1, 2^2) > 3) = P(Z > 1)
+
+
+def test_flow_weighting_weights_x0_errors_by_one_plus_root_snr_squared():
+    scheduler = NoiseScheduler(SchedulerConfig(num_train_timesteps=100, prediction_type="v", clip_x0=False))
+    generator = torch.Generator().manual_seed(2)
+    x0 = torch.rand(3, 3, 4, 4, generator=generator) * 2 - 1
+    wrong = x0 + 0.1 * torch.randn(3, 3, 4, 4, generator=generator)  # the "model" predicts v for another x0
+    eps = torch.randn(3, 3, 4, 4, generator=generator)
+    t = torch.tensor([5, 50, 90])
+
+    def model(xt, levels, cond):
+        return scheduler.target(wrong, scheduler.eps_from_x0(xt, wrong, levels), levels)
+
+    snr = scheduler.snr(t)
+    x0_mse = ((scheduler.pred_x0(model(scheduler.add_noise(x0, eps, t), t, None), scheduler.add_noise(x0, eps, t), t)
+               - x0) ** 2).mean(dim=(1, 2, 3))
+    expected = ((1 + snr.sqrt()) ** 2 * x0_mse).mean()
+    torch.testing.assert_close(diffusion_loss(model, scheduler, x0, t, eps, None, flow_weighting=True), expected,
+                               rtol=1e-4, atol=0)
+    plain = diffusion_loss(model, scheduler, x0, t, eps, None)
+    torch.testing.assert_close(plain, ((snr + 1) * x0_mse).mean(), rtol=1e-4, atol=0)  # v's own weight: SNR + 1
+
+
+def test_patchify_is_a_lossless_reshuffle_of_each_patch_into_channels():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    patches = patchify(x, 4)
+    assert patches.shape == (2, 48, 2, 2)
+    # channel c p^2 + i p + j at patch position (a, b) holds pixel (4 a + i, 4 b + j) of channel c
+    c, i, j, a, b = 2, 1, 3, 1, 0
+    assert patches[1, c * 16 + i * 4 + j, a, b] == x[1, c, 4 * a + i, 4 * b + j]
+    assert torch.equal(unpatchify(patches, 4), x) and torch.equal(patchify(x, 1), x)
+    # the UNet at patch size 4 keeps the image's shape and runs its levels at 8 and 4 positions a side for 32 px
+    net = UNet(UNetConfig(base_channels=16, channel_mults=[1, 1], self_attention_levels=[], cross_attention_levels=[1],
+                          heads=2, groups=4, patch_size=4), image_channels=3, cond_dim=16)
+    sizes = []
+    net.conv_in.register_forward_hook(lambda module, inputs, out: sizes.append(tuple(out.shape[-2:])))
+    context = TextEncoding(tokens=torch.zeros(2, 3, 16), mask=torch.ones(2, 3, dtype=torch.bool),
+                           pooled=torch.zeros(2, 16))
+    assert net(torch.zeros(2, 3, 32, 32), torch.tensor([1, 2]), context).shape == (2, 3, 32, 32)
+    assert sizes == [(8, 8)]
+
+
 # ------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
 def test_presets_compose_and_build(preset):
@@ -345,7 +442,12 @@ def test_presets_compose_and_build(preset):
 
 @pytest.mark.parametrize("override, message", [
     ("model.scheduler.beta_schedule=quadratic", "beta_schedule"),
-    ("model.scheduler.prediction_type=x0", "prediction_type"),
+    ("model.scheduler.prediction_type=x1", "prediction_type"),
+    ("model.scheduler.sigma_data=0", "sigma_data"),
+    ("model.timestep_sampling=beta", "timestep_sampling"),
+    ("model.log_snr_std=0", "log_snr_std"),
+    ("model.log_snr_mean=nan", "log_snr_mean"),
+    ("model.min_snr_gamma=5 model.flow_weighting=true", "flow_weighting"),
     ("model.sampling.sampler=euler", "sampling.sampler"),
     ("model.p_uncond=1.5", "p_uncond"),
     ("model.unet.self_attention_levels=[5]", "self_attention_levels"),
@@ -353,7 +455,7 @@ def test_presets_compose_and_build(preset):
 ])
 def test_bad_config_values_fail_clearly(override, message):
     with pytest.raises(ConfigError, match=message):
-        compose(["model=ddpm", "data=shapes", "preset=smoke", override])
+        compose(["model=ddpm", "data=shapes", "preset=smoke", *override.split()])
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -17,7 +17,8 @@ from .sampling import (
 )
 from .scheduler import NoiseScheduler, SchedulerConfig, SchedulerStep, cosine_betas, linear_betas
 from .unet import (
-    CrossAttention, ResBlock, SelfAttention, UNet, UNetConfig, attention, coordinate_grid, timestep_embedding,
+    CrossAttention, ResBlock, SelfAttention, UNet, UNetConfig, attention, coordinate_grid, patchify, timestep_embedding,
+    unpatchify,
 )
 
 __all__ = [
@@ -43,8 +44,10 @@ __all__ = [
     "ddpm_sample",
     "diffusion_loss",
     "linear_betas",
+    "patchify",
     "sample_levels",
     "sample_loop",
     "start_noise",
     "timestep_embedding",
+    "unpatchify",
 ]

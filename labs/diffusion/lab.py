@@ -16,6 +16,7 @@ unconditional batch together and combines them with classifier-free guidance.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
@@ -60,6 +61,15 @@ class DDPMConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     p_uncond: float = 0.1  # probability of replacing a caption by "" during training (Ho & Salimans sec. 3.2)
     min_snr_gamma: Optional[float] = None  # min-SNR loss weighting (Hang et al.); null = plain MSE
+    # The training noise levels: uniform over t (Ho et al.), or log SNR ~ N(log_snr_mean, log_snr_std^2) mapped to the
+    # nearest level (EDM's log-normal sigma is log SNR ~ N(2.4, 2.4^2); rectified flow's logit-normal t (SD3) is
+    # log SNR ~ N(0, 2^2) on its own path). See conf/preset_model/ddpm_cpu.yaml for what it buys.
+    timestep_sampling: str = "uniform"  # uniform | log_snr_normal
+    # Weight each sample so that x0 errors cost what rectified flow's velocity loss makes them cost, (1 + sqrt(SNR))^2
+    # (Kingma & Gao 2023's view: an objective is a noise-level density times a weighting); false: the target's MSE.
+    flow_weighting: bool = False
+    log_snr_mean: float = 0.0
+    log_snr_std: float = 2.0
     lr: float = 1e-3  # AdamW learning rate
     text_lr: Optional[float] = None  # the text encoder's own learning rate; null = lr (see configure_optimizers)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
@@ -73,6 +83,13 @@ class DDPMConfig:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be positive or null, got {self.min_snr_gamma}")
+        if self.timestep_sampling not in ("uniform", "log_snr_normal"):
+            raise ValueError(f"timestep_sampling must be 'uniform' or 'log_snr_normal', got {self.timestep_sampling!r}")
+        if not math.isfinite(self.log_snr_mean) or not (self.log_snr_std > 0 and math.isfinite(self.log_snr_std)):
+            raise ValueError(f"log_snr_mean must be finite and log_snr_std positive, got {self.log_snr_mean}, "
+                             f"{self.log_snr_std}")
+        if self.flow_weighting and self.min_snr_gamma is not None:
+            raise ValueError("flow_weighting and min_snr_gamma are two loss weightings: set one (the other to false/null)")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.text_lr is not None and self.text_lr <= 0:
@@ -85,7 +102,7 @@ class DDPMConfig:
 
 def diffusion_loss(eps_model: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], scheduler: NoiseScheduler,
                    x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: Any,
-                   min_snr_gamma: Optional[float] = None) -> torch.Tensor:
+                   min_snr_gamma: Optional[float] = None, flow_weighting: bool = False) -> torch.Tensor:
     r"""The simple loss (Ho et al. eq. 14) for given noise levels and noise, a 0-dim float32 tensor:
 
     $\frac1B\sum_b \frac1P\lVert \epsilon_b - \epsilon_\theta(\sqrt{\bar\alpha_{t_b}}x_{0,b}
@@ -99,9 +116,10 @@ def diffusion_loss(eps_model: Callable[[torch.Tensor, torch.Tensor, Any], torch.
     prediction = eps_model(xt, t, cond)  # eps_theta(x_t, t, c)
     mse = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if min_snr_gamma is not None:
-        snr = scheduler.snr(t)  # (B,)
-        clipped = snr.clamp(max=min_snr_gamma)  # min(SNR_t, gamma)
-        mse = mse * (clipped / snr if scheduler.prediction_type == "eps" else clipped / (snr + 1))
+        # min(SNR_t, gamma) in x0 terms, divided by the weight the target's MSE already gives x0 errors
+        mse = mse * scheduler.snr(t).clamp(max=min_snr_gamma) / scheduler.x0_weight(t)
+    if flow_weighting:  # (1 + sqrt(SNR))^2 in x0 terms: rectified flow's |v - (eps - x0)|^2 = |x0_hat - x0|^2 / t^2
+        mse = mse * (1 + scheduler.snr(t).sqrt()) ** 2 / scheduler.x0_weight(t)
     return mse.mean()
 
 
@@ -163,9 +181,14 @@ class DiffusionLab(Lab):
         # condition dropout: c <- "" with probability p_uncond
         drop = torch.rand(B).lt(self.config.p_uncond).tolist()
         prompts = ["" if dropped else caption for caption, dropped in zip(captions, drop)]
-        t = torch.randint(0, self.scheduler.num_train_timesteps, (B,), device=x0.device)  # t ~ U{0..T-1}
+        if self.config.timestep_sampling == "uniform":
+            t = torch.randint(0, self.scheduler.num_train_timesteps, (B,), device=x0.device)  # t ~ U{0..T-1}
+        else:  # log SNR ~ N(m, s^2), then the level with that SNR
+            log_snr = self.config.log_snr_mean + self.config.log_snr_std * torch.randn(B, device=x0.device)
+            t = self.scheduler.level_of_log_snr(log_snr)
         eps = torch.randn_like(x0)  # eps ~ N(0, I)
-        return diffusion_loss(self, self.scheduler, x0, t, eps, prompts, self.config.min_snr_gamma)
+        return diffusion_loss(self, self.scheduler, x0, t, eps, prompts, self.config.min_snr_gamma,
+                              self.config.flow_weighting)
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         # Minimise || eps - eps_theta(x_t, t, c) ||^2 over the UNet and the text encoder together

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import torch
 
 
+PREDICTION_TYPES = ("eps", "v", "x0", "edm")
+
+
 @dataclass
 class SchedulerConfig:
     num_train_timesteps: int = 1000  # T, the number of noise levels of the forward process
@@ -33,7 +36,10 @@ class SchedulerConfig:
     # SNR(t) divided by snr_shift^2 at every t: the schedule shifted towards noise (Hoogeboom et al. 2023,
     # "simple diffusion", sec. 3.1; Esser et al. 2024 sec. 5.3.2). 1 = the schedule as defined above.
     snr_shift: float = 1.0
-    prediction_type: str = "eps"  # what the network predicts: eps | v
+    prediction_type: str = "eps"  # what the network predicts: eps | v | x0 | edm (see NoiseScheduler.target)
+    # The data's standard deviation in EDM's preconditioning (Karras et al. 2022, Table 1), prediction_type edm only.
+    # v is edm with sigma_data = 1; shapes' pixels have std 0.30 (mostly background).
+    sigma_data: float = 0.5
     variance_type: str = "fixed_small"  # DDPM sampler variance: fixed_small (beta_tilde) | fixed_large (beta)
     clip_x0: bool = True  # clip the predicted x0 to [-clip_range, clip_range] while sampling
     clip_range: float = 1.0  # the data lies in [-1, 1]
@@ -51,8 +57,11 @@ class SchedulerConfig:
             raise ValueError(f"scheduler.snr_shift must be positive (1 = no shift), got {self.snr_shift}")
         if self.cosine_s < 0:
             raise ValueError(f"scheduler.cosine_s must be >= 0, got {self.cosine_s}")
-        if self.prediction_type not in ("eps", "v"):
-            raise ValueError(f"scheduler.prediction_type must be 'eps' or 'v', got {self.prediction_type!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"scheduler.prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                             f"got {self.prediction_type!r}")
+        if not self.sigma_data > 0:  # NaN fails too
+            raise ValueError(f"scheduler.sigma_data must be positive, got {self.sigma_data}")
         if self.variance_type not in ("fixed_small", "fixed_large"):
             raise ValueError(
                 f"scheduler.variance_type must be 'fixed_small' or 'fixed_large', got {self.variance_type!r}")
@@ -166,6 +175,16 @@ class NoiseScheduler:
         alpha_bar = self._alpha_bar_on(t.device)[t]  # indexed on t's device
         return (alpha_bar / (1 - alpha_bar)).to(dtype=torch.float32)
 
+    def level_of_log_snr(self, log_snr: torch.Tensor) -> torch.Tensor:
+        r"""The noise level t (long, same shape and device) whose $\log\mathrm{SNR}(t)$ is nearest above ``log_snr``:
+        draws of $\log\mathrm{SNR}$ from a continuous distribution (EDM's log-normal $\sigma$, the logit-normal times
+        of rectified flow) turned into this schedule's discrete levels. $\log\mathrm{SNR}(t)$ falls with t."""
+        table = self._alpha_bar_on(log_snr.device)
+        log_snr_table = (table / (1 - table)).log().to(log_snr.dtype)  # (T,), decreasing
+        # searchsorted needs ascending values: count the levels whose log-SNR is still >= the draw
+        levels = torch.searchsorted(-log_snr_table, -log_snr.contiguous(), right=True) - 1
+        return levels.clamp(0, self.num_train_timesteps - 1)
+
     # ------------------------------------------------------- forward process
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         r"""Sample $x_t \sim q(x_t \mid x_0) = \mathcal N(\sqrt{\bar\alpha_t}\,x_0, (1-\bar\alpha_t)I)$
@@ -199,13 +218,56 @@ class NoiseScheduler:
         alpha_bar = self.alpha_bar_at(t, xt)
         return (1 - alpha_bar).sqrt() * xt + alpha_bar.sqrt() * v
 
+    def edm_coefficients(self, t: torch.Tensor | int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""EDM's preconditioning (Karras et al. 2022, Table 1) written for VP's $x_t$: $\hat x_0 = c_	ext{skip} x_t
+        + c_	ext{out} F_	heta$. In EDM's terms $	ilde x = x_t / \sqrt{arlpha_t} = x_0 + \sigma\epsilon$ with
+        $\sigma^2 = 1/\mathrm{SNR}$, $\hat x_0 = rac{\sigma_d^2}{\sigma^2 + \sigma_d^2}	ilde x
+        + rac{\sigma\sigma_d}{\sqrt{\sigma^2 + \sigma_d^2}} F_	heta$; with $D = 1 - arlpha_t + arlpha_t\sigma_d^2$:
+
+        $c_	ext{skip} = \sigma_d^2\sqrt{arlpha_t} / D$, $c_	ext{out} = \sigma_d\sqrt{1 - arlpha_t} / \sqrt D$.
+
+        At low noise $\hat x_0 	o x_t$ (the network adds a correction), at high noise $\hat x_0 	o \sigma_d F_	heta$ (it
+        predicts the image); the target $F^* = (x_0 - c_	ext{skip} x_t) / c_	ext{out}$ has unit variance at every level
+        when the data's std is $\sigma_d$. $\sigma_d = 1$ gives $c_	ext{skip} = \sqrt{arlpha_t}$,
+        $c_	ext{out} = \sqrt{1 - arlpha_t}$: $F^* = -v$."""
+        alpha_bar = self._alpha_bar64(t)
+        sd2 = self.cfg.sigma_data ** 2
+        d = 1 - alpha_bar + alpha_bar * sd2
+        c_skip = sd2 * alpha_bar.sqrt() / d
+        c_out = self.cfg.sigma_data * (1 - alpha_bar).sqrt() / d.sqrt()
+        return self._like(c_skip, like), self._like(c_out, like)
+
+    def x0_weight(self, t: torch.Tensor) -> torch.Tensor:
+        r"""$\lambda(t)$ such that the MSE of the network's target is $\lambda(t)\,\lVert\hat x_0 - x_0
+Vert^2$: SNR (eps),
+        SNR + 1 (v), 1 (x0), SNR + $1/\sigma_d^2$ (edm). (B,) float32: min-SNR divides by it (``diffusion_loss``)."""
+        snr = self.snr(t)
+        if self.prediction_type == "eps":
+            return snr
+        if self.prediction_type == "v":
+            return snr + 1
+        if self.prediction_type == "x0":
+            return torch.ones_like(snr)
+        return snr + 1 / self.cfg.sigma_data ** 2
+
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-        """What the network is trained to predict: ``eps`` itself, or ``v``."""
+        r"""What the network is trained to predict: $\epsilon$ (Ho et al.), $v$ (Salimans & Ho), $x_0$ itself, or
+        EDM's $F^* = (x_0 - c_	ext{skip} x_t) / c_	ext{out}$ (:meth:`edm_coefficients`)."""
+        if self.prediction_type == "x0":
+            return x0
+        if self.prediction_type == "edm":
+            c_skip, c_out = self.edm_coefficients(t, x0)
+            return (x0 - c_skip * self.add_noise(x0, eps, t)) / c_out
         return eps if self.prediction_type == "eps" else self.velocity(x0, eps, t)
 
     def pred_x0(self, model_output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-        r"""$\hat x_0$ from the network's output (eps or v), clipped to the data range if ``clip_x0``."""
-        if self.prediction_type == "eps":
+        r"""$\hat x_0$ from the network's output (eps, v, x0 or EDM's F), clipped to the data range if ``clip_x0``."""
+        if self.prediction_type == "x0":
+            x0 = model_output
+        elif self.prediction_type == "edm":
+            c_skip, c_out = self.edm_coefficients(t, xt)
+            x0 = c_skip * xt + c_out * model_output
+        elif self.prediction_type == "eps":
             x0 = self.x0_from_eps(xt, model_output, t)
         else:
             x0 = self.x0_from_v(xt, model_output, t)

@@ -237,6 +237,18 @@ class UNetConfig:
             raise ValueError(f"unet.text_map_channels must be >= 0 (0 = off), got {self.text_map_channels}")
 
 
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    r"""(B, C, H, W) -> (B, C p^2, H / p, W / p): every p x p patch folded into channels, pixel (i, j) of the patch
+    at channel c p^2 + i p + j (``pixel_unshuffle``; DiT's and simple diffusion's patchify). A fixed, lossless
+    reshuffle: nothing is learnt, unlike the ldm's encoder, which compresses 3 x 4 x 4 values to 4 and must be trained."""
+    return F.pixel_unshuffle(x, p) if p > 1 else x
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """The inverse of :func:`patchify`: (B, C p^2, H, W) -> (B, C, H p, W p) (``pixel_shuffle``)."""
+    return F.pixel_shuffle(x, p) if p > 1 else x
+
+
 def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
     """(B, 2, H, W): channel 0 is the column (x) and channel 1 the row (y), each from -1 to 1."""
     B, _, H, W = x.shape
@@ -321,7 +333,7 @@ class UNet(nn.Module):
         p = self.cfg.patch_size
         if xt.shape[-1] % p or xt.shape[-2] % p:
             raise ValueError(f"image size {tuple(xt.shape[-2:])} is not a multiple of unet.patch_size={p}")
-        xt = F.pixel_unshuffle(xt, p) if p > 1 else xt  # (B, C p^2, H / p, W / p): each p x p patch as channels
+        xt = patchify(xt, p)  # (B, C p^2, H / p, W / p): each p x p patch as channels
         if self.cfg.coord_channels:
             xt = torch.cat([xt, coordinate_grid(xt)], dim=1)  # (B, C p^2 + 2, H / p, W / p)
         h = self.conv_in(xt)  # (B, ch, H / p, W / p)
@@ -347,4 +359,4 @@ class UNet(nn.Module):
             if i < len(self.upsamples):
                 h = self.upsamples[i](h, size=skips[-1].shape[-2:])  # (B, C, 2H, 2W)
         out = self.conv_out(F.silu(self.norm_out(h)))  # (B, C_image p^2, H / p, W / p)
-        return F.pixel_shuffle(out, p) if p > 1 else out  # (B, C_image, H, W)
+        return unpatchify(out, p)  # (B, C_image, H, W)
