@@ -1,4 +1,4 @@
-"""The graded exercises of notebooks 03 (diffusion) and 06 (latent diffusion).
+"""The graded exercises of notebooks 03 (diffusion, and rectified flow in its section 5) and 06 (latent diffusion).
 
 For every check: an answer written from scratch passes; each known mistake, written as a student would write it,
 gets its own message; an answer that calls the lab's code it is compared with fails with "calls the lab's"; a
@@ -8,6 +8,7 @@ wrong answer sees the hint's idea first and its detail on the second try; an unw
 
 from __future__ import annotations
 
+import importlib
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,13 +20,17 @@ from torch import nn
 
 import lab_utils.exercises as exercises_module
 import labs.diffusion.exercises as diffusion_exercises
+import labs.flow.exercises as flow_exercises
 import labs.latent_diffusion.exercises as latent_exercises
 from conftest import data_info
 from lab_utils.exercises import Hint
 from labs.diffusion import DiffusionLab, NoiseScheduler, SchedulerConfig, diffusion_loss
+from labs.flow import FlowLab, flow_matching_loss
+from labs.flow import add_noise as flow_add_noise
+from labs.flow import velocity as flow_velocity
 from labs.latent_diffusion import AutoencoderConfig, KLAutoencoder, LatentDiffusionLab
 
-NOTEBOOKS = {"03_diffusion": diffusion_exercises, "06_latent_diffusion": latent_exercises}
+NOTEBOOKS = {"03_diffusion": (diffusion_exercises, flow_exercises), "06_latent_diffusion": (latent_exercises,)}
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +71,12 @@ def training_step(eps_model, optimizer, x0, t, eps, alpha_bar, cond):
     loss.backward()
     optimizer.step()
     return loss.item()
+
+
+def flow_loss(v_model, x0, t, eps, cond):
+    t4 = t[:, None, None, None]  # (B, 1, 1, 1)
+    xt = x0 + t4 * (eps - x0)  # (1 - t) x0 + t eps, written another way
+    return nn.functional.mse_loss(v_model(xt, t, cond), eps - x0)
 
 
 def scale_and_shift(z):
@@ -151,6 +162,40 @@ def step_without_update(eps_model, optimizer, x0, t, eps, alpha_bar, cond):
     return loss.item()
 
 
+def flow_path_reversed(v_model, x0, t, eps, cond):
+    t4 = t[:, None, None, None]
+    return nn.functional.mse_loss(v_model(t4 * x0 + (1 - t4) * eps, t, cond), eps - x0)
+
+
+def flow_velocity_backwards(v_model, x0, t, eps, cond):
+    t4 = t[:, None, None, None]
+    return nn.functional.mse_loss(v_model((1 - t4) * x0 + t4 * eps, t, cond), x0 - eps)
+
+
+def flow_eps_target(v_model, x0, t, eps, cond):
+    t4 = t[:, None, None, None]
+    return nn.functional.mse_loss(v_model((1 - t4) * x0 + t4 * eps, t, cond), eps)
+
+
+def flow_x0_target(v_model, x0, t, eps, cond):
+    t4 = t[:, None, None, None]
+    return nn.functional.mse_loss(v_model((1 - t4) * x0 + t4 * eps, t, cond), x0)
+
+
+def flow_clean_input(v_model, x0, t, eps, cond):
+    return nn.functional.mse_loss(v_model(x0, t, cond), eps - x0)
+
+
+def flow_ddpm_weights(v_model, x0, t, eps, cond):
+    t4 = t[:, None, None, None]
+    return nn.functional.mse_loss(v_model(torch.sqrt(1 - t4) * x0 + torch.sqrt(t4) * eps, t, cond), eps - x0)
+
+
+def flow_summed_per_image(v_model, x0, t, eps, cond):
+    t4 = t[:, None, None, None]
+    return ((v_model((1 - t4) * x0 + t4 * eps, t, cond) - (eps - x0)) ** 2).flatten(1).sum(1).mean()
+
+
 def scale_per_channel(z):
     return float(1 / z.std(dim=(0, 2, 3)).mean()), float(z.mean())
 
@@ -215,6 +260,18 @@ def step_by_the_lab(eps_model, optimizer, x0, t, eps, alpha_bar, cond):
     return diffusion_exercises.reference_training_step(eps_model, optimizer, x0, t, eps, alpha_bar, cond)
 
 
+def flow_loss_by_the_lab(v_model, x0, t, eps, cond):
+    return flow_matching_loss(v_model, x0, t, eps, cond)
+
+
+def flow_loss_from_the_lab_path(v_model, x0, t, eps, cond):
+    return nn.functional.mse_loss(v_model(flow_add_noise(x0, eps, t), t, cond), flow_velocity(x0, eps))
+
+
+def flow_loss_by_the_lab_object(v_model, x0, t, eps, cond):
+    return FlowLab.loss(v_model, x0, cond)
+
+
 def scale_and_shift_by_the_lab(z):
     identity = types.SimpleNamespace(encode=lambda x: types.SimpleNamespace(sample=lambda: x))
     return LatentDiffusionLab.measure_scale_factor(types.SimpleNamespace(autoencoder=identity, device="cpu"), [z])
@@ -272,6 +329,8 @@ def fallback_args(exercise: str) -> tuple:
         "ddim_step": lambda: (x, eps, 30, 20, alpha_bar),
         "ddpm_loss": lambda: (toy_model(), x, t, eps, alpha_bar.float(), torch.randn(2, 4, generator=gen)),
         "training_step": lambda: (toy_model(), None, x, t, eps, alpha_bar.float(), torch.randn(2, 4, generator=gen)),
+        "flow_matching_loss": lambda: (flow_exercises._ToyVelocityModel(), x, torch.tensor([0.1, 0.8]), eps,
+                                       torch.randn(2, 4, generator=gen)),
         "scale_and_shift": lambda: (torch.randn(4, 4, 2, 2, generator=gen) * 0.3 + 0.2,),
         "encode_to_latents": lambda: (tiny_autoencoder(), x.clamp(-1, 1).repeat(1, 1, 2, 2), 1.3, 0.1),
         "latent_ddim_step": lambda: (x[:, :1].repeat(1, 4, 1, 1), eps[:, :1].repeat(1, 4, 1, 1), 30, 20,
@@ -305,6 +364,12 @@ EXERCISES = {
     "ddim_step": Exercise(diffusion_exercises.check_ddim_step, ddim_step,
                           [(ddim_clean_is_level_zero, "not alpha_bar[0]"), (ddim_python_index, "*last* entry")],
                           [ddim_step_by_the_lab]),
+    "flow_matching_loss": Exercise(flow_exercises.check_flow_matching_loss, flow_loss,
+                                   [(flow_path_reversed, "t = 0 is the data"), (flow_velocity_backwards, "eps - x0"),
+                                    (flow_eps_target, "not the noise eps"), (flow_x0_target, "not the clean image"),
+                                    (flow_clean_input, "the point x_t on the path"),
+                                    (flow_ddpm_weights, "no square roots"), (flow_summed_per_image, "not a sum")],
+                                   [flow_loss_by_the_lab, flow_loss_from_the_lab_path, flow_loss_by_the_lab_object]),
     "scale_and_shift": Exercise(latent_exercises.check_scale_and_shift, scale_and_shift,
                                 [(scale_per_channel, "not one per channel"), (scale_is_std, "1 / std, not std")],
                                 [scale_and_shift_by_the_lab]),
@@ -329,9 +394,10 @@ def one_line(capsys) -> str:
 def test_every_graded_check_is_in_its_notebook_with_points():
     from lab_utils.notebooks import NOTEBOOK_FOLDER
 
-    for notebook, module in NOTEBOOKS.items():
+    for notebook, modules in NOTEBOOKS.items():
         points = nbformat.read(NOTEBOOK_FOLDER / f"{notebook}.ipynb", as_version=4).metadata["genlab"]["exercises"]
-        ours = {name for name, exercise in EXERCISES.items() if exercise.check.__module__ == module.__name__}
+        ours = {name for name, exercise in EXERCISES.items()
+                if exercise.check.__module__ in {module.__name__ for module in modules}}
         assert ours <= set(points) and all(points[name] in (1, 2) for name in ours), (notebook, points)
         for name in ours:
             assert EXERCISES[name].check.exercise == name
@@ -368,8 +434,7 @@ def test_an_answer_that_calls_the_lab_fails(name, capsys):
 
 @pytest.mark.parametrize("name", EXERCISES)
 def test_the_hint_gives_the_idea_first_and_the_detail_on_the_second_try(name, capsys, monkeypatch):
-    module = NOTEBOOKS["03_diffusion" if EXERCISES[name].check.__module__.startswith("labs.diffusion")
-                       else "06_latent_diffusion"]
+    module = importlib.import_module(EXERCISES[name].check.__module__)
     hints = []
     real = module.check_function
 

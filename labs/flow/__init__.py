@@ -5,6 +5,7 @@ Diffusion 3, Esser et al. 2024) with the text conditioning and classifier-free g
                  (logit-normal or uniform, SD3's shift) and the sampler's time grid (no network, no parameters)
     sampling.py  Euler and Heun steps of the ODE dx/dt = v from t = 1 to t = 0
     lab.py       FlowConfig, flow_matching_loss, FlowLab (training step, sampling pipeline)
+    exercises.py the notebook's check of flow_matching_loss (03_diffusion.ipynb, section 5)
 
     genlab train model=flow data=shapes preset=cpu
     genlab sample run=<dir> prompt="a red circle" sampler=heun steps=10 guidance=3 n=16
