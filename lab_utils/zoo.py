@@ -43,7 +43,7 @@ class ZooConfig:
     """``conf/pretrained.yaml``."""
 
     action: str = "list"  # list | build | export
-    models: list[str] = field(default_factory=lambda: ["dcgan", "vae", "ddpm", "ldm"])
+    models: list[str] = field(default_factory=lambda: ["dcgan", "vae", "ddpm", "ldm", "flow"])
     dataset: str = "shapes"
     preset: str = "cpu"
     seed: int = 0

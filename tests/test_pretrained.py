@@ -31,7 +31,7 @@ def genlab(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
 
 def test_the_zoo_ships_every_family_and_the_evaluator():
     families = {entry.family for entry in zoo().values()}
-    assert families == {"dcgan", "vae", "ddpm", "ldm", "evaluator"}
+    assert families == {"dcgan", "vae", "ddpm", "ldm", "flow", "evaluator"}
     for entry in zoo().values():
         assert entry.path.is_file() and entry.path.stat().st_size == entry.info["bytes"]
         assert entry.path.stat().st_size < 8 * 2**20, f"{entry.name} is larger than a few MB"

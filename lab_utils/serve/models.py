@@ -55,7 +55,7 @@ class ServeConfig:
 
     host: str = "127.0.0.1"  # only this machine; 0.0.0.0 puts the lab on the network
     port: int = 8000
-    models: list[str] = field(default_factory=lambda: ["dcgan", "vae", "ddpm", "ldm"])  # zoo names
+    models: list[str] = field(default_factory=lambda: ["dcgan", "vae", "ddpm", "ldm", "flow"])  # zoo names
     runs: Optional[str] = None  # a folder of run folders to serve as well (by their path inside it)
     device: str = "cpu"
     threads: Optional[int] = None  # torch's intra-op threads (None: torch's default)
