@@ -38,7 +38,7 @@ def test_compare_writes_every_file(smoke_comparison):
     for name in ("results.md", "results.json", "samples.png", "curves.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 500, name
     results = json.loads((out / "results.json").read_text())
-    assert [row["model"] for row in results["rows"]] == ["dcgan", "vae", "ddpm", "ldm"]
+    assert [row["model"] for row in results["rows"]] == ["dcgan", "vae", "ddpm", "ldm", "flow"]
     for row in results["rows"]:
         assert row["images_seen"] >= 64  # the same image budget for every family
         assert (out / row["model"] / "eval.json").is_file()
@@ -46,7 +46,7 @@ def test_compare_writes_every_file(smoke_comparison):
             assert set(row["metrics"][key]) == {"generated", "real"}
         assert row["metrics"]["fid"]["real"] < row["metrics"]["fid"]["generated"]  # 8 steps: far from real
     nfe = {row["model"]: row["nfe_per_sample"] for row in results["rows"]}
-    assert nfe["dcgan"] == nfe["vae"] == 1 and nfe["ddpm"] == nfe["ldm"] > 1  # the same sampler settings
+    assert nfe["dcgan"] == nfe["vae"] == 1 and nfe["ddpm"] == nfe["ldm"] == nfe["flow"] > 1  # the same sampler settings
     assert "| ddpm |" in stdout and "| ldm |" in stdout and "| family |" in stdout  # the table is printed
     # the ldm's autoencoder stage is inside its budget, and said so; encoders report their reconstruction ceiling
     rows = {row["model"]: row for row in results["rows"]}
@@ -58,7 +58,7 @@ def test_compare_writes_every_file(smoke_comparison):
         ceiling = rows[model]["reconstruction"]
         assert ceiling["psnr"] > 0 and 0.0 <= ceiling["alignment_seen"] <= 1.0
     # the KID probe ran during training and is in each run's metrics
-    for model in ("dcgan", "vae", "ddpm", "ldm"):
+    for model in ("dcgan", "vae", "ddpm", "ldm", "flow"):
         rows = [json.loads(line) for line in (out / model / "metrics.jsonl").read_text().splitlines()]
         assert any("curve/kid" in row for row in rows)
 
@@ -73,7 +73,8 @@ def test_the_image_budget_buys_the_steps_results_md_states(smoke_comparison):
         assert rows[model]["steps"] == rows[model]["budget_steps"], model
     # the ldm draws its scale-factor batches once, at the start of its diffusion stage: a step fewer at most
     assert rows["ldm"]["budget_steps"] - 1 <= rows["ldm"]["steps"] <= rows["ldm"]["budget_steps"]
-    assert "a GAN's critic batches included: steps dcgan 4, vae 8, ddpm 8, ldm 8)" in (out / "results.md").read_text()
+    steps = "a GAN's critic batches included: steps dcgan 4, vae 8, ddpm 8, ldm 8, flow 8)"
+    assert steps in (out / "results.md").read_text()
 
 
 def test_fid_is_swept_over_guidance_for_the_guided_families_only(smoke_comparison):

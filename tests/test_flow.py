@@ -426,6 +426,6 @@ def test_flow_is_registered_as_a_family():
     assert registry.BUILTIN_LABS["labs.flow.FlowLab"] == "flow" and registry.lab_class("labs.flow.FlowLab") is FlowLab
     assert family_packages()["flow"] == "labs.flow" and COMPOSITE_LABS["labs.flow"] == ("labs.diffusion",)
     assert ZooConfig(models=["flow"]).models == ["flow"]  # may be built once it is trained
-    # shipped: in the zoo's and the server's default lists; not in compare's (make demo's 10 minutes)
-    assert "flow" not in compose([], config_name="compare", check=False).models
+    # shipped, and in the default lists of compare (make demo), the zoo and the server
+    assert "flow" in compose([], config_name="compare", check=False).models
     assert "flow" in ZooConfig().models and "flow" in compose([], config_name="serve", check=False).models
