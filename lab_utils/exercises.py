@@ -80,6 +80,7 @@ __all__ = [
     "graded",
     "judge",
     "observe",
+    "seeded_module",
     "smoke_mode",
     "strict_mode",
 ]
@@ -338,6 +339,14 @@ def case_seed(base: int) -> int:
     table of outputs recorded at home."""
     draw = _DRAW[0]
     return base if draw == 0 else (base * 1_000_003 + draw) % (2**62)
+
+
+def seeded_module(factory: Callable[[], nn.Module], base: int) -> nn.Module:
+    """``factory()`` (a check's toy network) built with the global RNG seeded by ``case_seed(base)``; the caller's
+    random stream is left alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(case_seed(base))
+        return factory()
 
 
 @dataclass

@@ -21,7 +21,9 @@ from labs.diffusion import (
 )
 from labs.text_encoder import TextEncoding
 
-from lab_utils.exercises import Case, CheckResult, Hint, case_seed, check_function, check_module, graded
+from lab_utils.exercises import (
+    Case, CheckResult, Hint, case_seed, check_function, check_module, graded, seeded_module,
+)
 
 
 def _scheduler(schedule: str = "linear", T: int = 1000) -> NoiseScheduler:
@@ -183,9 +185,7 @@ class _ToyEpsModel(nn.Module):
 
 def _toy_eps_model(seed: int) -> _ToyEpsModel:
     """A toy eps_theta with weights drawn from ``seed`` (the caller's random stream is left alone)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(case_seed(seed))
-        return _ToyEpsModel()
+    return seeded_module(_ToyEpsModel, seed)
 
 
 @graded("ddpm_loss")

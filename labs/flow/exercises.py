@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lab_utils.exercises import Case, CheckResult, Hint, case_seed, check_function, graded
+from lab_utils.exercises import Case, CheckResult, Hint, case_seed, check_function, graded, seeded_module
 
 from .lab import FlowLab, flow_matching_loss
 from .path import add_noise, velocity
@@ -43,9 +43,7 @@ class _ToyVelocityModel(nn.Module):
 
 def _toy_velocity_model(seed: int) -> _ToyVelocityModel:
     """A toy v_theta with weights drawn from ``seed`` (the caller's random stream is left alone)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(case_seed(seed))
-        return _ToyVelocityModel()
+    return seeded_module(_ToyVelocityModel, seed)
 
 
 @graded("flow_matching_loss")
