@@ -19,7 +19,7 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "a", "small", "large", "red", "green", "blue
 
 def data_info(channels: int = 3, size: int = 16):
     """A small fake dataset description for the families' unit tests (no data behind it)."""
-    from lab_utils.lab import DataInfo
+    from lab_utils.core.lab import DataInfo
 
     return DataInfo(name="fake", channels=channels, image_size=size, attributes={}, vocab=VOCAB,
                     prompts=["a red circle", "a small blue square at the top left"])
@@ -44,7 +44,7 @@ def fake_cifar10(root: Path) -> Path:
 
 def cifar(root: Path, split: str = "train", **overrides):
     """The CIFAR-10 dataset of a (fake) folder ``root``, with data-config ``overrides``."""
-    from lab_utils.data import build_dataset
+    from lab_utils.core.data import build_dataset
 
     return build_dataset({"name": "cifar10", "root": str(root), **overrides}, split)
 

@@ -153,7 +153,7 @@ def run_cuda_tests() -> dict[str, Any]:
 
 
 def family_config(family: str, *extra: str):
-    from lab_utils.config import compose
+    from lab_utils.core.config import compose
 
     return compose([f"model={family}", "data=shapes", "preset=gpu", "trainer.device=cuda", *extra],
                    config_name="bench", check=False)
@@ -179,8 +179,8 @@ def count_syncs(trainer, steps: int) -> dict[str, Any]:
 
 def sync_check(family: str, steps: int) -> dict[str, Any]:
     import torch
-    from lab_utils.bench import make_trainer, variant_switches
-    from lab_utils.data import build_dataset
+    from lab_utils.commands.bench import make_trainer, variant_switches
+    from lab_utils.core.data import build_dataset
 
     cfg = family_config(family)
     train_set = build_dataset(cfg.data, "train")
@@ -194,16 +194,16 @@ def sync_check(family: str, steps: int) -> dict[str, Any]:
 
 
 def bench_family(family: str, steps: int) -> dict[str, Any]:
-    from lab_utils.bench import bench
+    from lab_utils.commands.bench import bench
 
     return bench(family_config(family, f"bench.steps={steps}"))
 
 
 def cifar_run(steps: int, window: int, root: Optional[str]) -> dict[str, Any]:
     import torch
-    from lab_utils.bench import make_trainer, synchronize, variant_switches
-    from lab_utils.config import compose
-    from lab_utils.data import DataNotFound, build_dataset
+    from lab_utils.commands.bench import make_trainer, synchronize, variant_switches
+    from lab_utils.core.config import compose
+    from lab_utils.core.data import DataNotFound, build_dataset
 
     overrides = ["model=ddpm", "data=cifar10", "preset=gpu", "trainer.device=cuda"]
     cfg = compose(overrides + ([f"data.root={root}"] if root else []), config_name="bench", check=False)

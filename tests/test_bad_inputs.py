@@ -59,8 +59,8 @@ def assert_one_clear_line(result: subprocess.CompletedProcess, *expected: str) -
 
 # ------------------------------------------------------------------------------------ fixtures
 def train_smoke(run_dir: Path, *overrides: str) -> Path:
-    from lab_utils.config import compose
-    from lab_utils.training import train
+    from lab_utils.core.config import compose
+    from lab_utils.harness.run import train
 
     cfg = compose(["preset=smoke", "trainer.progress=false", f"out={run_dir}", *overrides])
     with torch.random.fork_rng():
@@ -243,8 +243,8 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(results, case):
 
 # ------------------------------------------------------------------------------------ behaviour, not refusal
 def test_hostile_target_is_refused_in_process_before_import(tmp_path, runs):
-    from lab_utils.checkpoint import load_lab
-    from lab_utils.config import ConfigError
+    from lab_utils.core.config import ConfigError
+    from lab_utils.harness.checkpoint import load_lab
 
     hostile_target(tmp_path, runs)
     sys.path.insert(0, str(tmp_path / "run"))
@@ -258,7 +258,7 @@ def test_hostile_target_is_refused_in_process_before_import(tmp_path, runs):
 
 def test_a_checkpoint_cannot_choose_where_genlab_writes(tmp_path, runs):
     """data.cache_dir / data.download in a shipped checkpoint would make sample, eval or resume write elsewhere."""
-    from lab_utils.checkpoint import load_checkpoint
+    from lab_utils.harness.checkpoint import load_checkpoint
 
     run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
     shutil.copytree(runs["vae"], run)
@@ -272,7 +272,7 @@ def test_a_checkpoint_cannot_choose_where_genlab_writes(tmp_path, runs):
     assert out.returncode == 0, out.stderr[-2000:]
     assert not elsewhere.exists() and (tmp_path / "recon.png").is_file()
     # where the data lives is the user's to say on resume (it does not change the data)
-    from lab_utils.run_folder import resume_config
+    from lab_utils.harness.run_folder import resume_config
 
     cfg = resume_config(str(run), [f"data.cache_dir={tmp_path / 'mine'}", "trainer.steps=6"])
     assert cfg.data.cache_dir == str(tmp_path / "mine") and cfg.data.download is False
@@ -280,7 +280,7 @@ def test_a_checkpoint_cannot_choose_where_genlab_writes(tmp_path, runs):
 
 def test_a_moved_lab_keeps_loading_under_its_old_name():
     """The evaluator moved from lab_utils.evaluation to labs.evaluator: checkpoints saved before still load."""
-    from lab_utils import registry
+    from lab_utils.core import registry
     from labs.evaluator import EvaluatorLab
 
     assert registry.lab_class("labs.evaluator.EvaluatorLab") is EvaluatorLab
@@ -289,7 +289,7 @@ def test_a_moved_lab_keeps_loading_under_its_old_name():
 
 
 def test_registered_labs_build_and_unregistered_ones_do_not(monkeypatch):
-    from lab_utils import registry
+    from lab_utils.core import registry
 
     monkeypatch.setattr(registry, "_registered", {})
     with pytest.raises(registry.UnknownLab, match="GENLAB_LABS=tiny_lab.TinyLab"):
@@ -307,8 +307,8 @@ def test_registered_labs_build_and_unregistered_ones_do_not(monkeypatch):
 
 
 def test_cifar_reader_keeps_real_batches_and_refuses_payloads(tmp_path, caplog):
-    from lab_utils.data import CorruptData
-    from lab_utils.data.cifar import read_batch
+    from lab_utils.core.data import CorruptData
+    from lab_utils.core.data.cifar import read_batch
 
     data = np.arange(2 * 3072, dtype=np.int64).reshape(2, 3072).astype(np.uint8)
     for protocol, keys in ((2, (b"data", b"labels")), (4, ("data", "labels"))):  # Python 2 style and 3 style
@@ -352,9 +352,9 @@ def test_resume_applies_trainer_overrides_truthfully_and_forks_into_run_dir(tmp_
     steps = [json.loads(line)["step"] for line in (fork / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))  # the original's history came along, then the new steps, no duplicates
     # in place (the command's own functions, in this process): the same folder, config.yaml says what ran
-    from lab_utils.run_folder import resume_config
-    from lab_utils.config import validate
-    from lab_utils.training import train
+    from lab_utils.core.config import validate
+    from lab_utils.harness.run import train
+    from lab_utils.harness.run_folder import resume_config
 
     cfg = validate(resume_config(str(source), [f"resume={source}", "trainer.steps=5"]))
     assert cfg.out == str(source) and cfg.trainer.steps == 5
@@ -385,9 +385,9 @@ def test_two_trainings_cannot_share_a_run_folder(tmp_path):
 
 
 def test_stale_lock_and_partial_files_of_a_killed_run_are_cleaned_up(tmp_path, runs, caplog):
-    from lab_utils.checkpoint import load_checkpoint
-    from lab_utils.config import compose
-    from lab_utils.training import train
+    from lab_utils.core.config import compose
+    from lab_utils.harness.checkpoint import load_checkpoint
+    from lab_utils.harness.run import train
 
     run_dir = tmp_path / "run"
     shutil.copytree(runs["ddpm"], run_dir)
@@ -448,9 +448,9 @@ def test_a_full_disk_stops_training_with_the_last_good_checkpoint_intact(tmp_pat
 
 
 def test_a_read_only_folder_is_one_error_and_loses_nothing(tmp_path, monkeypatch):
-    from lab_utils import checkpoint
-    from lab_utils.cli import error_message
-    from lab_utils.trainer import CheckpointWriteError
+    from lab_utils.commands.cli import error_message
+    from lab_utils.harness import checkpoint
+    from lab_utils.harness.trainer import CheckpointWriteError
 
     real_save, calls = checkpoint.atomic_save, []
 
@@ -482,9 +482,9 @@ def test_sample_options_prompts_and_unknown_words(tmp_path, runs):
 
 def test_vae_temperature_reaches_the_sampler(runs):
     """`temperature=` on the command line is passed to VAELab.sample and changes the images."""
-    from lab_utils.checkpoint import load_lab
-    from lab_utils.cli import SAMPLE_KEYS
-    from lab_utils.config import compose
+    from lab_utils.commands.cli import SAMPLE_KEYS
+    from lab_utils.core.config import compose
+    from lab_utils.harness.checkpoint import load_lab
 
     cfg = compose([f"run={runs['vae']}", "temperature=0.5"], config_name="sample", check=False)
     lab = load_lab(runs["vae"]).lab
@@ -496,8 +496,8 @@ def test_vae_temperature_reaches_the_sampler(runs):
 
 
 def test_sampling_in_batches_draws_the_same_images_for_the_same_seed(runs):
-    from lab_utils.checkpoint import load_lab
-    from lab_utils.cli import draw
+    from lab_utils.commands.cli import draw
+    from lab_utils.harness.checkpoint import load_lab
 
     lab = load_lab(runs["vae"]).lab
     prompts = ["a red circle", "a blue square"] * 3
@@ -508,7 +508,7 @@ def test_sampling_in_batches_draws_the_same_images_for_the_same_seed(runs):
 
 
 def test_output_names(tmp_path):
-    from lab_utils.cli import UserError, output_path
+    from lab_utils.commands.cli import UserError, output_path
 
     (tmp_path / "folder").mkdir()
     assert output_path(str(tmp_path / "grid"), "samples.png") == tmp_path / "grid.png"
@@ -519,7 +519,7 @@ def test_output_names(tmp_path):
 
 
 def test_damaged_shapes_cache_is_rebuilt_with_a_warning(tmp_path):
-    from lab_utils.data import build_dataset
+    from lab_utils.core.data import build_dataset
 
     cfg = {"name": "shapes", "num_train": 64, "num_test": 16, "cache_dir": str(tmp_path)}
     first = build_dataset(cfg, "test")
@@ -557,8 +557,8 @@ def test_penalties_are_computed_in_fp32_under_autocast():
 
 def test_datasets_are_built_in_turns_one_process_per_node_at_a_time(monkeypatch):
     """Rank 0 first (it downloads / writes the cache), then one process per other node, then the rest."""
-    from lab_utils import distributed
-    from lab_utils.distributed import DistInfo
+    from lab_utils.harness import distributed
+    from lab_utils.harness.distributed import DistInfo
 
     turns_taken = {}
     for rank in range(4):  # 2 nodes x 2 processes: each process runs the same function

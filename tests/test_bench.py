@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from conftest import subprocess_env
-from lab_utils.bench import bench, count_step_flops, matmul_peak, table
-from lab_utils.config import ConfigError, compose
-from lab_utils.lab import DataInfo, Lab
-from lab_utils.trainer import Trainer
+from lab_utils.commands.bench import bench, count_step_flops, matmul_peak, table
+from lab_utils.core.config import ConfigError, compose
+from lab_utils.core.lab import DataInfo, Lab
+from lab_utils.harness.trainer import Trainer
 
 QUICK = ["preset=smoke", "bench.steps=2", "bench.warmup_steps=1", "bench.sample_batch=2"]
 
@@ -109,9 +109,9 @@ def test_matmul_peak_is_a_rate_of_this_machine():
 
 
 def test_channels_last_changes_the_layout_not_the_numbers(tmp_path):
-    from lab_utils.checkpoint import build_lab
-    from lab_utils.data import build_dataset
-    from lab_utils.devices import speed_setup
+    from lab_utils.core.data import build_dataset
+    from lab_utils.core.registry import build_lab
+    from lab_utils.harness.devices import speed_setup
 
     cfg = compose(["model=ddpm", "data=shapes", "preset=smoke", "trainer.channels_last=true"])
     train_set = build_dataset(cfg.data, "train")
@@ -150,8 +150,8 @@ def compiled_children(lab) -> set[str]:
 
 
 def test_the_gan_compiles_all_but_a_critic_it_differentiates_twice():
-    from lab_utils.checkpoint import build_lab
-    from lab_utils.devices import speed_setup
+    from lab_utils.core.registry import build_lab
+    from lab_utils.harness.devices import speed_setup
 
     info = DataInfo("shapes", 3, 32, {}, ["[PAD]", "[UNK]", "[CLS]", "red"])
     for overrides, expected in ((["model.loss=wgan_gp", "model.gp_weight=10"], {"generator", "text_encoder"}),
@@ -165,8 +165,8 @@ def test_the_gan_compiles_all_but_a_critic_it_differentiates_twice():
 def test_a_gan_step_with_the_gradient_penalty_trains_with_its_generator_compiled(monkeypatch, tmp_path):
     """One WGAN-GP step with the generator and text encoder compiled (AOT autograd without code generation, so
     it takes seconds on a CPU; ``trainer.compile`` uses inductor, ~100 s here) gives the eager step's losses."""
-    from lab_utils.bench import make_trainer, variant_switches
-    from lab_utils.data import build_dataset
+    from lab_utils.commands.bench import make_trainer, variant_switches
+    from lab_utils.core.data import build_dataset
 
     compile_module = nn.Module.compile
     monkeypatch.setattr(nn.Module, "compile", lambda module: compile_module(module, backend="aot_eager"))

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, subprocess_env
 
-GENLAB = [sys.executable, "-m", "lab_utils.cli"]
+GENLAB = [sys.executable, "-m", "lab_utils.commands.cli"]
 
 
 def genlab(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
@@ -86,11 +86,11 @@ def test_installed_wheel_finds_its_configs(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (elsewhere / "grid.png").is_file()
     # the model zoo travels inside the wheel: every shipped file, listed and loadable from the installed copy
-    from lab_utils.pretrained import zoo
+    from lab_utils.harness.zoo import entries
 
     listed = genlab("pretrained", cwd=elsewhere, env=env)
     assert listed.returncode == 0, listed.stderr
-    for name, entry in zoo().items():
+    for name, entry in entries().items():
         assert name in listed.stdout
         assert (site / entry.path.relative_to(REPO)).is_file(), f"{entry.path.name} is not in the wheel"
-    assert (site / "lab_utils" / "serve" / "static" / "index.html").is_file()
+    assert (site / "lab_utils" / "commands" / "serve" / "static" / "index.html").is_file()

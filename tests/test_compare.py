@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from conftest import subprocess_env
-from lab_utils.checkpoint import list_checkpoints, load_checkpoint
-from lab_utils.compare import CompareConfig, attribute_table, compare, markdown_table, run_finished, train_first_stage
-from lab_utils.config import ConfigError, check_section, compose
+from lab_utils.commands.compare import CompareConfig, attribute_table, compare, markdown_table, run_finished, train_first_stage
+from lab_utils.core.config import ConfigError, check_section, compose
+from lab_utils.harness.checkpoint import list_checkpoints, load_checkpoint
 
 
 SWEEP = ["compare.fid_guidance=[1.0,3.0]"]  # FID of the guided families again at w = 1 (3 is their own)
@@ -23,7 +23,7 @@ SWEEP = ["compare.fid_guidance=[1.0,3.0]"]  # FID of the guided families again a
 @pytest.fixture(scope="module")
 def smoke_comparison(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "smoke"
-    done = subprocess.run([sys.executable, "-m", "lab_utils.cli", "compare", "data=shapes", "preset=smoke",
+    done = subprocess.run([sys.executable, "-m", "lab_utils.commands.cli", "compare", "data=shapes", "preset=smoke",
                            f"out={out}", "progress=false", *SWEEP], env=subprocess_env(), capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -160,7 +160,7 @@ def test_markdown_table_shows_real_reference_beside_each_metric():
 
 
 def test_curve_scales_follow_the_values():
-    from lab_utils.plotting import curve_scale
+    from lab_utils.core.plotting import curve_scale
 
     assert curve_scale([-0.03, 0.1, 0.6]) == ("linear", {})  # KID near its floor: no log axis
     assert curve_scale([0.005, 0.3, 2.0]) == ("log", {})  # diffusion loss over training
@@ -172,7 +172,7 @@ def test_training_curves_keep_one_colour_per_family():
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_hex
 
-    from lab_utils.plotting import curves_figure, family_of
+    from lab_utils.core.plotting import curves_figure, family_of
 
     seconds = [10.0, 20.0, 40.0, 80.0]
     curves = {  # as compare draws them: several loss curves per family, one KID curve per family

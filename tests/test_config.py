@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from lab_utils.config import ConfigError, compose
+from lab_utils.core.config import ConfigError, compose
 
 CONF = REPO / "conf"
 DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
@@ -51,8 +51,8 @@ def test_other_primary_configs_compose(name):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_has_a_valid_comparison_budget(preset):
-    from lab_utils.compare import CompareConfig
-    from lab_utils.config import check_section
+    from lab_utils.commands.compare import CompareConfig
+    from lab_utils.core.config import check_section
 
     cfg = compose([f"preset={preset}"], config_name="compare", check=False)
     budget = check_section(cfg.compare, CompareConfig, "compare")
@@ -88,7 +88,7 @@ def test_unknown_model_target_is_a_config_error():
     cfg = compose(["preset=smoke"], check=False)
     OmegaConf.set_struct(cfg, False)
     cfg.model._target_ = "labs.nowhere.Lab"
-    from lab_utils.config import validate
+    from lab_utils.core.config import validate
 
     with pytest.raises(ConfigError, match="not a lab genlab knows, so it is not imported"):
         validate(cfg)
@@ -108,8 +108,8 @@ def test_the_commands_offer_exactly_the_families_sampling_options():
     (None = the model's default), so nothing names an option that no family takes or hides one that one does."""
     from dataclasses import fields
 
-    from lab_utils import registry
-    from lab_utils.cli import SAMPLE_KEYS
+    from lab_utils.commands.cli import SAMPLE_KEYS
+    from lab_utils.core import registry
 
     offered = set()
     for target in registry.BUILTIN_LABS:
@@ -128,8 +128,8 @@ def test_sampling_defaults_have_one_home(preset):
     the model's `sampling` section), and the DDPM's resolved options are exactly that section."""
     import torch
 
-    from lab_utils.checkpoint import build_lab
-    from lab_utils.lab import DataInfo
+    from lab_utils.core.lab import DataInfo
+    from lab_utils.core.registry import build_lab
 
     for model in ("dcgan", "vae", "ddpm", "ldm", "flow"):
         cfg = compose([f"model={model}", "data=shapes", f"preset={preset}"])

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lab_utils.config import ConfigError, compose
-from lab_utils.data import (
+from lab_utils.core.config import ConfigError, compose
+from lab_utils.core.data import (
     DATASETS,
     CIFAR10Dataset,
     CorruptData,

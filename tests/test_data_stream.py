@@ -14,11 +14,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import cifar, fake_cifar10
-from lab_utils import data_stream
-from lab_utils.config import compose
-from lab_utils.data import build_dataset
-from lab_utils.data.base import ClassCaptionedDataset, DataConfig
-from lab_utils.data_stream import DataStream, flip_coins, mix32
+from lab_utils.core.config import compose
+from lab_utils.core.data import build_dataset
+from lab_utils.core.data.base import ClassCaptionedDataset, DataConfig
+from lab_utils.harness import data_stream
+from lab_utils.harness.data_stream import DataStream, flip_coins, mix32
 
 CPU = torch.device("cpu")
 
@@ -248,8 +248,8 @@ def test_trainer_data_on_device_is_off_by_default_on_in_the_gpu_preset_and_check
 
 
 def test_the_trainer_builds_its_stream_on_the_device_when_asked(tmp_path):
-    from lab_utils.checkpoint import build_lab
-    from lab_utils.trainer import Trainer
+    from lab_utils.core.registry import build_lab
+    from lab_utils.harness.trainer import Trainer
 
     for on_device in (False, True):
         cfg = compose(["model=vae", "data=shapes", "preset=smoke", "data.subset=32", "trainer.batch_size=4",
@@ -264,7 +264,7 @@ def test_data_on_device_is_left_out_of_the_settings_key_so_the_shipped_evaluator
     import json
 
     from conftest import REPO
-    from lab_utils.evaluation.cache import evaluator_config, evaluator_key
+    from lab_utils.commands.evaluation.cache import evaluator_config, evaluator_key
 
     shipped = json.loads((REPO / "labs" / "evaluator" / "pretrained" / "manifest.json").read_text())
     cfg = evaluator_config({"name": "shapes"}, preset="cpu")  # what `make pretrained` ships

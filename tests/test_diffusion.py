@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import data_info
-from lab_utils.config import ConfigError, compose
+from lab_utils.core.config import ConfigError, compose
 from labs.diffusion import (
     CrossAttention, DDPMConfig, DiffusionLab, NoiseScheduler, SamplingConfig, SchedulerConfig, UNet, UNetConfig,
     attention,
@@ -462,9 +462,9 @@ def test_bad_config_values_fail_clearly(override, message):
 def test_train_checkpoint_then_genlab_sample_reproduces_pixels(tmp_path, monkeypatch):
     import sys
 
-    from lab_utils.checkpoint import load_lab
-    from lab_utils.cli import main
-    from lab_utils.training import train
+    from lab_utils.commands.cli import main
+    from lab_utils.harness.checkpoint import load_lab
+    from lab_utils.harness.run import train
 
     run = tmp_path / "run"
     result = train(compose(["model=ddpm", "data=shapes", "preset=smoke", f"out={run}"]))

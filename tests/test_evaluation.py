@@ -13,16 +13,16 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lab_utils.config import ConfigError, compose
-from lab_utils.evaluation import (
+from lab_utils.core.config import ConfigError, compose
+from lab_utils.commands.evaluation import (
     EvalConfig, EvaluatorLab, InceptionFeatures, choose_items, eval_command_main, eval_config,
     evaluate_lab, evaluator_config, evaluator_key, fid, frechet_distance, frechet_distance_low_rank, gaussian_stats,
     get_evaluator,
     inception_score, joint_log_probs, kid, kid_unbiased, nfe_per_sample, precision_recall, prompt_alignment,
     quantize, random_translate, seeded,
 )
-from lab_utils.plotting import to_uint8
-from lab_utils.training import train
+from lab_utils.core.plotting import to_uint8
+from lab_utils.harness.run import train
 from tiny_lab import tiny_config
 
 SMOKE = "smoke"
@@ -47,7 +47,7 @@ def test_fid_of_a_set_against_itself_is_zero():
 def test_low_rank_fid_for_fewer_samples_than_dimensions():
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from lab_utils.evaluation.metrics import Passthrough
+    from lab_utils.core.metrics import Passthrough
 
     g = torch.Generator().manual_seed(7)
     x = torch.randn(20, 48, generator=g, dtype=torch.float64)  # n < F: rank-deficient covariances
@@ -232,7 +232,7 @@ def test_evaluator_cache_hits_and_is_invalidated_by_its_config(smoke_setup, monk
     assert info["key"] == evaluator.key and set(info["test_accuracy"]) >= {"shape", "colour", "size", "position", "all"}
     assert evaluator.test_accuracy == info["test_accuracy"]
     trained = []
-    import lab_utils.evaluation.cache as module
+    import lab_utils.commands.evaluation.cache as module
 
     original = module.train_evaluator
     monkeypatch.setattr(module, "train_evaluator", lambda *a, **k: trained.append(a) or original(*a, **k))
@@ -261,7 +261,7 @@ def test_evaluator_is_a_lab_the_harness_trains(smoke_setup):
     assert {"loss/loss", "stats/acc_shape", "stats/acc_position"} <= set(rows[-1])
     saved = OmegaConf.load(run / "config.yaml")
     assert saved.model._target_ == "labs.evaluator.EvaluatorLab" and saved.data.held_out == []
-    from lab_utils.checkpoint import load_lab
+    from lab_utils.harness.checkpoint import load_lab
 
     lab = load_lab(run).lab
     assert isinstance(lab, EvaluatorLab) and not lab.generative
@@ -274,9 +274,9 @@ def test_evaluator_is_a_lab_the_harness_trains(smoke_setup):
 
 def test_alignment_of_real_images_is_the_evaluator_accuracy(smoke_setup, capsys):
     run_dir, cfg, _, evaluator = smoke_setup
-    from lab_utils.checkpoint import load_lab
-    from lab_utils.data import build_dataset
-    from lab_utils.evaluation import real_images
+    from lab_utils.commands.evaluation import real_images
+    from lab_utils.core.data import build_dataset
+    from lab_utils.harness.checkpoint import load_lab
 
     lab = load_lab(run_dir).lab
     result = evaluate_lab(lab, cfg.data, evaluator, num_samples=12, seed=3, batch_size=5, kid_subsets=5)
@@ -309,9 +309,9 @@ def test_nfe_per_sample_reads_the_lab():
 
 
 def test_eval_command_writes_eval_json(smoke_setup, capsys, monkeypatch):
-    import lab_utils.progress
+    import lab_utils.harness.progress
 
-    monkeypatch.setattr(lab_utils.progress, "LOG_INTERVAL", 1e9)  # a log's lines as bars start and end, none between
+    monkeypatch.setattr(lab_utils.harness.progress, "LOG_INTERVAL", 1e9)  # a log's lines as bars start and end, none between
     run_dir, _, cache, evaluator = smoke_setup
     cfg = compose([f"run={run_dir}", "eval.num_samples=8", "eval.batch_size=4", "eval.evaluator_preset=smoke",
                    f"eval.cache_dir={cache}", "eval.kid_subsets=3", "eval.device=cpu",

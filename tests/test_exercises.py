@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from lab_utils.exercises import Case, ExerciseFailed, check_function, check_module, check_value, compare, smoke_mode
-import lab_utils.exercises as exercises
-from labs.text_encoder.exercises import ATTENTION_HINT, attention_cases, check_attention
-from lab_utils.notebooks import make_student_versions, strip_solutions
+from lab_utils.core.exercises import Case, ExerciseFailed, check_function, check_module, check_value, compare, smoke_mode
+import lab_utils.core.exercises as exercises
+from lab_utils.commands.notebooks import make_student_versions, strip_solutions
 from labs.text_encoder import scaled_dot_product_attention
+from labs.text_encoder.exercises import ATTENTION_HINT, attention_cases, check_attention
 
 
 @pytest.fixture(autouse=True)

@@ -18,12 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-import lab_utils.exercises as exercises_module
+import lab_utils.core.exercises as exercises_module
 import labs.diffusion.exercises as diffusion_exercises
 import labs.flow.exercises as flow_exercises
 import labs.latent_diffusion.exercises as latent_exercises
 from conftest import data_info
-from lab_utils.exercises import Hint
+from lab_utils.core.exercises import Hint
 from labs.diffusion import DiffusionLab, NoiseScheduler, SchedulerConfig, diffusion_loss
 from labs.flow import FlowLab, flow_matching_loss
 from labs.flow import add_noise as flow_add_noise
@@ -392,7 +392,7 @@ def one_line(capsys) -> str:
 
 
 def test_every_graded_check_is_in_its_notebook_with_points():
-    from lab_utils.notebooks import NOTEBOOK_FOLDER
+    from lab_utils.commands.notebooks import NOTEBOOK_FOLDER
 
     for notebook, modules in NOTEBOOKS.items():
         points = nbformat.read(NOTEBOOK_FOLDER / f"{notebook}.ipynb", as_version=4).metadata["genlab"]["exercises"]

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
-import lab_utils.exercises as exercises
+import lab_utils.core.exercises as exercises
 import labs.gan.exercises as gan_exercises
-from lab_utils.exercises import CheckResult, Hint, check_spec, judge, observe
+from lab_utils.core.exercises import CheckResult, Hint, check_spec, judge, observe
 from labs.gan import (
     ProjectionHead, bce_critic_loss, bce_generator_loss, critic_loss, gradient_penalty, hinge_critic_loss,
     hinge_generator_loss, interpolate, r1_penalty,

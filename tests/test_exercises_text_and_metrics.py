@@ -13,12 +13,12 @@ from torch import nn
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
-import lab_utils.exercises as exercises
-from lab_utils.evaluation import (
+import lab_utils.core.exercises as exercises
+from lab_utils.commands.evaluation import (
     Passthrough, frechet_distance, inception_score, kid_unbiased, knn_radii, manifold_coverage, polynomial_kernel,
     precision_recall,
 )
-from lab_utils.evaluation.exercises import (
+from labs.evaluator.exercises import (
     FRECHET_HINT, INCEPTION_SCORE_HINT, KID_HINT, PRECISION_RECALL_HINT, check_frechet_distance,
     check_inception_score, check_kid, check_precision_recall, inception_score_cases, lab_inception_score,
     lab_precision_recall, precision_recall_cases,

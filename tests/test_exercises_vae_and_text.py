@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lab_utils.exercises as exercises
+import lab_utils.core.exercises as exercises
 import labs.diffusion.exercises as diffusion_exercises
 import labs.vae.exercises as vae_exercises
-from lab_utils.exercises import Hint
+from lab_utils.core.exercises import Hint
 from labs.diffusion import CrossAttention, attention, classifier_free_guidance
 from labs.diffusion.exercises import check_attention_weights, check_cross_attention, check_guidance
 from labs.vae import gaussian_kl, gaussian_nll, kl_divergence, negative_elbo, reparameterize

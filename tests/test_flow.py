@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from conftest import data_info
-from lab_utils.config import ConfigError, compose
+from lab_utils.core.config import ConfigError, compose
 from labs.diffusion import (
     NoiseScheduler, SchedulerConfig, UNetConfig, classifier_free_guidance, ddim_sample, ddpm_sample, sample_levels,
     sample_loop,
@@ -297,7 +297,7 @@ def test_tiny_model_learns_one_batch():
 # ------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
 def test_presets_compose_and_build(preset):
-    from lab_utils.checkpoint import build_lab
+    from lab_utils.core.registry import build_lab
 
     cfg = compose(["model=flow", "data=shapes", f"preset={preset}"])
     assert cfg.model.name == "flow" and cfg.model._target_ == "labs.flow.FlowLab"
@@ -336,7 +336,7 @@ def test_bad_config_values_fail_clearly(override, message):
 # ------------------------------------------------------------------------------ end to end: every command
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    from lab_utils.training import train
+    from lab_utils.harness.run import train
 
     run = tmp_path_factory.mktemp("flow") / "run"
     result = train(compose(["model=flow", "data=shapes", "preset=smoke", f"out={run}", "trainer.progress=false"]))
@@ -345,8 +345,9 @@ def smoke_run(tmp_path_factory):
 
 
 def test_train_then_genlab_sample_reproduces_pixels(smoke_run, tmp_path, monkeypatch):
-    from lab_utils.checkpoint import load_lab
-    from lab_utils.cli import main
+    from lab_utils.commands.cli import main
+    from lab_utils.core.registry import build_lab
+    from lab_utils.harness.checkpoint import load_lab
 
     assert (smoke_run / "checkpoints" / "last.pt").exists() and any((smoke_run / "samples").iterdir())
     rows = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
@@ -365,9 +366,9 @@ def test_train_then_genlab_sample_reproduces_pixels(smoke_run, tmp_path, monkeyp
 
 
 def test_eval_bench_and_compare_take_the_flow(smoke_run, tmp_path):
-    from lab_utils.bench import bench
-    from lab_utils.compare import compare
-    from lab_utils.evaluation.evaluate import eval_command_main
+    from lab_utils.commands.bench import bench
+    from lab_utils.commands.compare import compare
+    from lab_utils.commands.evaluation.evaluate import eval_command_main
 
     # the smoke evaluator, trained once in this session's private cache (conftest) and shared by eval and compare
     cfg = compose([f"run={smoke_run}", "eval.num_samples=8", "eval.batch_size=8", "eval.evaluator_preset=smoke",
@@ -396,8 +397,10 @@ def test_eval_bench_and_compare_take_the_flow(smoke_run, tmp_path):
 def test_serve_offers_the_flow_samplers_and_refuses_others(smoke_run):
     from fastapi.testclient import TestClient
 
-    from lab_utils.checkpoint import load_lab
-    from lab_utils.serve import Limits, ServeConfig, ServedModel, create_app
+    from lab_utils.harness.checkpoint import load_lab
+
+    from lab_utils.commands.serve import Limits, ServeConfig, ServedModel, create_app
+    from lab_utils.core.registry import build_lab
 
     models = {"flow": ServedModel("flow", "runs", load_lab(smoke_run, device="cpu", ema=True))}
     app = create_app(ServeConfig(models=["flow"], limits=Limits(n=4, steps=20)), models)
@@ -419,9 +422,10 @@ def test_serve_offers_the_flow_samplers_and_refuses_others(smoke_run):
 
 
 def test_flow_is_registered_as_a_family():
-    from lab_utils import COMPOSITE_LABS, registry
-    from lab_utils.pretrained import family_packages
-    from lab_utils.zoo import ZooConfig
+    from lab_utils import COMPOSITE_LABS
+    from lab_utils.commands.pretrained import ZooConfig
+    from lab_utils.core import registry
+    from lab_utils.harness.zoo import family_packages
 
     assert registry.BUILTIN_LABS["labs.flow.FlowLab"] == "flow" and registry.lab_class("labs.flow.FlowLab") is FlowLab
     assert family_packages()["flow"] == "labs.flow" and COMPOSITE_LABS["labs.flow"] == ("labs.diffusion",)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import data_info
-from lab_utils.config import ConfigError, compose
+from lab_utils.core.config import ConfigError, compose
 from labs.gan import (
     Critic, CriticConfig, DCGANConfig, GANLab, GeneratorConfig, ProjectionHead, SelfAttention2d, ToyConfig,
     bce_critic_loss, bce_generator_loss, gradient_penalty, hinge_critic_loss, interpolate, matching_loss,
@@ -310,9 +310,9 @@ def test_bad_config_values_fail_clearly(override, message):
 def test_train_checkpoint_then_sample_reproduces_pixels(tmp_path, monkeypatch):
     import sys
 
-    from lab_utils.checkpoint import load_lab
-    from lab_utils.cli import main
-    from lab_utils.training import train
+    from lab_utils.commands.cli import main
+    from lab_utils.harness.checkpoint import load_lab
+    from lab_utils.harness.run import train
 
     run = tmp_path / "run"
     result = train(compose(["model=dcgan", "data=shapes", "preset=smoke", f"out={run}"]))

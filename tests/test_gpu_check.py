@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import REPO, cifar, fake_cifar10
-from lab_utils.config import ConfigError, compose
+from lab_utils.core.config import ConfigError, compose
 
 sys.path.insert(0, str(REPO / "tests"))
 import gpu_check  # noqa: E402  (the script, imported as a module)
@@ -102,8 +102,8 @@ def test_sync_counting_counts_the_warnings_of_the_debug_mode(monkeypatch):
 
 # --- compare, bench, devices -----------------------------------------------------------------------
 def test_compare_trains_on_the_comparison_device(tmp_path):
-    from lab_utils.compare import CompareConfig, family_config
-    from lab_utils.config import check_section
+    from lab_utils.commands.compare import CompareConfig, family_config
+    from lab_utils.core.config import check_section
 
     cfg = compose(["preset=smoke", "device=cpu"], config_name="compare", check=False)
     cfg.compare = check_section(cfg.compare, CompareConfig, "compare")  # as compare() hands it on
@@ -113,9 +113,9 @@ def test_compare_trains_on_the_comparison_device(tmp_path):
 
 
 def test_bench_samples_at_evaluations_batch_on_a_gpu_and_at_a_small_one_elsewhere():
-    from lab_utils.bench import BenchConfig, sampling_batch
-    from lab_utils.config import check_section
-    from lab_utils.evaluation import EvalConfig
+    from lab_utils.commands.bench import BenchConfig, sampling_batch
+    from lab_utils.commands.evaluation import EvalConfig
+    from lab_utils.core.config import check_section
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for preset, expected in (("smoke", 32), ("cpu", 250), ("gpu", 500)):  # compare.eval_batch_size of each
@@ -135,7 +135,7 @@ def test_bench_samples_at_evaluations_batch_on_a_gpu_and_at_a_small_one_elsewher
 
 
 def test_cudnn_autotuning_follows_the_device(monkeypatch):
-    from lab_utils.devices import pick_device
+    from lab_utils.harness.devices import pick_device
 
     previous = torch.backends.cudnn.benchmark
     try:
@@ -175,7 +175,7 @@ def mirrored(dataset, images: torch.Tensor, order: list[int]) -> torch.Tensor:
 
 
 def test_cifar_training_batches_flip_half_the_images_the_same_way_for_a_seed(cifar_root):
-    from lab_utils.data_stream import DataStream
+    from lab_utils.harness.data_stream import DataStream
 
     train = cifar(cifar_root, random_flip=True)
     assert train.random_flip and not cifar(cifar_root, "test", random_flip=True).random_flip
@@ -194,7 +194,7 @@ def test_cifar_training_batches_flip_half_the_images_the_same_way_for_a_seed(cif
 
 
 def test_loader_workers_flip_reproducibly_and_no_flip_without_the_option(cifar_root):
-    from lab_utils.data_stream import DataStream
+    from lab_utils.harness.data_stream import DataStream
 
     train = cifar(cifar_root, random_flip=True)
     runs = []
@@ -216,7 +216,7 @@ def test_loader_workers_flip_reproducibly_and_no_flip_without_the_option(cifar_r
 
 
 def test_shapes_never_flips(tmp_path):
-    from lab_utils.data import build_dataset
+    from lab_utils.core.data import build_dataset
 
     assert "random_flip" not in compose(["data=shapes"], config_name="dataview").data
     with pytest.raises(ConfigError, match="random_flip"):  # its captions say left and right

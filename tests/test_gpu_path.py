@@ -23,13 +23,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from lab_utils import distributed
-from lab_utils.checkpoint import build_lab
-from lab_utils.config import compose
-from lab_utils.data import build_dataset
-from lab_utils.ema import EMA
-from lab_utils.step_context import TrainingStepContext
-from lab_utils.trainer import Trainer
+from lab_utils.core.config import compose
+from lab_utils.core.data import build_dataset
+from lab_utils.core.registry import build_lab
+from lab_utils.harness import distributed
+from lab_utils.harness.ema import EMA
+from lab_utils.harness.step_context import TrainingStepContext
+from lab_utils.harness.trainer import Trainer
 from labs.text_encoder import Tokenizer
 
 from conftest import VOCAB
@@ -372,7 +372,7 @@ def test_adam_takes_the_fused_kernel_of_the_parameters_device_and_falls_back_to_
     where torch has no fused kernel for the parameters it refuses ``fused=True`` and they fall back to foreach."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-    from lab_utils.lab import adam
+    from lab_utils.core.lab import adam
 
     trainer = family_trainer("dcgan", tmp_path)
     assert {name: opt.defaults["fused"] for name, opt in trainer.optimizers.items()} == {"generator": True,
@@ -393,7 +393,7 @@ def test_adam_takes_the_fused_kernel_of_the_parameters_device_and_falls_back_to_
 
 # --------------------------------------------------------------------------- sampling precision
 def test_sampling_runs_in_the_training_precision_on_a_gpu_and_in_fp32_elsewhere():
-    from lab_utils.devices import sampling_precision
+    from lab_utils.harness.devices import sampling_precision
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert [sampling_precision(p, cuda) for p in ("bf16", "fp16", "fp32")] == ["bf16", "fp16", "fp32"]
@@ -413,7 +413,7 @@ class AutocastSpy:
 
 
 def test_grids_and_evaluation_sample_under_the_sampling_autocast(tmp_path, monkeypatch):
-    from lab_utils.evaluation.sets import generate
+    from lab_utils.commands.evaluation.sets import generate
 
     trainer = family_trainer("vae", tmp_path)
     assert trainer.sampling_precision == "fp32"  # a CPU run: grids exactly as before

@@ -55,7 +55,7 @@ if path:  # a record written by hand, and one through the low-level reporter out
     with open(path, "a") as handle:
         handle.write('{"exercise": "attention", "passed": true, "detail": "passed", "sequence": 99, '
                      '"signature": "0" }\\n')
-import lab_utils.exercises as ex
+import lab_utils.core.exercises as ex
 ex._report("attention", True, "passed")
 """
 
@@ -89,18 +89,18 @@ WRONG_ATTENTION = "def attention(q, k, v, mask=None):\n    return v * 0\n"
 ATTACKS = {
     # records written by hand with the old internals, and forged observation files in the working folder
     "write_record": [ATTENTION_STUB, KL_STUB, CHECKS,
-                     "import lab_utils.exercises as ex\nfor e in ('attention', 'kl_divergence'):\n"
+                     "import lab_utils.core.exercises as ex\nfor e in ('attention', 'kl_divergence'):\n"
                      "    ex._write_record(e, True, '')"],
     "forged_files": [ATTENTION_STUB, KL_STUB, CHECKS,
                      "for i in range(4):\n    open(f'obs-{i}.bin', 'wb').write(b'garbage')\n"],
     # a key from the module, the environment or /proc
     "key": [ATTENTION_STUB, KL_STUB, CHECKS,
-            "import os, lab_utils.exercises as ex\nkey = getattr(ex, '_GRADE_KEY', b'') or os.environ.get("
+            "import os, lab_utils.core.exercises as ex\nkey = getattr(ex, '_GRADE_KEY', b'') or os.environ.get("
             "'GENLAB_GRADE_KEY', '')\nassert not key, key\nprint(open('/proc/self/environ').read())"],
     # the checker monkeypatched, with wrong answers
-    "patched_compare": ["import lab_utils.exercises as ex\nex.compare = lambda *a, **k: None\n"
+    "patched_compare": ["import lab_utils.core.exercises as ex\nex.compare = lambda *a, **k: None\n"
                         "ex.judge = lambda *a, **k: (True, 'passed')", WRONG_ATTENTION, KL_WRONG, CHECKS],
-    "patched_check_function": ["import lab_utils.exercises as ex, labs.vae.exercises as vx, "
+    "patched_check_function": ["import lab_utils.core.exercises as ex, labs.vae.exercises as vx, "
                                "labs.text_encoder.exercises as tx\n"
                                "stub = lambda *a, **k: ex.CheckResult('x', True, 'passed')\n"
                                "for m in (ex, vx, tx):\n    m.check_function = stub\n    m.check_module = stub",

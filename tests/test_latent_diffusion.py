@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import data_info
-from lab_utils.config import compose
+from lab_utils.core.config import compose
 from labs.diffusion import DDPMConfig, SchedulerConfig, UNetConfig
 from labs.diffusion.sampling import sample_loop
 from labs.diffusion.scheduler import NoiseScheduler
@@ -37,7 +37,7 @@ def tiny_config(**changes) -> LDMConfig:
 
 
 def shapes_images(n: int, split: str = "train", start: int = 0) -> tuple[torch.Tensor, list[str]]:
-    from lab_utils.data import build_dataset
+    from lab_utils.core.data import build_dataset
 
     dataset = build_dataset(compose(["data=shapes"]).data, split)
     items = [dataset[i] for i in range(start, start + n)]
@@ -203,8 +203,8 @@ def test_sampling_is_the_latent_ddpm_decoded():
 
 
 def test_train_checkpoint_then_sample_identically(tmp_path):
-    from lab_utils.checkpoint import load_lab
-    from lab_utils.training import train
+    from lab_utils.harness.checkpoint import load_lab
+    from lab_utils.harness.run import train
 
     run = tmp_path / "run"
     cfg = compose(["model=ldm", "data=shapes", "preset=smoke", f"out={run}", "trainer.steps=5"])
@@ -226,9 +226,9 @@ def test_train_checkpoint_then_sample_identically(tmp_path):
 
 def test_a_new_run_can_take_submodules_from_another(tmp_path):
     """trainer.init_from / init_modules: the named submodules come from the other run, strictly; the rest does not."""
-    from lab_utils.checkpoint import CheckpointError, initialize_modules, load_checkpoint, load_lab
-    from lab_utils.config import TrainerConfig
-    from lab_utils.training import train
+    from lab_utils.core.config import TrainerConfig
+    from lab_utils.harness.checkpoint import CheckpointError, initialize_modules, load_checkpoint, load_lab
+    from lab_utils.harness.run import train
 
     source = tmp_path / "source"
     train(compose(["model=ldm", "data=shapes", "preset=smoke", f"out={source}", "trainer.steps=3"]))

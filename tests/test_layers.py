@@ -26,7 +26,8 @@ def modules() -> dict[str, Path]:
 
 
 def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """The project modules ``name`` imports anywhere in its file (relative imports resolved)."""
+    """The project modules ``name`` imports anywhere in its file (relative imports resolved), with every parent
+    package of each: importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py`` first."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     targets = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -44,8 +45,10 @@ def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     for target in targets:
         while target and target not in known:
             target = target.rpartition(".")[0]
-        if target and target != name:
-            result.add(target)
+        while target:  # the module, then each package Python runs on the way to it
+            if target in known and target != name:
+                result.add(target)
+            target = target.rpartition(".")[0]
     return result
 
 
@@ -121,5 +124,48 @@ def test_the_walker_sees_function_level_and_relative_imports(tmp_path):
     (package / "c.py").write_text("")
     known = {"pkg": package / "__init__.py", "pkg.a": package / "a.py", "pkg.b": package / "b.py",
              "pkg.c": package / "c.py"}
-    assert imported("pkg.a", known["pkg.a"], known) == {"pkg.b", "pkg.c"}
+    assert imported("pkg.a", known["pkg.a"], known) == {"pkg", "pkg.b", "pkg.c"}
     assert imported("pkg.b", known["pkg.b"], known) == {"pkg", "pkg.a"}
+
+
+def test_the_walker_counts_the_parent_packages_an_import_runs(tmp_path):
+    """``import top.low.leaf`` runs ``top/__init__.py`` and ``top/low/__init__.py``: an import of a low module
+    inside a high package runs the high package, and the walker must see it (it did not, once)."""
+    top = tmp_path / "top"
+    (top / "high").mkdir(parents=True)
+    (top / "__init__.py").write_text("")
+    (top / "high" / "__init__.py").write_text("from top.high import app\n")
+    (top / "high" / "leaf.py").write_text("")
+    (top / "high" / "app.py").write_text("")
+    (top / "low.py").write_text("def f():\n    from top.high.leaf import x\n")
+    known = {"top": top / "__init__.py", "top.high": top / "high" / "__init__.py",
+             "top.high.leaf": top / "high" / "leaf.py", "top.high.app": top / "high" / "app.py", "top.low": top / "low.py"}
+    assert imported("top.low", known["top.low"], known) == {"top", "top.high", "top.high.leaf"}
+
+
+def test_the_layer_folders_are_the_layers():
+    """``ls lab_utils`` states the rule: each layer of lab_utils is a folder named in LAYERS, and no module
+    of lab_utils sits outside one (bar the package file that states the rule)."""
+    folders = {p.name for p in (REPO / "lab_utils").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders == {"core", "harness", "commands"}
+    assert {f"lab_utils.{f}" for f in folders} <= set(LAYERS)
+    assert [p.name for p in (REPO / "lab_utils").glob("*.py")] == ["__init__.py"]
+
+
+def test_importing_a_lab_loads_no_command():
+    """What Python really loads, not what the walker reads: a fresh interpreter imports every labs module in
+    turn and names the first one after which a module of the applications layer is in sys.modules."""
+    import subprocess
+    import sys
+
+    labs = sorted(n for n in modules() if n.startswith("labs"))
+    code = ("import importlib, sys\n"
+            f"for lab in {labs!r}:\n"
+            "    importlib.import_module(lab)\n"
+            "    print(lab, *[m for m in sys.modules if m.split('.')[0] in ('lab_utils', 'labs', 'genlab')])\n")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert len(loaded.stdout.splitlines()) == len(labs)
+    for line in loaded.stdout.splitlines():
+        lab, *present = line.split()
+        above = [m for m in present if ORDER.index(layer(m)) > ORDER.index("content")]
+        assert not above, f"importing {lab} (after the labs modules before it) loads {above}"

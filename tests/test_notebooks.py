@@ -16,8 +16,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lab_utils.grading import grade_notebook, load_solutions
-from lab_utils.notebooks import execute_notebook, make_release, make_student_versions
+from lab_utils.commands.grading import grade_notebook, load_solutions
+from lab_utils.commands.notebooks import execute_notebook, make_release, make_student_versions
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
@@ -105,7 +105,7 @@ def test_student_version_runs_to_the_end_and_scores_zero(notebook, grades):
 def test_no_notebook_imports_the_reference_of_its_own_exercises(notebook, monkeypatch):
     """Take what each graded check the notebook imports forbids (its spec), then look for any of those objects among
     the names the notebook's import lines bring in."""
-    import lab_utils.exercises as exercises
+    import lab_utils.core.exercises as exercises
 
     monkeypatch.delenv("GENLAB_STRICT_CHECKS", raising=False)
     nb = nbformat.read(notebook, as_version=4)

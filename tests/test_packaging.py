@@ -20,9 +20,9 @@ PROJECT = PYPROJECT["project"]
 DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "hydra": "hydra-core", "IPython": "ipython",
                 "torch_fidelity": "torch-fidelity", "sklearn": "scikit-learn", "skimage": "scikit-image",
                 "cv2": "opencv-python", "google": "protobuf", "zmq": "pyzmq", "jupyter_client": "jupyter-client"}
-# Modules imported only after `genlab`'s extras check (lab_utils.cli.COMMAND_EXTRAS): their module-level imports may
+# Modules imported only after `genlab`'s extras check (lab_utils.commands.cli.COMMAND_EXTRAS): their module-level imports may
 # come from an extra. Every other module's module-level imports must be base dependencies.
-EXTRA_GATED = {"lab_utils/notebooks.py", "lab_utils/grading.py"}
+EXTRA_GATED = {"lab_utils/commands/notebooks.py", "lab_utils/commands/grading.py"}
 
 
 def normalize(name: str) -> str:
@@ -73,8 +73,8 @@ def third_party_imports() -> list[tuple[str, str, bool]]:
 def test_the_import_walk_sees_the_packages_imports():
     """The walk itself: it finds torch at module level and nbformat inside a function, and never the lab's own."""
     found = {(rel, top, top_level) for rel, top, top_level in third_party_imports()}
-    assert ("lab_utils/cli.py", "omegaconf", True) in found
-    assert ("lab_utils/notebooks.py", "nbformat", False) in found
+    assert ("lab_utils/commands/cli.py", "omegaconf", True) in found
+    assert ("lab_utils/commands/notebooks.py", "nbformat", False) in found
     assert not {top for _, top, _ in found} & {"lab_utils", "labs", "genlab", "genlab_conf", "os", "typing"}
 
 
@@ -112,8 +112,8 @@ def test_the_extras_a_user_names():
 
 
 def test_the_cli_checks_the_modules_of_the_extra_it_names():
-    """lab_utils.cli checks a command's extra by import names: each must be a module of that extra's distributions."""
-    from lab_utils.cli import COMMAND_EXTRAS, EXTRA_MODULES
+    """lab_utils.commands.cli checks a command's extra by import names: each must be a module of that extra's distributions."""
+    from lab_utils.commands.cli import COMMAND_EXTRAS, EXTRA_MODULES
 
     assert set(COMMAND_EXTRAS) == {"notebooks", "grade"}
     for extra, modules in EXTRA_MODULES.items():
@@ -126,7 +126,7 @@ def test_the_cli_checks_the_modules_of_the_extra_it_names():
 def test_a_command_without_its_extra_says_which_in_one_line(command, tmp_path):
     """As in an install without the instructor extra: nbformat cannot be imported (``sys.modules[name] = None``
     makes both ``import`` and ``find_spec`` see no module)."""
-    hidden = ("import sys; sys.modules['nbformat'] = None; from lab_utils.cli import main; "
+    hidden = ("import sys; sys.modules['nbformat'] = None; from lab_utils.commands.cli import main; "
               f"raise SystemExit(main([{command!r}, {str(tmp_path)!r}]))")
     out = subprocess.run([sys.executable, "-c", hidden], cwd=tmp_path, env=subprocess_env(), capture_output=True,
                          text=True, timeout=120)
@@ -138,7 +138,7 @@ def test_a_command_without_its_extra_says_which_in_one_line(command, tmp_path):
 
 
 def test_a_command_with_its_extra_runs():
-    from lab_utils.cli import missing_extra
+    from lab_utils.commands.cli import missing_extra
 
     assert missing_extra("grade") is None and missing_extra("notebooks") is None  # the dev install has the extras
     assert missing_extra("train") is None  # a command without an extra
@@ -159,7 +159,7 @@ def test_build_requirement_and_licence():
 def test_start_here_installs_the_wheel_with_the_notebooks_extra():
     """START_HERE.md names the wheel file `make notebooks` puts beside it (a shell does not expand
     ``genlab-*.whl[notebooks]``) with the extra that brings Jupyter; tests/test_student_install.py runs that line."""
-    from lab_utils.notebooks import STUDENT_START, wheel_name
+    from lab_utils.commands.notebooks import STUDENT_START, wheel_name
 
     text = STUDENT_START.format(wheel=wheel_name())
     assert f'pip install "genlab-{PROJECT["version"]}-py3-none-any.whl[notebooks]"' in text

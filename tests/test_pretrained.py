@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, data_info, subprocess_env
-from lab_utils import pretrained
-from lab_utils.checkpoint import CheckpointError
-from lab_utils.config import compose
-from lab_utils.pretrained import PretrainedEntry, load, load_file_lab, save_pretrained, sha256_of, zoo
+from lab_utils.core.config import compose
+from lab_utils.harness import zoo
+from lab_utils.harness.checkpoint import CheckpointError
+from lab_utils.harness.zoo import PretrainedEntry, load, load_file_lab, save_pretrained, sha256_of
 
-GENERATIVE = [name for name, entry in zoo().items() if entry.family != "evaluator"]
+GENERATIVE = [name for name, entry in zoo.entries().items() if entry.family != "evaluator"]
 PROMPTS = 32  # test prompts per model for the alignment check (the manifest's figures use 500)
 
 
@@ -30,9 +30,9 @@ def genlab(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
 
 
 def test_the_zoo_ships_every_family_and_the_evaluator():
-    families = {entry.family for entry in zoo().values()}
+    families = {entry.family for entry in zoo.entries().values()}
     assert families == {"dcgan", "vae", "ddpm", "ldm", "flow", "evaluator"}
-    for entry in zoo().values():
+    for entry in zoo.entries().values():
         assert entry.path.is_file() and entry.path.stat().st_size == entry.info["bytes"]
         assert entry.path.stat().st_size < 8 * 2**20, f"{entry.name} is larger than a few MB"
         assert sha256_of(entry.path) == entry.sha256, f"{entry.name} does not match its manifest"
@@ -46,9 +46,9 @@ def test_the_recorded_command_reproduces_the_shipped_config(name):
     which must be what the command composes (a new option that changed the shipped model's behaviour would fail)."""
     from dataclasses import asdict
 
-    from lab_utils.schema import as_dataclass
+    from lab_utils.core.schema import as_dataclass
 
-    entry = zoo()[name]
+    entry = zoo.entries()[name]
     loaded = load(name)
     command = compose(entry.info["command"])
     schema = type(loaded.lab).Config
@@ -61,7 +61,7 @@ def test_the_recorded_command_reproduces_the_shipped_config(name):
 
 @pytest.fixture(scope="module")
 def evaluator():
-    from lab_utils.evaluation import get_evaluator
+    from lab_utils.commands.evaluation import get_evaluator
 
     return get_evaluator(compose(["model=ddpm", "data=shapes"]).data)  # the shipped one: no training here
 
@@ -69,10 +69,10 @@ def evaluator():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", GENERATIVE)
 def test_every_shipped_model_samples_the_same_and_follows_prompts(name, evaluator):
-    from lab_utils.data import build_dataset
+    from lab_utils.core.data import build_dataset
     from labs.evaluator import predict_from_logits, quantize
 
-    entry, loaded = zoo()[name], load(name)
+    entry, loaded = zoo.entries()[name], load(name)
     lab = loaded.lab
     test = build_dataset(loaded.cfg.data, "test")
     labels = test.labels[:PROMPTS]
@@ -88,13 +88,13 @@ def test_every_shipped_model_samples_the_same_and_follows_prompts(name, evaluato
 
 
 def test_an_altered_file_is_refused(tmp_path, monkeypatch):
-    entry = zoo()["vae"]
+    entry = zoo.entries()["vae"]
     copy = tmp_path / entry.path.name
     shutil.copyfile(entry.path, copy)
     data = bytearray(copy.read_bytes())
     data[-100] ^= 0xFF  # one byte of the weights
     copy.write_bytes(bytes(data))
-    monkeypatch.setattr(pretrained, "zoo", lambda: {"vae": PretrainedEntry("vae", "vae", "shapes", copy, entry.info)})
+    monkeypatch.setattr(zoo, "entries", lambda: {"vae": PretrainedEntry("vae", "vae", "shapes", copy, entry.info)})
     with pytest.raises(CheckpointError, match="does not match its manifest"):
         load("vae")
     copy.unlink()
@@ -104,11 +104,11 @@ def test_an_altered_file_is_refused(tmp_path, monkeypatch):
 
 def test_a_file_cannot_name_code(tmp_path):
     """The header's config names a lab by its registered name only: an unknown module is not even imported."""
-    from lab_utils.config import ConfigError
+    from lab_utils.core.config import ConfigError
 
-    entry = zoo()["vae"]
+    entry = zoo.entries()["vae"]
     tensors = load_file(str(entry.path))
-    header = pretrained.read_pretrained(entry.path)[1]
+    header = zoo.read_pretrained(entry.path)[1]
     config = json.loads(header["config"])
     config["model"]["_target_"] = "genlab_evil_module.Lab"
     evil = tmp_path / "evil.safetensors"
@@ -128,7 +128,7 @@ def test_a_file_cannot_name_code(tmp_path):
 
 def test_names_only(tmp_path):
     with pytest.raises(CheckpointError, match="no pretrained model"):
-        load(str(zoo()["vae"].path))  # a path is not a name
+        load(str(zoo.entries()["vae"].path))  # a path is not a name
     with pytest.raises(CheckpointError, match="no pretrained model '../vae'"):
         load("../vae")
 
@@ -162,7 +162,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_genlab_pretrained_lists_the_zoo():
     out = genlab("pretrained")
     assert out.returncode == 0, out.stderr
-    for name in zoo():
+    for name in zoo.entries():
         assert name in out.stdout
     assert "genlab train model=ddpm data=shapes preset=cpu seed=0" in out.stdout
 
@@ -172,7 +172,7 @@ def test_sample_pretrained_tiles_are_the_labs_pixels(tmp_path):
     """`genlab sample pretrained=vae layout=tiles` writes the very pixels of lab.sample for the seed."""
     from PIL import Image
 
-    from lab_utils.plotting import tiles
+    from lab_utils.core.plotting import tiles
 
     out = genlab("sample", "pretrained=vae", "prompt=a small green square at the bottom", "n=3", "seed=4",
                  "layout=tiles", f"out={tmp_path / 'x.png'}")
@@ -186,7 +186,7 @@ def test_sample_pretrained_tiles_are_the_labs_pixels(tmp_path):
 
 
 def test_the_notebook_switch(monkeypatch):
-    from lab_utils.exercises import pretrained_mode
+    from lab_utils.core.exercises import pretrained_mode
 
     for name in ("GENLAB_PRETRAINED", "GENLAB_SMOKE"):
         monkeypatch.delenv(name, raising=False)
@@ -207,4 +207,4 @@ def test_each_training_notebook_has_the_switch_with_its_documented_default():
         source = (REPO / "notebooks" / f"{name}.ipynb").read_text()
         default = "True" if name in LOADS_BY_DEFAULT else "False"
         assert f"pretrained_mode(default={default})" in source, name
-        assert "pretrained.load(" in source, name
+        assert "zoo.load(" in source, name

@@ -1,4 +1,4 @@
-"""Progress bars (lab_utils.progress on tqdm.auto): a few plain lines in a log, one redrawn line on a terminal, nothing
+"""Progress bars (lab_utils.harness.progress on tqdm.auto): a few plain lines in a log, one redrawn line on a terminal, nothing
 when switched off; the trainer's bar reaches its total whatever the budget. No assertion depends on timing: where
 the log's interval matters it is set to never or always."""
 
@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-import lab_utils.progress as progress
-from lab_utils.progress import TrainingProgress, progress_bar
-from lab_utils.training import train
+import lab_utils.harness.progress as progress
+from lab_utils.harness.progress import TrainingProgress, progress_bar
+from lab_utils.harness.run import train
 from tiny_lab import tiny_config
 
 

@@ -25,11 +25,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import REPO, data_info, subprocess_env
-from lab_utils.checkpoint import LoadedLab
-from lab_utils.lab import Lab
-from lab_utils.plotting import tiles
-from lab_utils.pretrained import load
-from lab_utils.serve import Limits, ServeConfig, ServedModel, create_app
+from lab_utils.commands.serve import Limits, ServeConfig, ServedModel, create_app
+from lab_utils.core.lab import Lab
+from lab_utils.core.plotting import tiles
+from lab_utils.harness.checkpoint import LoadedLab
+from lab_utils.harness.zoo import load
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LIMITS = Limits(n=8, steps=60, queue=4, timeout_s=60, preview_every=5)

@@ -62,7 +62,7 @@ def build_release(tmp_path: Path) -> Path:
     """What `make notebooks` writes: `genlab notebooks --release`, then the wheel into the same folder (built from a
     copy of the sources, so the checkout gets no build/ folder)."""
     release = tmp_path / "release"
-    run([sys.executable, "-m", "lab_utils.cli", "notebooks", "--src", str(REPO / "notebooks"),
+    run([sys.executable, "-m", "lab_utils.commands.cli", "notebooks", "--src", str(REPO / "notebooks"),
          "--out", str(tmp_path / "student"), "--release", str(release)], timeout=300, cwd=REPO)
     source = tmp_path / "source"
     source.mkdir()

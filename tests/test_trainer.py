@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from conftest import TESTS, subprocess_env
-from lab_utils import checkpoint as ckpt
-from lab_utils.checkpoint import CheckpointError, load_checkpoint, load_lab
-from lab_utils.ema import EMA
-from lab_utils.data_stream import DataStream
-from lab_utils.devices import pick_device
-from lab_utils.trainer import Callback, TrainingDiverged, lr_factor, lr_schedule
-from lab_utils.training import train
+from lab_utils.harness import checkpoint as ckpt
+from lab_utils.harness.checkpoint import CheckpointError, load_checkpoint, load_lab
+from lab_utils.harness.data_stream import DataStream
+from lab_utils.harness.devices import pick_device
+from lab_utils.harness.ema import EMA
+from lab_utils.harness.run import train
+from lab_utils.harness.trainer import Callback, TrainingDiverged, lr_factor, lr_schedule
 from tiny_lab import tiny_config
 
 
@@ -386,7 +386,7 @@ def test_device_choice():
 def test_bf16_autocast_trains_on_the_cpu_with_fp32_weights(tmp_path, monkeypatch):
     """trainer.precision=bf16 runs the loss under CPU autocast: the layers compute in bf16, the weights,
     optimiser state and checkpoint stay fp32, and the losses are those of fp32 to bf16's precision."""
-    from lab_utils.devices import cpu_has_native_bf16
+    from lab_utils.harness.devices import cpu_has_native_bf16
 
     if not cpu_has_native_bf16():
         pytest.skip("this CPU emulates bf16, so trainer.precision=bf16 trains in fp32 here")
@@ -416,7 +416,7 @@ def test_bf16_autocast_trains_on_the_cpu_with_fp32_weights(tmp_path, monkeypatch
 
 
 def test_bf16_falls_back_to_fp32_on_a_cpu_that_would_emulate_it(tmp_path, monkeypatch, caplog):
-    from lab_utils import devices as devices_module
+    from lab_utils.harness import devices as devices_module
 
     monkeypatch.setattr(devices_module, "cpu_has_native_bf16", lambda: False)
     assert devices_module.effective_precision("bf16", torch.device("cpu")) == "fp32"
@@ -430,7 +430,7 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_that_would_emulate_it(tmp_path, monkey
 
 
 def test_precision_autocast_per_device():
-    from lab_utils.devices import cpu_has_native_bf16, precision_autocast
+    from lab_utils.harness.devices import cpu_has_native_bf16, precision_autocast
 
     if not cpu_has_native_bf16():
         pytest.skip("this CPU emulates bf16, so trainer.precision=bf16 trains in fp32 here")
@@ -455,7 +455,7 @@ def test_mixed_precision_training_on_cuda(tmp_path, precision):
 
 
 def test_fast_adam_matches_the_reference_implementation():
-    from lab_utils.lab import adam
+    from lab_utils.core.lab import adam
 
     for decoupled, kind in ((True, torch.optim.AdamW), (False, torch.optim.Adam)):
         torch.manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import data_info
-from lab_utils.config import ConfigError, compose
+from lab_utils.core.config import ConfigError, compose
 from labs.text_encoder import TextEncoderConfig
 from labs.vae import (
     ConvNetConfig, Decoder, Encoder, VAEConfig, VAELab, bernoulli_nll, bits_per_dim, discretized_gaussian_nll,
@@ -291,10 +291,10 @@ def test_image_size_must_fit_the_number_of_levels():
 def test_train_checkpoint_then_sample_reconstruct_and_interpolate(tmp_path, monkeypatch):
     import sys
 
-    from lab_utils.checkpoint import load_lab
-    from lab_utils.cli import main
-    from lab_utils.data import build_dataset
-    from lab_utils.training import train
+    from lab_utils.commands.cli import main
+    from lab_utils.core.data import build_dataset
+    from lab_utils.harness.checkpoint import load_lab
+    from lab_utils.harness.run import train
 
     run = tmp_path / "run"
     cfg = compose(["model=vae", "data=shapes", "preset=smoke", f"out={run}"])

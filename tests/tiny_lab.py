@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lab_utils.lab import DataInfo, Lab, SampleOptions
-from lab_utils.registry import register_lab
+from lab_utils.core.lab import DataInfo, Lab, SampleOptions
+from lab_utils.core.registry import register_lab
 
 
 @dataclass
@@ -48,7 +48,7 @@ def tiny_config(run_dir, **model):
     """A validated training config for the tiny lab (the model section replaced by TinyConfig)."""
     from omegaconf import OmegaConf
 
-    from lab_utils.config import compose, validate
+    from lab_utils.core.config import compose, validate
 
     cfg = compose(tiny_overrides(run_dir), check=False)
     OmegaConf.set_struct(cfg, False)
@@ -138,8 +138,8 @@ if __name__ == "__main__":  # python tests/tiny_lab.py <run_dir> [--resume] [--s
     from omegaconf import OmegaConf
 
     import tiny_lab  # the importable module, not __main__, so its TinyConfig is the one validate() sees
-    from lab_utils.trainer import TrainingDiverged
-    from lab_utils.training import train
+    from lab_utils.harness.run import train
+    from lab_utils.harness.trainer import TrainingDiverged
 
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")

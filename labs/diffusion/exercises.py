@@ -21,7 +21,7 @@ from labs.diffusion import (
 )
 from labs.text_encoder import TextEncoding
 
-from lab_utils.exercises import (
+from lab_utils.core.exercises import (
     Case, CheckResult, Hint, case_seed, check_function, check_module, graded, seeded_module,
 )
 

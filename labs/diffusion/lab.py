@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from lab_utils.lab import DataInfo, Lab, Progress, SampleOptions, StepContext, adam
+from lab_utils.core.lab import DataInfo, Lab, Progress, SampleOptions, StepContext, adam
 from labs.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, Tokenizer, encode_prompts
 
 from .sampling import SAMPLERS, SamplerOutput, classifier_free_guidance, sample_loop

@@ -2,7 +2,7 @@
 
     lab.py   EvaluatorConfig, EvaluatorNet, EvaluatorLab (trained by the harness) and the frozen Evaluator
 
-Content, like the generative families: it imports lab_utils' core only. ``lab_utils.evaluation`` trains,
+Content, like the generative families: it imports lab_utils' core only. ``lab_utils.commands.evaluation`` trains,
 caches and loads it (``get_evaluator``) and computes the metrics on its features.
 """
 

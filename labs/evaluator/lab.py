@@ -13,7 +13,7 @@ precision/recall; its logits feed the Inception Score and prompt alignment.
                    cross-entropy summed over the heads, $\\mathcal{L} = \\sum_a \\mathrm{CE}(y_a, p_\\theta(y_a|x))$
     Evaluator      the frozen wrapper that metrics use: takes uint8 images, never leaves eval mode
 
-Training, caching and loading (``get_evaluator``) live in ``lab_utils/evaluation/cache.py``: this lab is
+Training, caching and loading (``get_evaluator``) live in ``lab_utils/commands/evaluation/cache.py``: this lab is
 content (a model family like the others, built through the registry); the evaluation application uses it.
 """
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lab_utils.lab import DataInfo, Lab, StepContext, adam
+from lab_utils.core.lab import DataInfo, Lab, StepContext, adam
 
 
 
@@ -209,7 +209,7 @@ class EvaluatorLab(Lab):
         """
         if not self._warned_sample:
             warnings.warn("the evaluator is a classifier, not a generative model: its 'samples' are blank "
-                          "images (use it through lab_utils.evaluation instead)", stacklevel=2)
+                          "images (use it through lab_utils.commands.evaluation instead)", stacklevel=2)
             self._warned_sample = True
         size = self.data_info.image_size
         return torch.full((len(prompts), self.data_info.channels, size, size), -1.0, device=self.device)
@@ -217,7 +217,7 @@ class EvaluatorLab(Lab):
 
 # ------------------------------------------------------------------------------------ frozen wrapper
 def quantize(images: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) float in [-1, 1] -> uint8, clamped and rounded like ``lab_utils.plotting.to_uint8``.
+    """(N, C, H, W) float in [-1, 1] -> uint8, clamped and rounded like ``lab_utils.core.plotting.to_uint8``.
 
     uint8 input is returned as is, so real and generated images always go through the same step.
     """

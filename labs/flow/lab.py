@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from lab_utils.lab import DataInfo, Lab, Progress, SampleOptions, StepContext, adam
+from lab_utils.core.lab import DataInfo, Lab, Progress, SampleOptions, StepContext, adam
 from labs.diffusion.sampling import SamplerOutput, classifier_free_guidance, sample_levels, start_noise
 from labs.diffusion.scheduler import SchedulerStep
 from labs.diffusion.unet import UNet, UNetConfig

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import torch
 
-from lab_utils.lab import DataInfo, Lab, StepContext, adam
+from lab_utils.core.lab import DataInfo, Lab, StepContext, adam
 from labs.text_encoder import TextEncoder, TextEncoderConfig, Tokenizer, encode_prompts
 
 from .losses import LOSSES, critic_loss, generator_loss, gradient_penalty, matching_loss, r1_penalty

@@ -12,7 +12,7 @@ A composite lab: it imports ``labs.diffusion`` (the latent DDPM is a ``Diffusion
 autoencoder's building blocks), the two labs it composes.
 """
 
-from lab_utils.evaluation.metrics import psnr  # PSNR of reconstructions (core metrics), for the notebook
+from lab_utils.core.metrics import psnr  # PSNR of reconstructions (core metrics), for the notebook
 
 from .autoencoder import AutoencoderConfig, KLAutoencoder, LatentDecoder, LatentEncoder, LatentPosterior
 from .lab import LatentDiffusionLab, LDMConfig

@@ -17,7 +17,7 @@ import torch
 
 from labs.diffusion import NoiseScheduler, SchedulerConfig
 
-from lab_utils.exercises import Case, CheckResult, Hint, case_seed, check_function, graded
+from lab_utils.core.exercises import Case, CheckResult, Hint, case_seed, check_function, graded
 
 from .autoencoder import AutoencoderConfig, KLAutoencoder
 from .lab import LatentDiffusionLab

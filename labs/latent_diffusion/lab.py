@@ -33,8 +33,8 @@ from typing import Any, Optional
 
 import torch
 
-from lab_utils.evaluation.metrics import psnr
-from lab_utils.lab import DataInfo, Lab, Progress, StepContext, adam
+from lab_utils.core.lab import DataInfo, Lab, Progress, StepContext, adam
+from lab_utils.core.metrics import psnr
 from labs.diffusion import DDPMConfig, DiffusionLab, SamplerOutput
 from labs.diffusion.lab import DiffusionSampleOptions
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from labs.text_encoder import MultiHeadSelfAttention, TokenBatch, Tokenizer, scaled_dot_product_attention
 
-from lab_utils.exercises import Case, CheckResult, Hint, case_seed, check_function, check_module, graded
+from lab_utils.core.exercises import Case, CheckResult, Hint, case_seed, check_function, check_module, graded
 
 
 # --------------------------------------------------------------------------- a padded batch and its mask

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from lab_utils.lab import DataInfo, Lab, SampleOptions, StepContext, adam
+from lab_utils.core.lab import DataInfo, Lab, SampleOptions, StepContext, adam
 from labs.text_encoder import TextEncoder, TextEncoderConfig, Tokenizer, encode_prompts
 
 from .elbo import (

@@ -1,0 +1,178 @@
+"""The sets of an evaluation and their metrics: which real items, generating from their prompts, the metrics of one
+set against the reference, and a lab's reconstructions of the real set (the ceiling of its decoder).
+Used by :mod:`lab_utils.commands.evaluation.evaluate`."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import time
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lab_utils.core.config import ConfigError
+from lab_utils.core.metrics import fid, inception_score, kid, precision_recall, prompt_alignment, psnr
+from lab_utils.harness.devices import autocast_for
+from lab_utils.harness.progress import progress_bar
+from labs.evaluator import Evaluator, EvaluatorOutput, dequantize, joint_log_probs, predict_from_logits, quantize
+
+# ------------------------------------------------------------------------------------ sets
+def choose_items(count: int, total: int, seed: int, held_out_mask: Optional[torch.Tensor] = None,
+                 held_out_fraction: float = 0.0) -> torch.Tensor:
+    """``count`` distinct indices of ``total`` items, seeded; with a mask, ``round(fraction * count)`` of them
+    (as many as exist, at most) are held-out items, so held-out alignment is not measured on a handful."""
+    generator = torch.Generator().manual_seed(seed)
+    if count > total:
+        raise ValueError(f"eval.num_samples={count} but the split has only {total} images; lower eval.num_samples")
+    if held_out_mask is None or not held_out_mask.any():
+        return torch.randperm(total, generator=generator)[:count]
+    held = held_out_mask.nonzero().flatten()  # indices of held-out items
+    seen = (~held_out_mask).nonzero().flatten()
+    n_held = min(round(held_out_fraction * count), len(held))
+    if count - n_held > len(seen):
+        raise ValueError(f"eval.num_samples={count} needs {count - n_held} test images of seen combinations, "
+                         f"the split has {len(seen)}; lower eval.num_samples")
+    picked = torch.cat([held[torch.randperm(len(held), generator=generator)[:n_held]],
+                        seen[torch.randperm(len(seen), generator=generator)[:count - n_held]]])
+    return picked[torch.randperm(count, generator=generator)]  # mixed, so every batch has both kinds
+
+
+def nfe_per_sample(lab: nn.Module, sample_options: dict[str, Any]) -> int:
+    """Network evaluations per generated image: ``lab.nfe(**options)`` when the lab has it, else 1."""
+    nfe = getattr(lab, "nfe", None)
+    if not callable(nfe):
+        return 1
+    params = inspect.signature(nfe).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return int(nfe(**{k: v for k, v in sample_options.items() if takes_all or k in params}))
+
+
+def check_sample_options(lab: nn.Module, sample_options: dict[str, Any]) -> dict[str, Any]:
+    """The set options (None = the model's default) for ``lab.sample``, checked against the lab's
+    ``SampleOptions``; a name it does not take is a ConfigError naming ``eval.sample_options``."""
+    check = getattr(type(lab), "sample_options", None)  # a Lab; a plain module gets its options as given
+    if check is None:
+        return {key: value for key, value in dict(sample_options or {}).items() if value is not None}
+    try:
+        return check(sample_options)
+    except ValueError as err:
+        raise ConfigError(f"eval.sample_options: {err}") from None
+
+
+@torch.no_grad()
+def generate(lab: nn.Module, prompts: list[str], seed: int, batch_size: int, sample_options: dict[str, Any],
+             device: torch.device, precision: str = "fp32", progress: bool = False,
+             desc: str = "sample") -> tuple[torch.Tensor, float]:
+    """uint8 images (N, C, H, W) for ``prompts`` (batch b seeded with ``seed + b``) and seconds per image, sampled
+    under the autocast of ``precision`` (an effective one: ``lab_utils.harness.devices.sampling_precision``). ``progress``:
+    a bar named ``desc`` over the images, moved on after each batch (the images and their timing are the same)."""
+    images, seconds = [], 0.0
+    with progress_bar(len(prompts), desc, unit="img", enabled=progress) as bar:
+        for index, start in enumerate(range(0, len(prompts), batch_size)):
+            batch = prompts[start:start + batch_size]
+            generator = torch.Generator(device=device).manual_seed(seed + index)
+            started = time.perf_counter()
+            with autocast_for(precision, device):
+                out = lab.sample(batch, generator=generator, **sample_options)  # (B, C, H, W) in [-1, 1]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - started
+            if out.ndim != 4 or len(out) != len(batch):
+                raise ValueError(f"{type(lab).__name__}.sample returned shape {tuple(out.shape)} for {len(batch)} "
+                                 "prompts")
+            images.append(quantize(out).cpu())  # clamped and quantised like the real images
+            bar.update(len(batch))
+    return torch.cat(images), seconds / max(len(prompts), 1)
+
+
+def takes_guidance(lab: Any) -> bool:
+    """Whether a lab (or its class) samples with classifier-free guidance: its ``SampleOptions`` has ``guidance``."""
+    options = getattr(lab, "SampleOptions", None)
+    return options is not None and "guidance" in {f.name for f in dataclasses.fields(options)}
+
+
+def fid_over_guidance(lab: nn.Module, prompts: list[str], seed: int, batch_size: int, sample_options: dict[str, Any],
+                      device: torch.device, precision: str, scales: list[float], reference: EvaluatorOutput,
+                      evaluator: Evaluator, targets: torch.Tensor, evaluated: dict[str, Any], progress: bool = False,
+                      desc: str = "sample") -> dict[str, Any]:
+    r"""FID of the generated set at each guidance scale $w$ of ``scales`` (the same prompts, seeds and other
+    options), with its all-attributes alignment, and the $w$ of the lowest FID.
+
+    Classifier-free guidance, $\hat\epsilon = \epsilon(x_t) + w\,(\epsilon(x_t, c) - \epsilon(x_t))$ (Ho & Salimans
+    2022), trades diversity for fidelity to the prompt: they find FID lowest at a small guidance (0.1-0.3 in
+    their $1 + w$ convention, 1.1-1.3 here) while the samples' fidelity to the class keeps rising with it. So FID
+    is reported at the $w$ that minimises it, alignment at the model's own. ``evaluated``: the metrics at the
+    evaluated options, reused for the scale they were sampled at. ``progress``: a bar per scale sampled, ``desc`` and
+    the scale."""
+    current = float(sample_options.get("guidance", lab.sampling_defaults().get("guidance", math.nan)))
+    fids, alignments = [], []
+    for w in scales:
+        if float(w) == current:  # the generated set already evaluated: no second sampling
+            metrics = evaluated
+        else:
+            images, _ = generate(lab, prompts, seed, batch_size, {**sample_options, "guidance": float(w)}, device,
+                                 precision, progress, f"{desc} (w={float(w):g})")
+            fake = evaluator.embed(images, batch_size)
+            metrics = {"fid": fid(reference.features, fake.features),
+                       "alignment": prompt_alignment(predict_from_logits(fake.logits), targets)}
+        fids.append(float(metrics["fid"]))
+        alignments.append(float(metrics["alignment"]["all"]))
+    best = min(range(len(scales)), key=fids.__getitem__)
+    return {"guidance": [float(w) for w in scales], "fid": fids, "alignment": alignments,
+            "best_guidance": float(scales[best]), "best_fid": fids[best], "evaluated_guidance": current}
+
+
+# ------------------------------------------------------------------------------------ metrics of a set
+def kid_subset(subset_size: int, count: int) -> int:
+    """At most half the sample count, so KID's random subsets differ and ``kid_std`` means something."""
+    return max(2, min(subset_size, count // 2))
+
+
+def set_metrics(reference: EvaluatorOutput, other: EvaluatorOutput, targets: torch.Tensor,
+                held_out_mask: Optional[torch.Tensor], attributes: list[str], seed: int, kid_subset_size: int,
+                kid_subsets: int, pr_k: int, is_splits: int) -> dict[str, Any]:
+    """Every metric of ``other`` against ``reference`` (features and logits of the evaluator)."""
+    size = kid_subset(kid_subset_size, min(len(reference.features), len(other.features)))
+    kid_mean, kid_std = kid(reference.features, other.features, size, kid_subsets, seed)
+    is_mean, is_std = inception_score(joint_log_probs(other.logits), is_splits, seed)
+    pr = precision_recall(reference.features, other.features, k=pr_k)
+    return {
+        "fid": fid(reference.features, other.features),
+        "kid_mean": kid_mean, "kid_std": kid_std,
+        "inception_score": is_mean, "inception_score_std": is_std,
+        "precision": pr.precision, "recall": pr.recall,
+        "alignment": prompt_alignment(predict_from_logits(other.logits), targets, held_out_mask, attributes),
+    }
+
+
+def inception_metrics(reference: tuple[torch.Tensor, torch.Tensor], other: tuple[torch.Tensor, torch.Tensor],
+                      seed: int, kid_subset_size: int, kid_subsets: int, is_splits: int) -> dict[str, float]:
+    size = kid_subset(kid_subset_size, min(len(reference[0]), len(other[0])))
+    kid_mean, kid_std = kid(reference[0], other[0], size, kid_subsets, seed)
+    is_mean, is_std = inception_score(other[1], is_splits, seed)
+    return {"fid": fid(reference[0], other[0]), "kid_mean": kid_mean, "kid_std": kid_std,
+            "inception_score": is_mean, "inception_score_std": is_std}
+
+
+def reconstruction_metrics(lab: nn.Module, test_images: torch.Tensor, prompts: list[str], reference: EvaluatorOutput,
+                           evaluator: Evaluator, batch_size: int, device: torch.device, targets: torch.Tensor,
+                           held_out_mask: torch.Tensor, options: dict[str, Any],
+                           precision: str = "fp32") -> dict[str, Any]:
+    """The real test images through ``lab.reconstruct`` (encode, decode; under the autocast of ``precision``, as
+    the generated set), scored against the reference set like a generated set, with their MSE and PSNR ([-1, 1]
+    images, quantised like the others)."""
+    was_training = lab.training
+    lab.eval()
+    try:
+        with torch.no_grad(), autocast_for(precision, device):
+            recons = torch.cat([quantize(lab.reconstruct(dequantize(test_images[i:i + batch_size]).to(device),
+                                                         prompts[i:i + batch_size])).cpu()
+                                for i in range(0, len(test_images), batch_size)])
+    finally:
+        lab.train(was_training)
+    mse = float((dequantize(recons) - dequantize(test_images)).pow(2).mean())
+    metrics = set_metrics(reference, evaluator.embed(recons, batch_size), targets, held_out_mask, **options)
+    return {"mse": mse, "psnr": float(psnr(mse)), **metrics}

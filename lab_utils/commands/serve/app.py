@@ -1,0 +1,370 @@
+"""The web service: ``POST /generate-image`` (a prompt in, an image out), its live variant, and the page.
+
+    POST /generate-image          {"prompt": "...", "model": "ddpm", "n": 4, "seed": 0, "steps": 25, ...}
+                                  -> image/png (the n images side by side), or JSON with base64 PNGs and the
+                                     resolved settings (``"format": "json"`` or ``Accept: application/json``)
+    POST /generate-image/stream   the same request -> server-sent events: ``start``, ``progress`` (the current
+                                  x0 estimate every few steps, for the diffusion families), ``done`` or ``error``
+    GET  /models                  each model's family, dataset, parameters, options and their limits
+    GET  /health                  liveness and the queue
+    GET  /                        the page: a prompt, families side by side, the denoising live
+    GET  /docs                    FastAPI's OpenAPI page (the request schema carries the limits)
+
+Generation runs in worker threads, never on the event loop; at most ``limits.workers`` run and
+``limits.queue`` wait, and one more request is answered 503 with ``Retry-After`` at once. Each request seeds
+its own ``torch.Generator``, draws ``n`` images of its prompt in one batch exactly as ``genlab sample`` does
+(the same request gives the same pixels as ``genlab sample ... layout=tiles``), and stops with 504 after
+``limits.timeout_s``.
+
+(No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations, and the request
+model is built per app, with that app's limits.)
+"""
+
+
+import asyncio
+import base64
+import contextlib
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from lab_utils.core.data import words
+from lab_utils.core.plotting import png_bytes, tiles
+
+from .models import SAMPLER_NAMES, Limits, ServedModel, ServeConfig
+
+STATIC = Path(__file__).parent / "static"
+
+
+class ServeError(Exception):
+    """A request the server refuses or could not finish: an HTTP status and one line naming the field."""
+
+    def __init__(self, status: int, detail: str, field: str | None = None, limit: Any = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.field, self.limit, self.headers = status, detail, field, limit, headers or {}
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"detail": self.detail}
+        if self.field is not None:
+            out["field"] = self.field
+        if self.limit is not None:
+            out["limit"] = self.limit
+        return out
+
+
+class GenerationTimeout(Exception):
+    pass
+
+
+class Cancelled(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------ the request
+class _RequestBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("prompt", check_fields=False)
+    @classmethod
+    def _readable_prompt(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt is empty: describe an image, e.g. \"a large red circle at the top left\"")
+        if not (prompt.isascii() and prompt.isprintable()):
+            raise ValueError("prompt must be printable ASCII text (the models read English words; "
+                             "GET /models lists each model's vocabulary)")
+        return prompt
+
+
+def request_model(limits: Limits) -> type[BaseModel]:
+    """The body of ``POST /generate-image``, with this server's limits (so the OpenAPI page shows them)."""
+    return create_model(
+        "GenerateRequest",
+        __base__=_RequestBase,
+        prompt=(str, Field(..., max_length=limits.prompt_chars, description="what to draw, in the dataset's words",
+                           examples=["a large red circle at the top left"])),
+        model=(str, Field(..., max_length=200, description="a model's name from GET /models")),
+        n=(int, Field(1, ge=1, le=limits.n, description="images of the prompt")),
+        seed=(int, Field(0, ge=0, le=2**63 - 1, description="the same seed gives the same images")),
+        sampler=(Optional[Literal[tuple(SAMPLER_NAMES)]],
+                 Field(None, description="diffusion and flow families (GET /models lists each model's choices)")),
+        steps=(Optional[int], Field(None, ge=1, le=limits.steps, description="diffusion and flow sampling steps")),
+        guidance=(Optional[float], Field(None, ge=0, le=limits.guidance, description="classifier-free guidance w")),
+        eta=(Optional[float], Field(None, ge=0, le=1, description="DDIM stochasticity")),
+        temperature=(Optional[float], Field(None, ge=0, le=limits.temperature, description="VAE prior temperature")),
+        format=(Optional[Literal["png", "json"]], Field(None, description="png (default) or json; or the Accept header")),
+    )
+
+
+SAMPLING_FIELDS = ("sampler", "steps", "guidance", "eta", "temperature")
+
+
+def validation_error(err: RequestValidationError) -> ServeError:
+    """FastAPI's list of errors -> one line naming the first field and its limit."""
+    errors = err.errors()
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(loc) or None
+    kind, ctx = first.get("type", ""), first.get("ctx") or {}
+    if kind == "json_invalid" or (kind in ("model_attributes_type", "dict_type", "missing") and not loc):
+        return ServeError(422, "the request body must be a JSON object, e.g. {\"prompt\": \"a red circle\", "
+                               "\"model\": \"ddpm\"}")
+    if kind == "missing":
+        return ServeError(422, f"{field} is required", field)
+    if kind == "extra_forbidden":
+        return ServeError(422, f"unknown field {field!r}; the fields are prompt, model, n, seed, "
+                               f"{', '.join(SAMPLING_FIELDS)}, format", field)
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    limit = next((ctx[key] for key in ("le", "ge", "max_length", "min_length", "expected") if key in ctx), None)
+    detail = message if field and message.startswith(f"{field} ") else f"{field}: {message}"
+    return ServeError(422, detail, field, limit if isinstance(limit, (int, float, str)) else None)
+
+
+# ------------------------------------------------------------------------------------ the queue
+class Gate:
+    """At most ``capacity`` requests admitted (running or waiting); the next one is refused at once."""
+
+    def __init__(self, workers: int, queue: int):
+        self.workers, self.capacity = workers, workers + queue
+        self.admitted = 0
+        self.running = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self.admitted >= self.capacity:
+                return False
+            self.admitted += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.admitted -= 1
+
+    def state(self) -> dict[str, int]:
+        with self._lock:
+            return {"running": self.running, "waiting": self.admitted - self.running, "capacity": self.capacity}
+
+
+# ------------------------------------------------------------------------------------ generation
+@dataclass
+class Generation:
+    images: torch.Tensor  # (n, C, H, W) in [-1, 1]
+    seconds: float
+    options: dict[str, Any]  # every sampling option as used (the request's, then the model's defaults)
+
+
+def b64_png(images: torch.Tensor) -> str:
+    return base64.b64encode(png_bytes(tiles(images, ncols=min(8, len(images))))).decode("ascii")
+
+
+def sampling_options(model: ServedModel, body: BaseModel) -> dict[str, Any]:
+    """The request's sampling options for this family: one it does not take is refused, naming it."""
+    given = {name: getattr(body, name) for name in SAMPLING_FIELDS if getattr(body, name) is not None}
+    takes = model.option_names()
+    for name in given:
+        if name not in takes:
+            raise ServeError(422, f"{name}: model {model.name!r} ({model.family}) takes no option {name}; it takes "
+                                  f"{', '.join(takes) if takes else 'no sampling options'}", name)
+    choices = model.sampler_choices()
+    if "sampler" in given and given["sampler"] not in choices:
+        names = " or ".join(repr(choice) for choice in choices)
+        raise ServeError(422, f"sampler: model {model.name!r} ({model.family}) takes sampler {names}, got "
+                              f"{given['sampler']!r}", "sampler")
+    return model.lab.sample_options(given)
+
+
+def run_generation(model: ServedModel, prompt: str, n: int, seed: int, options: dict[str, Any], limits: Limits,
+                   emit: Callable[[str, dict[str, Any]], None] | None = None,
+                   cancelled: threading.Event | None = None) -> Generation:
+    """The images of one request (in a worker thread): the same call and generator as ``genlab sample``."""
+    lab = model.lab
+    device = lab.device
+    with model.lock, torch.no_grad():
+        started = time.perf_counter()
+        deadline = time.monotonic() + limits.timeout_s
+
+        def progress(step: int, steps: int, estimate: torch.Tensor) -> None:
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled()
+            if time.monotonic() > deadline:
+                raise GenerationTimeout()
+            if emit is not None and step < steps:
+                emit("progress", {"step": step, "steps": steps, "seconds": time.perf_counter() - started,
+                                  "image": b64_png(estimate),
+                                  "images": [b64_png(estimate[i:i + 1]) for i in range(len(estimate))]})
+
+        generator = torch.Generator(device=device).manual_seed(seed)
+        try:
+            images = lab.sample_with_progress([prompt] * n, generator, progress=progress,
+                                              every=limits.preview_every, **options)
+        except (GenerationTimeout, Cancelled):
+            raise
+        except ValueError as err:  # an option value the family refuses
+            raise ServeError(422, f"model {model.name!r}: {err}") from None
+        return Generation(images=images.float().cpu(), seconds=time.perf_counter() - started,
+                          options={**lab.sampling_defaults(), **options})
+
+
+# ------------------------------------------------------------------------------------ the app
+def create_app(config: ServeConfig, models: dict[str, ServedModel]) -> FastAPI:
+    limits = config.limits
+    Body = request_model(limits)
+    gate = Gate(limits.workers, limits.queue)
+    executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="genlab-generate")
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="genlab", version="1", lifespan=lifespan,
+                  description="Text-to-image with every family of the lab: a GAN, a VAE, a pixel DDPM, a latent "
+                              "DDPM and a rectified flow, trained on the same data. Models are chosen by name "
+                              "(GET /models).")
+    app.state.models, app.state.gate, app.state.config = models, gate, config
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, err: ServeError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        refused = validation_error(err)
+        return JSONResponse(refused.body(), status_code=refused.status)
+
+    def check(body: BaseModel) -> tuple[ServedModel, dict[str, Any], list[str]]:
+        model = models.get(body.model)
+        if model is None:
+            raise ServeError(422, f"model: no model {body.model!r}; this server has {', '.join(models)} "
+                                  "(models are chosen by name: GET /models)", "model")
+        options = sampling_options(model, body)
+        known = set(model.lab.data_info.vocab)
+        unknown = sorted({word for word in words(body.prompt) if word not in known})
+        return model, options, unknown
+
+    def admit() -> None:
+        if not gate.enter():
+            raise ServeError(503, f"the server is busy ({gate.capacity} requests running or waiting); "
+                                  f"try again in {limits.retry_after_s} s",
+                             headers={"Retry-After": str(limits.retry_after_s)})
+
+    def job(model, body, options, emit=None, cancelled=None) -> Generation:
+        with gate._lock:
+            gate.running += 1
+        try:
+            return run_generation(model, body.prompt, body.n, body.seed, options, limits, emit, cancelled)
+        finally:
+            with gate._lock:
+                gate.running -= 1
+            gate.leave()
+
+    def result_json(model: ServedModel, body: BaseModel, done: Generation, unknown: list[str]) -> dict[str, Any]:
+        return {"model": model.name, "family": model.family, "prompt": body.prompt, "n": body.n, "seed": body.seed,
+                "options": done.options, "seconds": round(done.seconds, 4), "unknown_words": unknown,
+                "image": b64_png(done.images),
+                "images": [b64_png(done.images[i:i + 1]) for i in range(len(done.images))]}
+
+    @app.post("/generate-image", responses={200: {"content": {"image/png": {}, "application/json": {}},
+                                                  "description": "the n images side by side (PNG), or JSON"},
+                                            422: {"description": "a field out of its limits (named in the body)"},
+                                            503: {"description": "busy: retry after the Retry-After seconds"},
+                                            504: {"description": "the generation took longer than the timeout"}})
+    async def generate_image(body: Body, request: Request) -> Response:  # type: ignore[valid-type] (Body: this limits)
+        """Draw ``n`` images of ``prompt`` with ``model``: the write-ups' endpoint (a prompt in, an image out)."""
+        model, options, unknown = check(body)
+        admit()
+        loop = asyncio.get_running_loop()
+        try:
+            done = await loop.run_in_executor(executor, job, model, body, options)
+        except GenerationTimeout:
+            raise ServeError(504, f"the generation took longer than {limits.timeout_s:g} s; ask for fewer images "
+                                  "or steps") from None
+        accept = request.headers.get("accept", "")
+        wants_json = body.format == "json" or (body.format is None and "application/json" in accept
+                                               and "image/png" not in accept)
+        if wants_json:
+            return JSONResponse(result_json(model, body, done, unknown))
+        png = png_bytes(tiles(done.images, ncols=min(8, len(done.images))))
+        return Response(png, media_type="image/png", headers={
+            "X-Genlab-Seconds": f"{done.seconds:.4f}", "X-Genlab-Options": json.dumps(done.options),
+            "X-Genlab-Unknown-Words": ",".join(unknown)})
+
+    @app.post("/generate-image/stream", response_class=StreamingResponse,
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "events start, progress (x0 estimates), done or error"}})
+    async def generate_stream(body: Body, request: Request) -> StreamingResponse:  # type: ignore[valid-type]
+        """The same request as ``/generate-image``, answered as server-sent events while it draws."""
+        model, options, unknown = check(body)
+        admit()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(name: str, data: dict[str, Any]) -> None:  # from the worker thread
+            loop.call_soon_threadsafe(events.put_nowait, (name, data))
+
+        def work() -> None:
+            try:
+                done = job(model, body, options, emit, cancelled)
+                emit("done", result_json(model, body, done, unknown))
+            except GenerationTimeout:
+                emit("error", {"status": 504, "detail": f"the generation took longer than {limits.timeout_s:g} s"})
+            except Cancelled:
+                emit("error", {"status": 499, "detail": "cancelled"})
+            except ServeError as err:
+                emit("error", {"status": err.status, **err.body()})
+            except Exception as err:  # noqa: BLE001 (a bug must end the stream, not leave the page waiting)
+                emit("error", {"status": 500, "detail": f"generation failed: {type(err).__name__}: {err}"})
+
+        # Submitted now, not when the stream is first read: the job leaves the queue even if no one reads it.
+        loop.run_in_executor(executor, work)
+
+        async def stream():
+            yield sse("start", {"model": model.name, "family": model.family, "prompt": body.prompt, "n": body.n,
+                                "seed": body.seed, "options": {**model.lab.sampling_defaults(), **options},
+                                "unknown_words": unknown})
+            try:
+                while True:
+                    name, data = await events.get()
+                    yield sse(name, data)
+                    if name in ("done", "error"):
+                        break
+            finally:
+                cancelled.set()  # if the client left early, the worker stops at its next step
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/models")
+    async def list_models() -> dict[str, Any]:
+        """Every model this server holds: family, dataset, parameters, sampling options and their limits."""
+        return {"models": [model.describe(limits) for model in models.values()],
+                "limits": {"prompt_chars": limits.prompt_chars, "n": limits.n, "steps": limits.steps,
+                           "timeout_s": limits.timeout_s}}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": list(models), **gate.state()}
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def sse(event: str, data: dict[str, Any]) -> str:
+    """One server-sent event."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"

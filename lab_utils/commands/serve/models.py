@@ -1,0 +1,161 @@
+"""What ``genlab serve`` serves: the models it loaded once at start-up, by name, and the limits of a request.
+
+Models come from the zoo (``lab_utils.harness.zoo``: ``models=[ddpm, ...]``) or from a configured folder of
+runs (``runs=<folder>``: every run folder under it with a ``checkpoints/last.pt``, named by its path inside
+the folder, e.g. ``shapes/ddpm/2026-12-03_10-00-00``). A request names a model; the name is looked up in the
+table built here, and nothing a client sends is ever used as a path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lab_utils.core.lab import Lab
+from lab_utils.harness.checkpoint import LoadedLab, load_lab
+from lab_utils.harness.zoo import entries
+from lab_utils.harness.zoo import load as load_pretrained
+from labs.diffusion.lab import DiffusionSampleOptions
+from labs.diffusion.sampling import SAMPLERS as DIFFUSION_SAMPLERS
+from labs.flow.lab import FlowSampleOptions
+from labs.flow.sampling import SAMPLER_STEPS as FLOW_SAMPLERS
+
+log = logging.getLogger("genlab")
+
+
+@dataclass
+class Limits:
+    """What one request may ask for (``serve.limits`` in ``conf/serve.yaml``): a lab machine stays responsive."""
+
+    prompt_chars: int = 200
+    n: int = 16  # images per request
+    steps: int = 250  # diffusion sampling steps
+    guidance: float = 20.0
+    temperature: float = 3.0
+    queue: int = 8  # requests that may wait while `workers` run; one more gets 503 with Retry-After
+    workers: int = 1  # generations at once (each uses all of torch's threads)
+    timeout_s: float = 60.0  # a generation stops (504) after this long
+    preview_every: int = 5  # diffusion: the stream shows the x0 estimate every this many steps
+    retry_after_s: int = 5  # what a 503 tells the client to wait
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            if getattr(self, item.name) <= 0:
+                raise ValueError(f"serve.limits.{item.name} must be positive, got {getattr(self, item.name)}")
+
+
+@dataclass
+class ServeConfig:
+    """``conf/serve.yaml``."""
+
+    host: str = "127.0.0.1"  # only this machine; 0.0.0.0 puts the lab on the network
+    port: int = 8000
+    models: list[str] = field(default_factory=lambda: ["dcgan", "vae", "ddpm", "ldm", "flow"])  # zoo names
+    runs: Optional[str] = None  # a folder of run folders to serve as well (by their path inside it)
+    device: str = "cpu"
+    threads: Optional[int] = None  # torch's intra-op threads (None: torch's default)
+    batch_size: int = 64  # as `genlab sample`'s: the same request gives the same pixels as the command
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if not self.models and not self.runs:
+            raise ValueError("nothing to serve: give models=[...] (`genlab pretrained` lists them) or runs=<folder>")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+
+@dataclass
+class ServedModel:
+    """One model the server holds, loaded once and shared by every request (sampling reads its weights only;
+    each request brings its own ``torch.Generator``, so no request touches another's random state)."""
+
+    name: str
+    source: str  # "zoo" or "runs"
+    loaded: LoadedLab
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time on this model
+
+    @property
+    def lab(self):
+        return self.loaded.lab
+
+    @property
+    def family(self) -> str:
+        return str(self.loaded.cfg.model.name)
+
+    def option_names(self) -> list[str]:
+        return [item.name for item in fields(self.lab.SampleOptions)]
+
+    def sampler_choices(self) -> list[str]:
+        """The ``sampler`` values this model takes (every known one for a lab of the user's own)."""
+        return SAMPLER_CHOICES.get(self.lab.SampleOptions, SAMPLER_NAMES)
+
+    def describe(self, limits: Limits) -> dict[str, Any]:
+        """What ``GET /models`` says of this model."""
+        info = self.lab.data_info
+        defaults = self.lab.sampling_defaults()
+        options = {name: {**OPTION_SCHEMA[name](limits, self), "default": defaults.get(name)}
+                   for name in self.option_names() if name in OPTION_SCHEMA}
+        return {"name": self.name, "family": self.family, "source": self.source, "dataset": info.name,
+                "image": {"channels": info.channels, "size": info.image_size},
+                "parameters": sum(p.numel() for p in self.lab.parameters()),
+                "step": int(self.loaded.state.get("trainer", {}).get("step", 0)),
+                "options": options, "example_prompts": list(info.prompts),
+                "vocabulary": [word for word in info.vocab if not word.startswith("[")],
+                "live_preview": type(self.lab).sample_with_progress is not Lab.sample_with_progress}
+
+
+# The sampler names of each family's sampling options (the DDPM's and the ldm's, the flow's): a request's `sampler`
+# must be one of its model's; the request body takes any of them (SAMPLER_NAMES), so an unknown name is refused first.
+SAMPLER_CHOICES: dict[type, list[str]] = {DiffusionSampleOptions: sorted(DIFFUSION_SAMPLERS),
+                                          FlowSampleOptions: sorted(FLOW_SAMPLERS)}
+SAMPLER_NAMES: list[str] = sorted({name for names in SAMPLER_CHOICES.values() for name in names})
+
+# The request fields of the families' sampling options, with the server's limits (GET /models reports them).
+OPTION_SCHEMA = {
+    "sampler": lambda limits, model: {"type": "string", "choices": model.sampler_choices()},
+    "steps": lambda limits, model: {"type": "integer", "min": 1, "max": limits.steps},
+    "guidance": lambda limits, model: {"type": "number", "min": 0.0, "max": limits.guidance},
+    "eta": lambda limits, model: {"type": "number", "min": 0.0, "max": 1.0},
+    "temperature": lambda limits, model: {"type": "number", "min": 0.0, "max": limits.temperature},
+}
+
+
+def run_folders(root: Path) -> dict[str, Path]:
+    """Every run folder under ``root`` (one holding ``checkpoints/last.pt``), by its path inside ``root``."""
+    found = {}
+    for last in sorted(root.rglob("checkpoints/last.pt")):
+        run = last.parent.parent
+        found[run.relative_to(root).as_posix()] = run
+    return found
+
+
+def load_models(config: ServeConfig, device: torch.device) -> dict[str, ServedModel]:
+    """Load every model the config names, once (a bad name or file stops the server before it listens)."""
+    from lab_utils.harness.checkpoint import CheckpointError
+
+    served: dict[str, ServedModel] = {}
+    available = entries()
+    for name in config.models:
+        if name not in available or available[name].family == "evaluator":
+            raise CheckpointError(f"models: no pretrained model {name!r}; the zoo has {', '.join(available) or 'none'}")
+        served[name] = ServedModel(name, "zoo", load_pretrained(name, device))
+    if config.runs:
+        root = Path(config.runs).expanduser()
+        if not root.is_dir():
+            raise CheckpointError(f"runs={config.runs}: no such folder")
+        for name, run in run_folders(root).items():
+            loaded = load_lab(run, device=device, ema=True)
+            if loaded.cfg.model.get("name") == "evaluator":
+                continue
+            served[name] = ServedModel(name, "runs", loaded)
+    for model in served.values():
+        log.info("serving %s (%s, %s, step %s)", model.name, model.family, model.source,
+                 model.loaded.state.get("trainer", {}).get("step"))
+    return served
