@@ -3,18 +3,22 @@
     lab_utils/core/       contracts, schemas and shared tools; imports no other layer: the Lab contract (lab),
                           the config schemas and ``compose`` (schema, config), which Lab classes may be built and
                           how (registry), the datasets (data/), the metrics on features (metrics), image grids
-                          (plotting) and the notebook check machinery (exercises)
+                          (plotting), the notebook switches (switches: GENLAB_SMOKE ...) and the exercise check
+                          machinery, one module per job (exercises/), and where genlab caches what it makes
+                          once (cache_folder)
     lab_utils/harness/    trains any Lab and knows no family: one run from config to checkpoint (run), the loop
                           (trainer, step_context, data_stream, ema, distributed, progress), devices, checkpoints
-                          and run folders, and the shipped models loaded by name (zoo)
+                          and run folders, runs trained once and then cached (cached_run), and the shipped models
+                          loaded by name (zoo)
     labs/                 the content: the model families, each importing the core only, plus the shared
                           ``labs.text_encoder``; a lab never imports another lab, except that a composite lab
                           imports the labs it composes (COMPOSITE_LABS, named in its docstring). Each family's
                           graded exercises sit beside it (labs/<family>/exercises.py; the metric exercises beside
                           the evaluator, labs/evaluator/exercises.py)
     lab_utils/commands/   what users run, on top of everything: the ``genlab`` command (cli) and each command
-                          it dispatches to (compare and its first_stages, bench, pretrained, notebooks, grading,
-                          serve/, evaluation/: train, cache and apply the evaluator)
+                          it dispatches to (sample, data, compare and its first_stages, bench, pretrained, notebooks,
+                          grading, serve/, evaluation/: train, cache and apply the evaluator), and the arguments
+                          they share (arguments)
     genlab/               the door for a notebook (``from genlab import ...``) and ``python -m genlab``
 
 No import runs upward (Python runs every parent package of a module it imports: those count), none closes a

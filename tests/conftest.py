@@ -10,6 +10,10 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
+# The `genlab` command as a user types it: the console script pip installed beside this interpreter, which goes
+# straight to lab_utils.commands.cli:main (`python -m genlab` first imports the notebook door, genlab/__init__.py,
+# and with it torch: seconds for every refused input; tests/test_genlab_door.py runs that path).
+GENLAB = [str(Path(sys.executable).with_name("genlab"))]
 sys.path.insert(0, str(TESTS))  # `tiny_lab` (the harness's test model) is importable by tests and subprocesses
 
 

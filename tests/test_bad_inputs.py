@@ -28,9 +28,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TESTS, subprocess_env
+from conftest import GENLAB, TESTS, subprocess_env
 
-GENLAB = [sys.executable, "-m", "genlab"]
 MARKER = "CODE_RAN"  # what a hostile file's payload creates
 
 
@@ -243,7 +242,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(results, case):
 
 # ------------------------------------------------------------------------------------ behaviour, not refusal
 def test_hostile_target_is_refused_in_process_before_import(tmp_path, runs):
-    from lab_utils.core.config import ConfigError
+    from lab_utils.core.schema import ConfigError
     from lab_utils.harness.checkpoint import load_lab
 
     hostile_target(tmp_path, runs)
@@ -482,33 +481,34 @@ def test_sample_options_prompts_and_unknown_words(tmp_path, runs):
 
 def test_vae_temperature_reaches_the_sampler(runs):
     """`temperature=` on the command line is passed to VAELab.sample and changes the images."""
-    from lab_utils.commands.cli import SAMPLE_KEYS
+    from lab_utils.commands.sample import SAMPLE_KEYS, option_overrides
     from lab_utils.core.config import compose
     from lab_utils.harness.checkpoint import load_lab
+    from labs.vae.lab import VAESampleOptions
 
-    cfg = compose([f"run={runs['vae']}", "temperature=0.5"], config_name="sample", check=False)
+    cfg = compose(option_overrides([f"run={runs['vae']}", "temperature=0.5"]), config_name="sample", check=False)
     lab = load_lab(runs["vae"]).lab
     options = lab.sample_options({key: value for key, value in cfg.items() if key not in SAMPLE_KEYS})
-    assert options == {"temperature": 0.5}
-    cold = lab.sample(["a red circle"] * 4, torch.Generator().manual_seed(0), **options)
+    assert options == VAESampleOptions(temperature=0.5)
+    cold = lab.sample(["a red circle"] * 4, torch.Generator().manual_seed(0), options)
     default = lab.sample(["a red circle"] * 4, torch.Generator().manual_seed(0))
     assert not torch.equal(cold, default)
 
 
 def test_sampling_in_batches_draws_the_same_images_for_the_same_seed(runs):
-    from lab_utils.commands.cli import draw
+    from lab_utils.commands.sample import draw
     from lab_utils.harness.checkpoint import load_lab
 
     lab = load_lab(runs["vae"]).lab
     prompts = ["a red circle", "a blue square"] * 3
-    a = draw(lab.sample, prompts, torch.Generator().manual_seed(0), 4, {})  # batches of 4 + 2
-    b = draw(lab.sample, prompts, torch.Generator().manual_seed(0), 4, {})
+    a = draw(lab.sample, prompts, torch.Generator().manual_seed(0), 4, None)  # batches of 4 + 2
+    b = draw(lab.sample, prompts, torch.Generator().manual_seed(0), 4, None)
     assert a.shape == (6, 3, 32, 32) and torch.equal(a, b)
-    assert not torch.equal(a, draw(lab.sample, prompts, torch.Generator().manual_seed(1), 4, {}))
+    assert not torch.equal(a, draw(lab.sample, prompts, torch.Generator().manual_seed(1), 4, None))
 
 
 def test_output_names(tmp_path):
-    from lab_utils.commands.cli import UserError, output_path
+    from lab_utils.commands.arguments import UserError, output_path
 
     (tmp_path / "folder").mkdir()
     assert output_path(str(tmp_path / "grid"), "samples.png") == tmp_path / "grid.png"

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import subprocess_env
+from conftest import GENLAB, subprocess_env
 from lab_utils.commands.bench import bench, count_step_flops, matmul_peak, table
-from lab_utils.core.config import ConfigError, compose
+from lab_utils.core.config import compose
 from lab_utils.core.lab import DataInfo, Lab
+from lab_utils.core.schema import ConfigError
+from lab_utils.harness.run import trainer_settings
 from lab_utils.harness.trainer import Trainer
 
 QUICK = ["preset=smoke", "bench.steps=2", "bench.warmup_steps=1", "bench.sample_batch=2"]
@@ -56,7 +57,7 @@ def test_bench_runs_for_every_family_with_consistent_figures(model):
 def test_bench_command_writes_json_and_table(tmp_path):
     out = tmp_path / "bench"
     result = subprocess.run(
-        [sys.executable, "-m", "genlab", "bench", "model=vae", "data=shapes", *QUICK, f"out={out}",
+        [*GENLAB, "bench", "model=vae", "data=shapes", *QUICK, f"out={out}",
          "bench.variants=[eager_fp32]"],
         env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -96,7 +97,7 @@ def test_flop_count_of_a_step_matches_the_hand_count(tmp_path):
     info = DataInfo("shapes", 3, 32, {}, ["[PAD]", "[UNK]", "[CLS]"])
     dataset = [{"image": torch.randn(3, 32, 32), "caption": "x"} for _ in range(16)]
     lab = LinearLab({}, info)
-    trainer = Trainer(cfg, tmp_path, lab, dataset, info, torch.device("cpu"))
+    trainer = Trainer(cfg, trainer_settings(cfg), tmp_path, lab, dataset, info, torch.device("cpu"))
     flops, images = count_step_flops(trainer)
     P = 3 * 32 * 32
     assert images == 8
@@ -128,7 +129,7 @@ def test_channels_last_changes_the_layout_not_the_numbers(tmp_path):
         expected = plain(xt, t, prompts)
         got = nhwc(xt.contiguous(memory_format=torch.channels_last), t, prompts)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)  # the same function, another layout
-    trainer = Trainer(cfg, tmp_path, nhwc.train(), train_set, info, torch.device("cpu"))
+    trainer = Trainer(cfg, trainer_settings(cfg), tmp_path, nhwc.train(), train_set, info, torch.device("cpu"))
     losses = [trainer.run_step()[0]["loss/loss"].item() for _ in range(2)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # the optimiser kept the layout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +64,17 @@ def test_bad_config_value_fails_clearly():
 def test_sample_from_missing_run_fails_clearly(tmp_path):
     out = genlab("sample", f"run={tmp_path / 'nothing'}")
     assert out.returncode == 1 and "no such run directory" in out.stderr
+
+
+def test_the_dispatch_and_its_commands_load_without_torch():
+    """cli.py dispatches to a module per command (sample.py, data.py, ...); importing them, and reading a sampling
+    option off the command line, loads no torch (seconds): bad settings are refused before it is needed."""
+    code = ("import sys; from lab_utils.commands import cli, data, sample; "
+            "assert sample.option_overrides(['steps=3', 'n=2', '+x=1', 'eval.k=1']) == "
+            "['++steps=3', 'n=2', '+x=1', 'eval.k=1']; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
 
 
 @pytest.mark.slow

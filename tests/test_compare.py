@@ -12,9 +12,12 @@ import sys
 import pytest
 
 from conftest import subprocess_env
-from lab_utils.commands.compare import CompareConfig, attribute_table, compare, markdown_table, run_finished, train_first_stage
-from lab_utils.core.config import ConfigError, check_section, compose
+from lab_utils.commands.compare import CompareConfig, attribute_table, compare, markdown_table
+from lab_utils.commands.first_stages import train_first_stage
+from lab_utils.core.config import compose
+from lab_utils.core.schema import ConfigError, check_section
 from lab_utils.harness.checkpoint import list_checkpoints, load_checkpoint
+from lab_utils.harness.run_folder import run_finished
 
 
 SWEEP = ["compare.fid_guidance=[1.0,3.0]"]  # FID of the guided families again at w = 1 (3 is their own)

@@ -249,6 +249,7 @@ def test_trainer_data_on_device_is_off_by_default_on_in_the_gpu_preset_and_check
 
 def test_the_trainer_builds_its_stream_on_the_device_when_asked(tmp_path):
     from lab_utils.core.registry import build_lab
+    from lab_utils.harness.run import trainer_settings
     from lab_utils.harness.trainer import Trainer
 
     for on_device in (False, True):
@@ -256,7 +257,8 @@ def test_the_trainer_builds_its_stream_on_the_device_when_asked(tmp_path):
                        f"trainer.data_on_device={on_device}"])
         train_set = build_dataset(cfg.data, "train")
         info = train_set.data_info()
-        trainer = Trainer(cfg, tmp_path / str(on_device), build_lab(cfg, info), train_set, info, CPU)
+        trainer = Trainer(cfg, trainer_settings(cfg), tmp_path / str(on_device), build_lab(cfg, info), train_set, info,
+                          CPU)
         assert (trainer.stream.resident is not None) is on_device
 
 
@@ -264,9 +266,10 @@ def test_data_on_device_is_left_out_of_the_settings_key_so_the_shipped_evaluator
     import json
 
     from conftest import REPO
-    from lab_utils.commands.evaluation.cache import evaluator_config, evaluator_key
+    from lab_utils.commands.evaluation.cache import evaluator_config
+    from lab_utils.harness.cached_run import run_key
 
     shipped = json.loads((REPO / "labs" / "evaluator" / "pretrained" / "manifest.json").read_text())
     cfg = evaluator_config({"name": "shapes"}, preset="cpu")  # what `make pretrained` ships
     on_device = evaluator_config({"name": "shapes"}, ["trainer.data_on_device=true"], preset="cpu")
-    assert evaluator_key(on_device) == evaluator_key(cfg) == shipped["models"]["evaluator-shapes"]["key"]
+    assert run_key(on_device) == run_key(cfg) == shipped["models"]["evaluator-shapes"]["key"]

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import data_info
-from lab_utils.core.config import ConfigError, compose
+from lab_utils.core.config import compose
+from lab_utils.core.schema import ConfigError
 from labs.diffusion import (
-    CrossAttention, DDPMConfig, DiffusionLab, NoiseScheduler, SamplingConfig, SchedulerConfig, UNet, UNetConfig,
+    CrossAttention, DDPMConfig, DiffusionLab, DiffusionSampleOptions, NoiseScheduler, SchedulerConfig, UNet, UNetConfig,
     attention,
     classifier_free_guidance, cosine_betas, ddim_sample, ddpm_sample, diffusion_loss, patchify, sample_loop,
     unpatchify,
@@ -248,7 +249,7 @@ def test_guidance_one_is_the_conditional_model_and_nfe():
     manual = ddim_sample(lambda xt, t: lab.unet(xt, t, context), lab.scheduler, (2, 3, 16, 16), 4,
                          torch.Generator().manual_seed(0))
     assert torch.allclose(guided.images, manual.images, atol=1e-6)
-    assert guided.nfe == 4 == lab.nfe("ddim", 4, 1.0)
+    assert guided.nfe == 4 == lab.nfe(sampler="ddim", steps=4, guidance=1.0)
     # w != 1 batches the conditional and unconditional passes together; the same as two separate passes
     w = 2.5
     uncond = lab.encode_prompts(["", ""])
@@ -261,11 +262,11 @@ def test_guidance_one_is_the_conditional_model_and_nfe():
     guided = lab.generate(prompts, torch.Generator().manual_seed(0), sampler="ddim", steps=4, guidance=w)
     # batch-size-dependent float rounding (~1e-6 per pass) grows a little over the steps
     assert torch.allclose(guided.images, manual.images, atol=2e-3)
-    assert guided.nfe == 8 == lab.nfe("ddim", 4, w)
+    assert guided.nfe == 8 == lab.nfe(sampler="ddim", steps=4, guidance=w)
 
 
 def test_trajectory_and_config_defaults():
-    lab = tiny_lab(sampling=SamplingConfig(sampler="ddpm", steps=40, guidance=2.0))
+    lab = tiny_lab(sampling=DiffusionSampleOptions(sampler="ddpm", steps=40, guidance=2.0))
     out = lab.sample_trajectory(["a red circle"], torch.Generator().manual_seed(0), steps=10)
     assert len(out.intermediates) == 11 and len(out.pred_x0) == 10 and out.nfe == 20
     assert torch.allclose(out.intermediates[-1].clamp(-1, 1), out.images)
@@ -526,7 +527,9 @@ def test_coordinate_channels_hold_x_and_y_and_feed_the_first_convolution():
                  cross_attention_levels=[1])
     plain, coords = UNet(UNetConfig(**small), 3, 16), UNet(UNetConfig(**small, coord_channels=True), 3, 16)
     assert plain.conv_in.in_channels == 3 and coords.conv_in.in_channels == 5
-    assert UNetConfig().coord_channels is False  # checkpoints saved before the option load unchanged
+    assert UNetConfig().coord_channels is False  # a plain UNet; DDPMConfig turns them on
+    # checkpoints saved before the option load unchanged: a DDPM config without the key means none
+    assert DDPMConfig().unet.coord_channels and DDPMConfig.SAVED_WITHOUT == {"unet.coord_channels": False}
 
 
 def test_patches_fold_pixels_into_channels_and_unfold_them_exactly():

@@ -13,15 +13,17 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lab_utils.core.config import ConfigError, compose
+from lab_utils.core.config import compose
+from lab_utils.core.schema import ConfigError
 from lab_utils.commands.evaluation import (
     EvalConfig, EvaluatorLab, InceptionFeatures, choose_items, eval_command_main, eval_config,
-    evaluate_lab, evaluator_config, evaluator_key, fid, frechet_distance, frechet_distance_low_rank, gaussian_stats,
+    evaluate_lab, evaluator_config, fid, frechet_distance, frechet_distance_low_rank, gaussian_stats,
     get_evaluator,
     inception_score, joint_log_probs, kid, kid_unbiased, nfe_per_sample, precision_recall, prompt_alignment,
     quantize, random_translate, seeded,
 )
 from lab_utils.core.plotting import to_uint8
+from lab_utils.harness.cached_run import run_key
 from lab_utils.harness.run import train
 from tiny_lab import tiny_config
 
@@ -245,11 +247,11 @@ def test_evaluator_cache_hits_and_is_invalidated_by_its_config(smoke_setup, monk
     assert (cache / f"shapes-{changed.key}" / "evaluator.json").is_file()
     # the key follows the data, the trainer settings and the model config; not where the data lives
     base = evaluator_config(cfg.data, preset=SMOKE)
-    assert evaluator_key(evaluator_config({**OmegaConf.to_container(cfg.data), "root": "/elsewhere"}, preset=SMOKE)) \
-        == evaluator_key(base) == evaluator.key
-    assert evaluator_key(evaluator_config(cfg.data, ["trainer.steps=5"], preset=SMOKE)) != evaluator.key
+    assert run_key(evaluator_config({**OmegaConf.to_container(cfg.data), "root": "/elsewhere"}, preset=SMOKE)) \
+        == run_key(base) == evaluator.key
+    assert run_key(evaluator_config(cfg.data, ["trainer.steps=5"], preset=SMOKE)) != evaluator.key
     reseeded = {**OmegaConf.to_container(cfg.data), "seed": 1}
-    assert evaluator_key(evaluator_config(reseeded, preset=SMOKE)) != evaluator.key
+    assert run_key(evaluator_config(reseeded, preset=SMOKE)) != evaluator.key
     with pytest.raises(FileNotFoundError, match="genlab train model=evaluator"):
         get_evaluator(cfg.data, ["model.dropout=0.2"], preset=SMOKE, cache_dir=cache, train_if_missing=False)
 
@@ -357,7 +359,7 @@ def test_eval_config_errors_are_clear(smoke_setup):
     with pytest.raises(ConfigError, match="features"):
         eval_config({"features": "clip"})
     with pytest.raises(ConfigError, match=r"eval.sample_options: TinyLab.sample does not take option\(s\) \['steps'\]; it takes scale"):
-        eval_command_main(compose([f"run={run_dir}", "eval.sample_options.steps=3", "eval.num_samples=8",
+        eval_command_main(compose([f"run={run_dir}", "+eval.sample_options.steps=3", "eval.num_samples=8",
                                    "eval.evaluator_preset=smoke", f"eval.cache_dir={cache}"],
                                   config_name="eval", check=False))
     assert isinstance(eval_config(None), EvalConfig)

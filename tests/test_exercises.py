@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import nbformat
@@ -11,9 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from lab_utils.core.exercises import Case, ExerciseFailed, check_function, check_module, check_value, compare, smoke_mode
-import lab_utils.core.exercises as exercises
+import lab_utils.core.exercises.checks as checks
 from lab_utils.commands.notebooks import make_student_versions, strip_solutions
+from lab_utils.core.exercises.cases import Case
+from lab_utils.core.exercises.checks import ExerciseFailed, check_function, check_module, check_value
+from lab_utils.core.exercises.difference import difference
 from labs.text_encoder import scaled_dot_product_attention
 from labs.text_encoder.exercises import ATTENTION_HINT, attention_cases, check_attention
 
@@ -93,7 +98,7 @@ def test_not_implemented_stub(capsys):
 
 
 def test_other_exception_shows_type_message_and_hint(capsys, monkeypatch):
-    monkeypatch.setattr(exercises, "_FAILURES", {})  # a first failure: the hint's idea
+    monkeypatch.setattr(checks, "_FAILURES", {})  # a first failure: the hint's idea
     assert not check_attention(lambda q, k, v, mask=None: q @ k)
     line = last_line(capsys)
     assert "raised RuntimeError" in line and f"hint: {ATTENTION_HINT.idea}" in line
@@ -133,15 +138,7 @@ def test_in_place_student_does_not_corrupt_reference_or_cases(capsys):
     capsys.readouterr()
 
 
-def test_smoke_mode(monkeypatch):
-    for value, expected in [("1", True), ("true", True), ("YES", True), ("0", False), ("", False), ("no", False)]:
-        monkeypatch.setenv("GENLAB_SMOKE", value)
-        assert smoke_mode() is expected
-    monkeypatch.delenv("GENLAB_SMOKE")
-    assert smoke_mode() is False
-
-
-# --------------------------------------------------------------------------- generic comparison
+# --------------------------------------------------------------------------- the structural comparison
 
 
 class Pair(NamedTuple):
@@ -155,21 +152,21 @@ class Out:
     loss: float
 
 
-def test_compare_reports_the_field_and_kind():
+def test_difference_reports_the_field_and_kind():
     a = torch.ones(2, 3)
-    assert compare(Pair(a, a), Pair(a, a)) is None
-    assert "output.logvar: shape mismatch" in compare(Pair(a, a), Pair(a, torch.ones(3)))
-    assert "output.mu" in compare((a + 1, a), Pair(a, a))  # a plain tuple is compared by field names
-    assert "got a Pair without the field `recon`" in compare(Pair(a, a), Out(a, 1.0))
-    assert "output.loss: got 1.5, expected 1" in compare(Out(a, 1.5), Out(a, 1.0))
-    assert compare(Out(a, torch.tensor(1.0)), Out(a, 1.0)) is None  # 0-dim tensor for a number
-    assert "dtype" in compare(torch.ones(3, dtype=torch.long), torch.ones(3))
-    assert "entries differ" in compare(torch.tensor([1, 2]), torch.tensor([1, 3]))
-    assert "NaN" in compare(torch.tensor([float("nan")]), torch.tensor([0.0]))
-    assert "got a list" in compare([a], a)
-    assert "output['b']" in compare({"a": a, "b": a}, {"a": a, "b": a + 1})
-    assert "keys differ" in compare({"a": a}, {"a": a, "b": a})
-    assert "output[1]" in compare([a, a], [a, a * 2])
+    assert difference(Pair(a, a), Pair(a, a)) is None
+    assert "output.logvar: shape mismatch" in difference(Pair(a, a), Pair(a, torch.ones(3)))
+    assert "output.mu" in difference((a + 1, a), Pair(a, a))  # a plain tuple is compared by field names
+    assert "got a Pair without the field `recon`" in difference(Pair(a, a), Out(a, 1.0))
+    assert "output.loss: got 1.5, expected 1" in difference(Out(a, 1.5), Out(a, 1.0))
+    assert difference(Out(a, torch.tensor(1.0)), Out(a, 1.0)) is None  # 0-dim tensor for a number
+    assert "dtype" in difference(torch.ones(3, dtype=torch.long), torch.ones(3))
+    assert "entries differ" in difference(torch.tensor([1, 2]), torch.tensor([1, 3]))
+    assert "NaN" in difference(torch.tensor([float("nan")]), torch.tensor([0.0]))
+    assert "got a list" in difference([a], a)
+    assert "output['b']" in difference({"a": a, "b": a}, {"a": a, "b": a + 1})
+    assert "keys differ" in difference({"a": a}, {"a": a, "b": a})
+    assert "output[1]" in difference([a, a], [a, a * 2])
 
 
 def test_check_function_with_randomness_uses_the_same_seed(capsys):
@@ -231,6 +228,35 @@ def test_check_module(capsys):
     assert "values differ" in capsys.readouterr().out
     assert not check_module(Stub, RefLayer, init, cases, name="layer")
     assert "not implemented yet" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- one module per job
+
+
+MACHINERY = Path(__file__).resolve().parent.parent / "lab_utils" / "core" / "exercises"
+
+
+def test_the_check_machinery_is_one_module_per_job_and_each_name_has_one_home():
+    """The package file imports nothing (each name is imported from its module), every module says its job in a
+    docstring, and what a module exports (``__all__``) it defines itself: no name is re-exported from a second home."""
+    package = ast.parse((MACHINERY / "__init__.py").read_text(encoding="utf-8"))
+    assert not [node for node in ast.walk(package) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    homes: dict[str, str] = {}
+    for path in sorted(MACHINERY.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        module = importlib.import_module(f"lab_utils.core.exercises.{path.stem}")
+        assert (module.__doc__ or "").strip(), f"{path.name} has no docstring saying its job"
+        for name in module.__all__:
+            value = getattr(module, name)
+            if callable(value):  # a class or function says where it was defined; a constant is where it is assigned
+                assert value.__module__ == module.__name__, f"{path.name} re-exports {name} from {value.__module__}"
+            else:
+                assert f"\n{name} = " in path.read_text(encoding="utf-8"), f"{path.name} re-exports {name}"
+            assert name not in homes, f"{name} is exported by {homes[name]} and {path.name}"
+            homes[name] = path.name
+    assert {"difference", "forbidden", "Case", "Hint", "CheckSpec", "judge", "check_function"} <= set(homes)
+    assert "compare" not in homes, "the value comparison is `difference`: `compare` is the `genlab compare` command"
 
 
 # --------------------------------------------------------------------------- student versions

@@ -18,12 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-import lab_utils.core.exercises as exercises_module
+import lab_utils.core.exercises.checks as checks
 import labs.diffusion.exercises as diffusion_exercises
 import labs.flow.exercises as flow_exercises
 import labs.latent_diffusion.exercises as latent_exercises
 from conftest import data_info
-from lab_utils.core.exercises import Hint
+from lab_utils.core.exercises.cases import Hint
 from labs.diffusion import DiffusionLab, NoiseScheduler, SchedulerConfig, diffusion_loss
 from labs.flow import FlowLab, flow_matching_loss
 from labs.flow import add_noise as flow_add_noise
@@ -37,7 +37,7 @@ NOTEBOOKS = {"03_diffusion": (diffusion_exercises, flow_exercises), "06_latent_d
 def lenient(monkeypatch):
     """Checks print and return a result (no raise); the two-step hints start from the first try in every test."""
     monkeypatch.delenv("GENLAB_STRICT_CHECKS", raising=False)
-    monkeypatch.setattr(exercises_module, "_FAILURES", {})
+    monkeypatch.setattr(checks, "_FAILURES", {})
 
 
 # --------------------------------------------------------------------------- answers written from scratch

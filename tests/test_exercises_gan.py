@@ -16,9 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
-import lab_utils.core.exercises as exercises
+import lab_utils.core.exercises.checks as checks
 import labs.gan.exercises as gan_exercises
-from lab_utils.core.exercises import CheckResult, Hint, check_spec, judge, observe
+from lab_utils.core.exercises.cases import NOT_IMPLEMENTED, Hint, detached_copy
+from lab_utils.core.exercises.checks import CheckResult
+from lab_utils.core.exercises.difference import difference
+from lab_utils.core.exercises.records import check_spec, judge, observe
 from labs.gan import (
     ProjectionHead, bce_critic_loss, bce_generator_loss, critic_loss, gradient_penalty, hinge_critic_loss,
     hinge_generator_loss, interpolate, r1_penalty,
@@ -38,7 +41,7 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "01_gan.ipynb"
 def lenient(monkeypatch):
     """Checks print and return a result (no raise); each test starts with no failed tries counted."""
     monkeypatch.delenv("GENLAB_STRICT_CHECKS", raising=False)
-    monkeypatch.setattr(exercises, "_FAILURES", {})
+    monkeypatch.setattr(checks, "_FAILURES", {})
 
 
 def lines(capsys) -> list[str]:
@@ -363,16 +366,16 @@ def test_an_unwritten_answer_fails_cleanly_and_the_lab_takes_over(exercise, caps
 
     result = check(unwritten)
     assert not result
-    assert lines(capsys) == [f"❌ {result.name}: {exercises.NOT_IMPLEMENTED}"]
+    assert lines(capsys) == [f"❌ {result.name}: {NOT_IMPLEMENTED}"]
     fallback = result.pick(unwritten)
     (note,) = lines(capsys)
     assert fallback is not unwritten and "uses the lab's version" in note
     if case is None:  # a layer: the lab's class
         assert fallback is ProjectionHead
         return
-    got = fallback(*exercises._copy(case.args), **case.kwargs)  # called as the student's function would be
-    expected = answer(*exercises._copy(case.args), **case.kwargs)
-    assert exercises.compare(got, expected, atol=1e-5, rtol=1e-4) is None
+    got = fallback(*detached_copy(case.args), **case.kwargs)  # called as the student's function would be
+    expected = answer(*detached_copy(case.args), **case.kwargs)
+    assert difference(got, expected, atol=1e-5, rtol=1e-4) is None
 
 
 # --------------------------------------------------------------------------- the reference of the spectral norm

@@ -13,11 +13,12 @@ from torch import nn
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
-import lab_utils.core.exercises as exercises
+import lab_utils.core.exercises.checks as checks
 from lab_utils.commands.evaluation import (
     Passthrough, frechet_distance, inception_score, kid_unbiased, knn_radii, manifold_coverage, polynomial_kernel,
     precision_recall,
 )
+from lab_utils.core.exercises.records import check_spec, judge, observe
 from labs.evaluator.exercises import (
     FRECHET_HINT, INCEPTION_SCORE_HINT, KID_HINT, PRECISION_RECALL_HINT, check_frechet_distance,
     check_inception_score, check_kid, check_precision_recall, inception_score_cases, lab_inception_score,
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Metric .* will save all extracte
 def fresh_checks(monkeypatch):
     """Lenient checks and a fresh count of failed tries (which hint is shown)."""
     monkeypatch.delenv("GENLAB_STRICT_CHECKS", raising=False)
-    monkeypatch.setattr(exercises, "_FAILURES", {})
+    monkeypatch.setattr(checks, "_FAILURES", {})
 
 
 def line_of(capsys) -> str:
@@ -314,8 +315,8 @@ def test_the_judged_observation_matches_the_notebook_verdict(capsys):
                                       (check_precision_recall,
                                        lambda r, f, k=3: pr_from_scratch(r, f, k, swap=True), False),
                                       (check_inception_score, is_from_scratch, True)):
-            (observation,) = exercises.observe(check, answer, draw)
-            passed, detail = exercises.judge(exercises.check_spec(check, draw), observation)
+            (observation,) = observe(check, answer, draw)
+            passed, detail = judge(check_spec(check, draw), observation)
             assert passed is passes, detail
             if not passes:
                 assert "case 1/4" in detail

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lab_utils.core.exercises as exercises
+import lab_utils.core.exercises.checks as checks
 import labs.diffusion.exercises as diffusion_exercises
 import labs.vae.exercises as vae_exercises
-from lab_utils.core.exercises import Hint
+from lab_utils.core.exercises.cases import Hint
 from labs.diffusion import CrossAttention, attention, classifier_free_guidance
 from labs.diffusion.exercises import check_attention_weights, check_cross_attention, check_guidance
 from labs.vae import gaussian_kl, gaussian_nll, kl_divergence, negative_elbo, reparameterize
@@ -35,7 +35,7 @@ CALLS_THE_LAB = "calls the lab's"
 def fresh_checks(monkeypatch):
     """No strict mode, and a fresh count of wrong tries (which hint a check shows) for every test."""
     monkeypatch.delenv("GENLAB_STRICT_CHECKS", raising=False)
-    monkeypatch.setattr(exercises, "_FAILURES", {})
+    monkeypatch.setattr(checks, "_FAILURES", {})
 
 
 def run(check, answer, capsys):

@@ -22,18 +22,20 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from conftest import data_info
-from lab_utils.core.config import ConfigError, compose
+from lab_utils.core.config import compose
+from lab_utils.core.schema import ConfigError
 from labs.diffusion import (
     NoiseScheduler, SchedulerConfig, UNetConfig, classifier_free_guidance, ddim_sample, ddpm_sample, sample_levels,
     sample_loop,
 )
 from labs.flow import (
-    FlowConfig, FlowLab, FlowSamplingConfig, add_noise, euler_step, evaluations, flow_matching_loss, heun_step,
+    FlowConfig, FlowLab, FlowSampleOptions, add_noise, euler_step, evaluations, flow_matching_loss, heun_step,
     sample_times, shift_time, time_grid,
 )
 from labs.text_encoder import TextEncoderConfig
@@ -229,7 +231,7 @@ def test_guidance_one_is_the_conditional_velocity_and_nfe():
             manual = sample_levels(lambda xt, t: lab.unet(xt, 1000 * t, context), time_grid(4), x1, step,
                                    torch.Generator())
         assert torch.allclose(guided.images, manual.images, atol=1e-6)
-        assert guided.nfe == manual.nfe == lab.nfe(sampler, 4, 1.0) == evaluations(sampler, 4)
+        assert guided.nfe == manual.nfe == lab.nfe(sampler=sampler, steps=4, guidance=1.0) == evaluations(sampler, 4)
     # w != 1 batches the conditional and unconditional passes: the same as two separate passes
     w, uncond = 2.5, lab.encode_prompts(["", ""])
     with torch.no_grad():
@@ -239,11 +241,11 @@ def test_guidance_one_is_the_conditional_velocity_and_nfe():
                                time_grid(4), x1, heun_step, torch.Generator())
     guided = lab.generate(prompts, torch.Generator().manual_seed(0), sampler="heun", steps=4, guidance=w)
     assert torch.allclose(guided.images, manual.images, atol=2e-3)  # batch-size-dependent rounding, over the steps
-    assert guided.nfe == 14 == lab.nfe("heun", 4, w)  # (2 x 4 - 1) evaluations, x2 with guidance
+    assert guided.nfe == 14 == lab.nfe(sampler="heun", steps=4, guidance=w)  # (2 x 4 - 1) evaluations, x2 with guidance
 
 
 def test_sampling_is_seeded_clamped_and_reports_x0_estimates():
-    lab = tiny_lab(sampling=FlowSamplingConfig(sampler="heun", steps=6, guidance=2.0))
+    lab = tiny_lab(sampling=FlowSampleOptions(sampler="heun", steps=6, guidance=2.0))
     state = torch.get_rng_state()
     a = lab.sample(["a red circle"] * 2, torch.Generator().manual_seed(0))
     b = lab.sample(["a red circle"] * 2, torch.Generator().manual_seed(0))
@@ -252,7 +254,7 @@ def test_sampling_is_seeded_clamped_and_reports_x0_estimates():
     assert torch.equal(a, b) and not torch.equal(a, c) and a.min() >= -1 and a.max() <= 1
     reports = []
     same = lab.sample_with_progress(["a red circle"] * 2, torch.Generator().manual_seed(0), every=4,
-                                    progress=lambda i, n, x0: reports.append((i, n, x0)))
+                                    on_step=lambda i, n, x0: reports.append((i, n, x0)))
     assert torch.equal(same, a) and [(i, n) for i, n, _ in reports] == [(4, 6), (6, 6)]
     assert all(x0.abs().max() <= 1 for _, _, x0 in reports)
     out = lab.sample_trajectory(["a red circle"], torch.Generator().manual_seed(0), steps=3)
@@ -261,10 +263,10 @@ def test_sampling_is_seeded_clamped_and_reports_x0_estimates():
     assert out.timesteps.tolist() == [1.0, pytest.approx(2 / 3), pytest.approx(1 / 3)]
     # the x0 estimate is x_t - t v: at the last step (t_prev = 0, plain Euler) it is the final sample itself
     assert torch.allclose(out.pred_x0[-1], out.intermediates[-1], atol=1e-6)
-    assert lab.nfe() == (2 * 6 - 1) * 2 and lab.sampling_defaults() == {"sampler": "heun", "steps": 6, "guidance": 2.0}
+    assert lab.nfe() == (2 * 6 - 1) * 2 and lab.sampling_defaults() == FlowSampleOptions("heun", 6, 2.0)
     assert lab.benchmark_samplers() == {"euler-25": {"sampler": "euler", "steps": 25},
                                         "heun-13": {"sampler": "heun", "steps": 13}}
-    assert lab.sample_options({"sampler": "euler", "steps": None}) == {"sampler": "euler"}
+    assert lab.sample_options({"sampler": "euler", "steps": None}) == FlowSampleOptions("euler", 6, 2.0)
     with pytest.raises(ValueError, match="does not take option"):
         lab.sample_options({"eta": 0.5})
     with pytest.raises(ValueError, match="sampling.sampler must be one of"):
@@ -304,7 +306,7 @@ def test_presets_compose_and_build(preset):
     assert dict(cfg.trainer.sample_options) == {}  # the grids sample with the model's own defaults
     with torch.device("meta"):
         lab = build_lab(cfg, data_info(size=32))
-    assert isinstance(lab, FlowLab) and lab.sampling_defaults() == dict(cfg.model.sampling)
+    assert isinstance(lab, FlowLab) and asdict(lab.sampling_defaults()) == dict(cfg.model.sampling)
     if preset == "smoke":
         assert lab.num_parameters()["total"] < 100_000
 
@@ -346,7 +348,6 @@ def smoke_run(tmp_path_factory):
 
 def test_train_then_genlab_sample_reproduces_pixels(smoke_run, tmp_path, monkeypatch):
     from lab_utils.commands.cli import main
-    from lab_utils.core.registry import build_lab
     from lab_utils.harness.checkpoint import load_lab
 
     assert (smoke_run / "checkpoints" / "last.pt").exists() and any((smoke_run / "samples").iterdir())
@@ -373,7 +374,7 @@ def test_eval_bench_and_compare_take_the_flow(smoke_run, tmp_path):
     # the smoke evaluator, trained once in this session's private cache (conftest) and shared by eval and compare
     cfg = compose([f"run={smoke_run}", "eval.num_samples=8", "eval.batch_size=8", "eval.evaluator_preset=smoke",
                    "eval.kid_subsets=3", "eval.device=cpu", "eval.progress=false",
-                   "eval.sample_options.sampler=heun", "eval.sample_options.steps=3", f"out={tmp_path / 'eval.json'}"],
+                   "+eval.sample_options.sampler=heun", "+eval.sample_options.steps=3", f"out={tmp_path / 'eval.json'}"],
                   config_name="eval", check=False)
     eval_command_main(cfg)
     saved = json.loads((tmp_path / "eval.json").read_text())
@@ -400,7 +401,6 @@ def test_serve_offers_the_flow_samplers_and_refuses_others(smoke_run):
     from lab_utils.harness.checkpoint import load_lab
 
     from lab_utils.commands.serve import Limits, ServeConfig, ServedModel, create_app
-    from lab_utils.core.registry import build_lab
 
     models = {"flow": ServedModel("flow", "runs", load_lab(smoke_run, device="cpu", ema=True))}
     app = create_app(ServeConfig(models=["flow"], limits=Limits(n=4, steps=20)), models)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import data_info
-from lab_utils.core.config import ConfigError, compose
+from lab_utils.core.config import compose
+from lab_utils.core.schema import ConfigError
 from labs.gan import (
     Critic, CriticConfig, DCGANConfig, GANLab, GeneratorConfig, ProjectionHead, SelfAttention2d, ToyConfig,
     bce_critic_loss, bce_generator_loss, gradient_penalty, hinge_critic_loss, interpolate, matching_loss,

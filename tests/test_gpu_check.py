@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import REPO, cifar, fake_cifar10
-from lab_utils.core.config import ConfigError, compose
+from lab_utils.core.config import compose
+from lab_utils.core.schema import ConfigError
 
 sys.path.insert(0, str(REPO / "tests"))
 import gpu_check  # noqa: E402  (the script, imported as a module)
@@ -103,7 +104,7 @@ def test_sync_counting_counts_the_warnings_of_the_debug_mode(monkeypatch):
 # --- compare, bench, devices -----------------------------------------------------------------------
 def test_compare_trains_on_the_comparison_device(tmp_path):
     from lab_utils.commands.compare import CompareConfig, family_config
-    from lab_utils.core.config import check_section
+    from lab_utils.core.schema import check_section
 
     cfg = compose(["preset=smoke", "device=cpu"], config_name="compare", check=False)
     cfg.compare = check_section(cfg.compare, CompareConfig, "compare")  # as compare() hands it on
@@ -115,7 +116,7 @@ def test_compare_trains_on_the_comparison_device(tmp_path):
 def test_bench_samples_at_evaluations_batch_on_a_gpu_and_at_a_small_one_elsewhere():
     from lab_utils.commands.bench import BenchConfig, sampling_batch
     from lab_utils.commands.evaluation import EvalConfig
-    from lab_utils.core.config import check_section
+    from lab_utils.core.schema import check_section
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for preset, expected in (("smoke", 32), ("cpu", 250), ("gpu", 500)):  # compare.eval_batch_size of each

@@ -28,6 +28,7 @@ from lab_utils.core.data import build_dataset
 from lab_utils.core.registry import build_lab
 from lab_utils.harness import distributed
 from lab_utils.harness.ema import EMA
+from lab_utils.harness.run import trainer_settings
 from lab_utils.harness.step_context import TrainingStepContext
 from lab_utils.harness.trainer import Trainer
 from labs.text_encoder import Tokenizer
@@ -154,7 +155,7 @@ def family_trainer(model: str, tmp_path: Path, *overrides: str) -> Trainer:
     train_set = build_dataset(cfg.data, "train")
     info = train_set.data_info()
     torch.manual_seed(cfg.seed)
-    return Trainer(cfg, tmp_path, build_lab(cfg, info), train_set, info, torch.device("cpu"))
+    return Trainer(cfg, trainer_settings(cfg), tmp_path, build_lab(cfg, info), train_set, info, torch.device("cpu"))
 
 
 def guarded_step(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
@@ -293,7 +294,7 @@ def test_fused_ema_update_with_warmup_equals_the_per_tensor_loop():
 def test_the_trainer_default_keeps_the_ema_without_warmup(tmp_path):
     trainer = family_trainer("vae", tmp_path)
     assert trainer.ema is not None and trainer.ema.warmup is False
-    assert trainer.ema.decay_at(1) == trainer.cfg.trainer.ema_decay
+    assert trainer.ema.decay_at(1) == trainer.settings.ema_decay
 
 
 # --------------------------------------------------------------------------- the GAN's generator update
@@ -357,7 +358,8 @@ def test_a_time_budget_over_several_processes_is_shared_only_at_log_rows(tmp_pat
     cfg.trainer.checkpoint_every, cfg.trainer.sample_every = 100, 0
     train_set = build_dataset(cfg.data, "train")
     info = train_set.data_info()
-    trainer = Trainer(cfg, tmp_path, TinyLab(cfg.model, info), train_set, info, torch.device("cpu"))
+    trainer = Trainer(cfg, trainer_settings(cfg), tmp_path, TinyLab(cfg.model, info), train_set, info,
+                      torch.device("cpu"))
     trainer.dist = distributed.DistInfo(rank=0, world_size=2)  # rank 0 of two (no process group: nothing to send)
     flags: list[tuple[int, bool]] = []
     monkeypatch.setattr(distributed, "broadcast_flag", lambda flag, device: flags.append((trainer.step, flag)) or flag)

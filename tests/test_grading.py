@@ -14,16 +14,14 @@ import csv
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
-
-import nbformat
-import pytest
 
 import shutil
 import time
 
-REPO = Path(__file__).resolve().parent.parent
+import nbformat
+import pytest
+
+from conftest import GENLAB, REPO
 POINTS = {"attention": 2, "kl_divergence": 1}
 
 IMPORTS = """\
@@ -55,7 +53,7 @@ if path:  # a record written by hand, and one through the low-level reporter out
     with open(path, "a") as handle:
         handle.write('{"exercise": "attention", "passed": true, "detail": "passed", "sequence": 99, '
                      '"signature": "0" }\\n')
-import lab_utils.core.exercises as ex
+import lab_utils.core.exercises.checks as ex
 ex._report("attention", True, "passed")
 """
 
@@ -89,18 +87,20 @@ WRONG_ATTENTION = "def attention(q, k, v, mask=None):\n    return v * 0\n"
 ATTACKS = {
     # records written by hand with the old internals, and forged observation files in the working folder
     "write_record": [ATTENTION_STUB, KL_STUB, CHECKS,
-                     "import lab_utils.core.exercises as ex\nfor e in ('attention', 'kl_divergence'):\n"
+                     "import lab_utils.core.exercises.records as ex\nfor e in ('attention', 'kl_divergence'):\n"
                      "    ex._write_record(e, True, '')"],
     "forged_files": [ATTENTION_STUB, KL_STUB, CHECKS,
                      "for i in range(4):\n    open(f'obs-{i}.bin', 'wb').write(b'garbage')\n"],
     # a key from the module, the environment or /proc
     "key": [ATTENTION_STUB, KL_STUB, CHECKS,
-            "import os, lab_utils.core.exercises as ex\nkey = getattr(ex, '_GRADE_KEY', b'') or os.environ.get("
+            "import os, lab_utils.core.exercises.records as ex\nkey = getattr(ex, '_GRADE_KEY', b'') or os.environ.get("
             "'GENLAB_GRADE_KEY', '')\nassert not key, key\nprint(open('/proc/self/environ').read())"],
     # the checker monkeypatched, with wrong answers
-    "patched_compare": ["import lab_utils.core.exercises as ex\nex.compare = lambda *a, **k: None\n"
-                        "ex.judge = lambda *a, **k: (True, 'passed')", WRONG_ATTENTION, KL_WRONG, CHECKS],
-    "patched_check_function": ["import lab_utils.core.exercises as ex, labs.vae.exercises as vx, "
+    "patched_difference": ["from lab_utils.core.exercises import cases, checks, difference, records\n"
+                           "for m in (difference, cases, checks, records):\n"
+                           "    m.difference = lambda *a, **k: None\n"
+                           "records.judge = lambda *a, **k: (True, 'passed')", WRONG_ATTENTION, KL_WRONG, CHECKS],
+    "patched_check_function": ["import lab_utils.core.exercises.checks as ex, labs.vae.exercises as vx, "
                                "labs.text_encoder.exercises as tx\n"
                                "stub = lambda *a, **k: ex.CheckResult('x', True, 'passed')\n"
                                "for m in (ex, vx, tx):\n    m.check_function = stub\n    m.check_module = stub",
@@ -181,7 +181,7 @@ def graded(tmp_path_factory) -> dict:
     nbformat.write(students["full"], submissions / "full" / "graded_fixture_copy.ipynb")  # handed in twice
     (submissions / "unreadable").mkdir()
     (submissions / "unreadable" / "graded_fixture.ipynb").write_text("{not json")
-    result = subprocess.run([sys.executable, "-m", "genlab", "grade", str(submissions), "--out", str(out),
+    result = subprocess.run([*GENLAB, "grade", str(submissions), "--out", str(out),
                              "--solutions", str(solutions), "--time-limit", "40", "--jobs", "2",
                              "--memory-limit", "3"],
                             capture_output=True, text=True, cwd=root, timeout=900,
@@ -250,8 +250,33 @@ def test_the_sandbox_keeps_the_grader_and_other_files_out_of_reach(graded):
     (["conf"], "no notebooks (.ipynb) under conf"),
 ])
 def test_bad_arguments_are_one_line(args, message):
-    result = subprocess.run([sys.executable, "-m", "genlab", "grade", *args], capture_output=True, text=True,
+    result = subprocess.run([*GENLAB, "grade", *args], capture_output=True, text=True,
                             cwd=REPO, timeout=60)
     assert result.returncode == 1
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (REPO / "grades").exists()
+
+
+def test_the_reports_give_every_submission_a_row_and_add_up_per_student(tmp_path, capsys):
+    """grades.csv has a row per exercise, and one for a submission that could not be graded; grades.json adds up each
+    student's points; both are written whole (no partial file left); the table ends each notebook with its total."""
+    from lab_utils.commands.grades import ExerciseGrade, NotebookGrade, print_table, write_reports
+
+    grades = [NotebookGrade("ann", "00_setup", "ann/00_setup.ipynb", 2.0, 3.0, 1.2, True, [],
+                            [ExerciseGrade("attention", 2.0, 2.0, "passed", "passed (6 cases)"),
+                             ExerciseGrade("kl_divergence", 1.0, 0.0, "failed", "case 1/4: values differ")]),
+              NotebookGrade("bob", "00_setup", "bob/00_setup.ipynb", 0.0, 0.0, 0.0, False,
+                            ["not a readable notebook: JSONDecodeError"])]
+    csv_path, json_path = write_reports(grades, tmp_path / "out")
+    rows = list(csv.DictReader(open(csv_path, encoding="utf-8")))
+    assert [(row["student"], row["exercise"], row["status"]) for row in rows] == [
+        ("ann", "attention", "passed"), ("ann", "kl_divergence", "failed"), ("bob", "", "not graded")]
+    assert rows[2]["detail"] == "not a readable notebook: JSONDecodeError"
+    students = json.loads(json_path.read_text())["students"]
+    assert (students["ann"]["earned"], students["ann"]["possible"]) == (2.0, 3.0)
+    assert students["bob"]["notebooks"][0]["problems"] == ["not a readable notebook: JSONDecodeError"]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["grades.csv", "grades.json"]
+    print_table(grades)
+    out = capsys.readouterr().out
+    assert "kl_divergence" in out and "failed: case 1/4: values differ" in out and "2/3" in out
+    assert "note: bob/00_setup: not a readable notebook" in out

@@ -10,10 +10,11 @@ import torch
 
 from conftest import data_info
 from lab_utils.core.config import compose
+from lab_utils.core.metrics import psnr
 from labs.diffusion import DDPMConfig, SchedulerConfig, UNetConfig
 from labs.diffusion.sampling import sample_loop
 from labs.diffusion.scheduler import NoiseScheduler
-from labs.latent_diffusion import AutoencoderConfig, KLAutoencoder, LatentDiffusionLab, LatentPosterior, LDMConfig, psnr
+from labs.latent_diffusion import AutoencoderConfig, KLAutoencoder, LatentDiffusionLab, LatentPosterior, LDMConfig
 from labs.text_encoder import TextEncoderConfig
 from labs.vae import kl_divergence
 
@@ -109,7 +110,7 @@ def test_the_loss_weighs_the_kl_per_pixel():
 def test_the_autoencoder_round_trips_real_images():
     """60 steps on shapes: test reconstructions are far closer than at the start and than the mean image."""
     torch.manual_seed(0)
-    ae = KLAutoencoder(AutoencoderConfig(), channels=3)  # conf/model/ldm.yaml's shape: 2x2 patches, [16, 32]
+    ae = KLAutoencoder(AutoencoderConfig(), channels=3)  # LDMConfig's shape: 2x2 patches, [16, 32]
     train, _ = shapes_images(512)
     test, _ = shapes_images(64, "test")
     optimizer = torch.optim.AdamW(ae.parameters(), lr=2e-3, betas=(0.5, 0.9))

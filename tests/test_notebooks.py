@@ -105,7 +105,7 @@ def test_student_version_runs_to_the_end_and_scores_zero(notebook, grades):
 def test_no_notebook_imports_the_reference_of_its_own_exercises(notebook, monkeypatch):
     """Take what each graded check the notebook imports forbids (its spec), then look for any of those objects among
     the names the notebook's import lines bring in."""
-    import lab_utils.core.exercises as exercises
+    from lab_utils.core.exercises.records import check_spec
 
     monkeypatch.delenv("GENLAB_STRICT_CHECKS", raising=False)
     nb = nbformat.read(notebook, as_version=4)
@@ -121,7 +121,7 @@ def test_no_notebook_imports_the_reference_of_its_own_exercises(notebook, monkey
     assert sorted(value.exercise for value in checks.values()) == sorted(points(notebook)), \
         "the notebook's metadata gives points to exactly the graded checks it imports"
 
-    forbidden = [target for check in checks.values() for target in exercises.check_spec(check).forbid]
+    forbidden = [target for check in checks.values() for target in check_spec(check).forbid]
     objects = [getattr(*target) if isinstance(target, tuple) else target for target in forbidden]
     imported = [name for name, value in namespace.items() if any(value is target for target in objects)]
     assert forbidden, f"the checks of {notebook.name} forbid nothing"

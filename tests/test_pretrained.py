@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, data_info, subprocess_env
+from conftest import GENLAB, REPO, data_info, subprocess_env
 from lab_utils.core.config import compose
 from lab_utils.harness import zoo
 from lab_utils.harness.checkpoint import CheckpointError
@@ -25,7 +25,7 @@ PROMPTS = 32  # test prompts per model for the alignment check (the manifest's f
 
 
 def genlab(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "genlab", *args], cwd=cwd, env=subprocess_env(),
+    return subprocess.run([*GENLAB, *args], cwd=cwd, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -104,7 +104,7 @@ def test_an_altered_file_is_refused(tmp_path, monkeypatch):
 
 def test_a_file_cannot_name_code(tmp_path):
     """The header's config names a lab by its registered name only: an unknown module is not even imported."""
-    from lab_utils.core.config import ConfigError
+    from lab_utils.core.schema import ConfigError
 
     entry = zoo.entries()["vae"]
     tensors = load_file(str(entry.path))
@@ -186,7 +186,7 @@ def test_sample_pretrained_tiles_are_the_labs_pixels(tmp_path):
 
 
 def test_the_notebook_switch(monkeypatch):
-    from lab_utils.core.exercises import pretrained_mode
+    from lab_utils.core.switches import pretrained_mode
 
     for name in ("GENLAB_PRETRAINED", "GENLAB_SMOKE"):
         monkeypatch.delenv(name, raising=False)

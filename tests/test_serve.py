@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -24,7 +23,7 @@ from fastapi.testclient import TestClient
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, data_info, subprocess_env
+from conftest import GENLAB, REPO, data_info, subprocess_env
 from lab_utils.commands.serve import Limits, ServeConfig, ServedModel, create_app
 from lab_utils.core.lab import Lab
 from lab_utils.core.plotting import tiles
@@ -172,7 +171,7 @@ class BlockingLab(Lab):
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.release, self.started = threading.Event(), threading.Event()
 
-    def sample(self, prompts, generator=None):
+    def sample(self, prompts, generator=None, options=None):
         self.started.set()
         self.release.wait(30)
         return torch.zeros(len(prompts), 3, 8, 8)
@@ -253,7 +252,7 @@ def rss_kib(pid: int) -> int:
 @pytest.fixture(scope="module")
 def live_server():
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "genlab", "serve", f"port={port}", "models=[vae,ddpm,ldm]",
+    process = subprocess.Popen([*GENLAB, "serve", f"port={port}", "models=[vae,ddpm,ldm]",
                                 "limits.queue=16"], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -278,7 +277,7 @@ def live_server():
 def test_serve_refuses_a_taken_port(live_server):
     url, _ = live_server
     port = url.rsplit(":", 1)[1]
-    out = subprocess.run([sys.executable, "-m", "genlab", "serve", f"port={port}"], cwd=REPO, env=subprocess_env(),
+    out = subprocess.run([*GENLAB, "serve", f"port={port}"], cwd=REPO, env=subprocess_env(),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and f"port {port} on 127.0.0.1 is in use" in out.stderr
     assert "Traceback" not in out.stderr

@@ -472,3 +472,20 @@ def test_fast_adam_matches_the_reference_implementation():
                 optimizer.step()
         for a, b in zip(fast_model.parameters(), slow_model.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_config_saved_before_a_trainer_field_existed_trains_with_its_default(tmp_path):
+    """The Trainer reads the typed settings alone; ``trainer_settings`` (once per run) fills what an old config lacks."""
+    from omegaconf import OmegaConf
+
+    from lab_utils.core.config import TrainerConfig
+    from lab_utils.harness.run import trainer_settings
+
+    saved = OmegaConf.to_container(tiny_config(tmp_path / "old"))
+    for field in ("ema_warmup", "data_on_device"):  # added after runs had been saved
+        del saved["trainer"][field]
+    old = OmegaConf.create(saved)
+    settings = trainer_settings(old)
+    assert isinstance(settings, TrainerConfig) and settings.ema_warmup is False and settings.data_on_device is False
+    assert settings.steps == old.trainer.steps and settings.batch_size == old.trainer.batch_size
+    assert train(old).step == old.trainer.steps

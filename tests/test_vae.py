@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import data_info
-from lab_utils.core.config import ConfigError, compose
+from lab_utils.core.config import compose, saved_model_config
+from lab_utils.core.schema import ConfigError
 from labs.text_encoder import TextEncoderConfig
 from labs.vae import (
     ConvNetConfig, Decoder, Encoder, VAEConfig, VAELab, bernoulli_nll, bits_per_dim, discretized_gaussian_nll,
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_
 def tiny_config(**changes) -> VAEConfig:
     cfg = VAEConfig(latent_dim=8, net=ConvNetConfig(channels=[16, 32], groups=4, hidden_dim=64),
                     text=TextEncoderConfig(dim=16, depth=1, heads=2, max_length=24), kl_warmup_steps=0,
-                    prior="learned")  # conf/model/vae.yaml's prior
+                    prior="learned")  # VAEConfig's default prior
     for key, value in changes.items():
         setattr(cfg, key, value)
     VAEConfig.__post_init__(cfg)
@@ -109,7 +110,8 @@ def test_the_learned_prior_starts_as_the_standard_normal_and_sampling_draws_from
     assert "prior" in lab.ema_modules()
     plain = tiny_lab(prior="standard")
     assert not hasattr(plain, "prior") and "prior" not in plain.ema_modules()
-    assert VAEConfig().prior == "standard"  # checkpoints saved before the option load unchanged
+    # checkpoints saved before the option load unchanged: a config without `prior` means the standard prior
+    assert VAEConfig().prior == "learned" and saved_model_config({"_target_": "labs.vae.VAELab"})["prior"] == "standard"
 
 
 def test_reparameterised_sample_has_the_right_moments_and_gradients():

@@ -4,6 +4,10 @@ It has two optimisers and several "critic" updates per step, each on a fresh bat
 ``ctx.next_batch()``, so it exercises exactly the interface a GAN needs. It draws noise from the
 global RNG, so exact resumption also checks that the RNG state is restored; with ``noise=False`` its
 losses depend on the batch alone, which lets a test compare runs with different numbers of processes.
+
+``ContrastLab`` is the tiny lab with one more sampling option, ``contrast``: a field of its ``SampleOptions``
+and the line of ``sample`` that uses it, nothing else (``tests/test_sample_options.py`` shows that `genlab sample`,
+`genlab serve` and its request model offer and check it without an edit of their own).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lab_utils.core.lab import DataInfo, Lab, SampleOptions
+from lab_utils.core.lab import DataInfo, Lab, SampleOptions, option
 from lab_utils.core.registry import register_lab
 
 
@@ -58,7 +62,7 @@ def tiny_config(run_dir, **model):
 
 @dataclass
 class TinySampleOptions(SampleOptions):
-    scale: Optional[float] = None  # the noise's scale (1 by default)
+    scale: float = option(1.0, min=0.0, max=10.0, help="the noise's scale")
 
 
 class TinyLab(Lab):
@@ -120,15 +124,32 @@ class TinyLab(Lab):
         return {"critic": critic_loss.detach(), "generator": generator_loss.detach()}
 
     @torch.no_grad()
-    def sample(self, prompts, generator=None, scale: float | None = None):
-        scale = 1.0 if scale is None else scale
+    def sample(self, prompts, generator=None, options: TinySampleOptions | None = None, **given):
+        options = self.sample_options(given, options)
         z = torch.randn(len(prompts), self.config.z_dim, generator=generator, device=self.device)
-        images = self._generate(list(prompts), scale * z)
+        images = self._generate(list(prompts), options.scale * z)
         size = self.data_info.image_size
         return images.view(len(prompts), self.data_info.channels, size, size)
 
 
+@dataclass
+class ContrastSampleOptions(TinySampleOptions):
+    contrast: float = option(1.0, min=0.0, max=2.0, help="scales the images about grey (1 = as drawn)")
+
+
+class ContrastLab(TinyLab):
+    """The tiny lab with one more sampling option (the field above and the line below that uses it)."""
+
+    SampleOptions = ContrastSampleOptions
+
+    @torch.no_grad()
+    def sample(self, prompts, generator=None, options: ContrastSampleOptions | None = None, **given):
+        options = self.sample_options(given, options)
+        return super().sample(prompts, generator, options) * options.contrast
+
+
 register_lab(TinyLab)  # a user's own lab: registered by the code that uses it, never by a checkpoint
+register_lab(ContrastLab)  # a checkpoint names it as model._target_=tiny_lab.ContrastLab
 
 
 if __name__ == "__main__":  # python tests/tiny_lab.py <run_dir> [--resume] [--sleep S] [--no-noise] [key=value ...]

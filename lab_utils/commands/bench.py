@@ -36,7 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from lab_utils.core.config import to_container, validate
+from lab_utils.core.config import validate
+from lab_utils.core.schema import to_container
 from lab_utils.core.schema import typed_section
 from lab_utils.harness.devices import effective_precision
 
@@ -153,6 +154,7 @@ def make_trainer(cfg: DictConfig, switches: dict[str, Any], train_set, data_info
                  run_dir: Path):
     from lab_utils.core.registry import build_lab
     from lab_utils.harness.devices import speed_setup
+    from lab_utils.harness.run import trainer_settings
     from lab_utils.harness.trainer import Trainer
 
     variant = cfg.copy()
@@ -162,7 +164,7 @@ def make_trainer(cfg: DictConfig, switches: dict[str, Any], train_set, data_info
     variant = validate(variant)
     torch.manual_seed(cfg.seed)
     lab = speed_setup(build_lab(variant, data_info).to(device), variant, device)
-    trainer = Trainer(variant, run_dir, lab, train_set, data_info, device)
+    trainer = Trainer(variant, trainer_settings(variant), run_dir, lab, train_set, data_info, device)
     stages = lab.stages()
     if stages:  # a family trained in stages (the ldm) is timed on its last, main one: start there, set it up once
         trainer.step = max(stages.values())

@@ -13,6 +13,12 @@
 
 Several processes: ``torchrun --nproc_per_node=N -m genlab train ...`` (see lab_utils.harness.distributed).
 
+This module is the dispatch and what every command shares: the one-line report of a bad input (exit status 1),
+the checks of ``key=value`` overrides before Hydra runs, and the optional extras. Each command is written in a
+module of its own (``train``: ``lab_utils.harness.run``; the others in ``lab_utils.commands``: ``sample``, ``data``,
+``evaluation``, ``compare``, ``bench``, ``pretrained``, ``serve``, ``notebooks``, ``grading``); torch and whatever
+needs it are imported only once a command runs, so a bad input is refused in a fraction of a second.
+
 ``genlab <subcommand> --help`` lists the config groups and their choices; ``--cfg job`` prints
 the composed config without running.
 """
@@ -28,9 +34,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
-from lab_utils.core.config import CONFIG_MODULE, ConfigError, parse_overrides, validate
+from lab_utils.commands.arguments import UserError, eval_option_overrides
+from lab_utils.commands.data import data_command_main
+from lab_utils.commands.sample import option_overrides, sample_command_main
+from lab_utils.core.config import CONFIG_MODULE, model_family, parse_overrides, register_model_schema, validate
+from lab_utils.core.schema import ConfigError
 
 log = logging.getLogger("genlab")
 
@@ -51,10 +61,6 @@ commands:
 `genlab <command> --help` lists the config groups and options; `--cfg job` prints the config.
 Several processes or GPUs: torchrun --nproc_per_node=N -m genlab train ...
 """
-
-class UserError(Exception):
-    """An error caused by the user's input, reported as one clear message (no traceback)."""
-
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from omegaconf.errors import MissingMandatoryValue
@@ -140,166 +146,15 @@ def train_command(cfg: DictConfig) -> None:
           f"({result.images_per_second:.1f} images/s)")
 
 
-# ------------------------------------------------------------------------------------ sample
-# The settings of `genlab sample` itself; every other key of conf/sample.yaml is a family's sampling option,
-# which the loaded lab's SampleOptions accepts or refuses (the CLI names no family's options).
-SAMPLE_KEYS = ("run", "pretrained", "prompt", "n", "seed", "batch_size", "out", "device", "ema", "mode", "layout")
-MAX_SAMPLES = 256  # images per `genlab sample` grid (n x number of prompts); `genlab eval` draws thousands
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
-
-
-def output_path(out: str, default_name: str) -> Path:
-    """Where an image goes: ``out`` itself, ``out.png`` when it has no suffix, ``out/<default_name>`` for a folder."""
-    path = Path(str(out)).expanduser()
-    if path.is_dir():
-        return path / default_name
-    if not path.suffix:
-        return path.with_name(path.name + ".png")
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UserError(f"out={out}: an image file must end with one of {', '.join(IMAGE_SUFFIXES)}")
-    return path
-
-
-def prompt_list(prompt: object) -> list[str]:
-    """``prompt="a red circle"`` or ``prompt=[a red circle,a blue square]`` (one grid row per prompt)."""
-    prompts = [str(p) for p in prompt] if isinstance(prompt, (ListConfig, list, tuple)) else [str(prompt)]
-    if not prompts:
-        raise UserError("prompt=[] holds no prompt; give one (prompt=\"a red circle\") or several (prompt=[a,b])")
-    return prompts
-
-
-def warn_unknown_words(prompts: list[str], vocab: list[str], data_name: str) -> None:
-    """Say which prompt words the model never saw (it reads each as [UNK])."""
-    from lab_utils.core.data import words
-
-    known = set(vocab)
-    unknown = sorted({word for prompt in prompts for word in words(prompt) if word not in known})
-    if unknown:
-        print(f"genlab: warning: the model does not know the word(s) {', '.join(unknown)} and reads each as [UNK]; "
-              f"`genlab data data={data_name}` lists the words it knows", file=sys.stderr)
-
-
-def draw(sample: Callable, prompts: list[str], generator, batch_size: int, options: dict) -> "torch.Tensor":
-    """``sample(prompts)`` in batches of ``batch_size``, one generator throughout (so the images depend on the
-    seed and the batch size only): (len(prompts), C, H, W)."""
-    import torch
-
-    return torch.cat([sample(prompts[start:start + batch_size], generator=generator, **options)
-                      for start in range(0, len(prompts), batch_size)])
-
-
+# ------------------------------------------------------------------------------------ sample, data
 @_report
 def sample_command(cfg: DictConfig) -> None:
-    import torch
-
-    from lab_utils.core.plotting import png_bytes, save_grid, tiles
-    from lab_utils.harness.devices import pick_device
-    from lab_utils.harness.zoo import load_source
-
-    prompts = prompt_list(cfg.prompt)
-    if not isinstance(cfg.n, int) or cfg.n <= 0:
-        raise UserError(f"n must be a positive integer, got {cfg.n}")
-    if cfg.n * len(prompts) > MAX_SAMPLES:
-        raise UserError(f"n={cfg.n} x {len(prompts)} prompt(s) is more than the {MAX_SAMPLES} images one grid shows; "
-                        "lower n (`genlab eval` measures thousands of samples)")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size <= 0:
-        raise UserError(f"batch_size must be a positive integer, got {cfg.batch_size}")
-    if cfg.layout not in ("figure", "tiles"):
-        raise UserError(f"layout={cfg.layout}: choose figure (captioned grid) or tiles (the pixels only, as "
-                        "`genlab serve` returns them)")
-    out = output_path(cfg.out, "samples.png")
-    if cfg.layout == "tiles" and out.suffix.lower() != ".png":
-        raise UserError(f"out={cfg.out}: layout=tiles writes a PNG; give a name ending in .png")
-    device = pick_device(cfg.device)
-    loaded = load_source(cfg.run, cfg.pretrained, device=device, ema=cfg.ema)
-    lab = loaded.lab
-    method = {"sample": "sample", "reconstruct": "reconstruct", "interpolate": "interpolate"}.get(cfg.mode)
-    if method is None or not hasattr(lab, method):
-        modes = [m for m in ("sample", "reconstruct", "interpolate") if hasattr(lab, m)]
-        raise UserError(f"mode={cfg.mode} is not available for model {loaded.cfg.model.name}; choose one of {modes}")
-    fn = getattr(lab, method)
-    try:
-        options = lab.sample_options({key: value for key, value in cfg.items() if key not in SAMPLE_KEYS})
-    except ValueError as err:
-        raise UserError(f"model {loaded.cfg.model.name}: {err}") from None
-    if method == "reconstruct" and options:
-        raise UserError(f"mode=reconstruct takes no sampling options (got {', '.join(options)}): it decodes the "
-                        "posterior mean of each test image")
-    title = f"{loaded.cfg.model.name} step {loaded.state['trainer']['step']}"
-    if method == "reconstruct":
-        images, captions = _reconstructions(loaded, fn, cfg.n, cfg.seed, device)
-        path = save_grid(images, out, captions=captions, ncols=min(8, cfg.n), title=f"{title}: reconstructions")
-        print(f"wrote {path} ({cfg.n} test images, each above its reconstruction)")
-        return
-    warn_unknown_words(prompts, loaded.lab.data_info.vocab, loaded.cfg.data.name)
-    rows = len(prompts)
-    prompts = [p for p in prompts for _ in range(cfg.n)]  # n images of each prompt, prompt by prompt
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    with torch.no_grad():
-        if method == "interpolate":  # one path through all the prompts: a single call
-            images = fn(prompts, generator=generator, **options)
-        else:
-            images = draw(fn, prompts, generator, cfg.batch_size, options)
-    shown = ", ".join(f"{k}={v}" for k, v in options.items())
-    ncols = cfg.n if rows > 1 and cfg.n <= 16 else min(8, cfg.n)  # several prompts: one row each
-    if cfg.layout == "tiles":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(png_bytes(tiles(images, ncols=cfg.n if rows > 1 else min(8, cfg.n))))
-        print(f"wrote {out} ({cfg.n} image(s) for each of {len(set(prompts))} prompt(s), seed {cfg.seed}, tiles)")
-        return
-    path = save_grid(images, out, captions=prompts if len(prompts) <= 64 else None, ncols=ncols,
-                     title=title + (f" ({shown})" if shown else "") + (f": {method}" if method != "sample" else ""))
-    asked = ", ".join(repr(p) for p in dict.fromkeys(prompts))
-    print(f"wrote {path} ({cfg.n} image(s) for each of {asked}, seed {cfg.seed})")
+    sample_command_main(cfg)
 
 
-def _reconstructions(loaded, reconstruct, n: int, seed: int, device) -> tuple["torch.Tensor", list[str]]:
-    """``n`` seeded test images of the run's dataset and their reconstructions, in alternating rows of 8."""
-    import torch
-
-    from lab_utils.core.data import build_dataset
-
-    dataset = build_dataset(loaded.cfg.data, "test")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    items = [dataset[int(i)] for i in order]
-    originals = torch.stack([item["image"] for item in items]).to(device)
-    captions = [item["caption"] for item in items]
-    with torch.no_grad():
-        recons = reconstruct(originals, captions).to(device)
-    images, labels = [], []
-    for start in range(0, len(items), 8):  # a row of originals, then the row of their reconstructions
-        stop = start + 8
-        images += [originals[start:stop], recons[start:stop]]
-        labels += captions[start:stop] + ["reconstruction"] * len(recons[start:stop])
-    return torch.cat(images), labels
-
-
-# ------------------------------------------------------------------------------------ data
 @_report
 def data_command(cfg: DictConfig) -> None:
-    import torch
-
-    from lab_utils.core.data import build_dataset
-    from lab_utils.core.plotting import save_grid
-
-    cfg = validate(cfg)
-    dataset = build_dataset(cfg.data, cfg.split)
-    info = dataset.data_info()
-    n = min(cfg.n, len(dataset))
-    if n <= 0:
-        raise UserError(f"n must be positive, got {cfg.n}")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:n]
-    items = [dataset[int(i)] for i in order]
-    images = torch.stack([item["image"] for item in items])
-    captions = [item["caption"] for item in items]
-    path = save_grid(images, output_path(cfg.out, "data_grid.png"), captions=captions, ncols=8,
-                     title=f"{cfg.data.name} ({cfg.split})")
-    print(f"dataset: {cfg.data.name} ({cfg.split} split): {len(dataset)} images of {info.channels}x"
-          f"{info.image_size}x{info.image_size}")
-    for attribute, values in info.attributes.items():
-        print(f"  {attribute} ({len(values)}): {', '.join(values)}")
-    print(f"caption vocabulary: {len(info.vocab)} tokens (incl. special tokens): {' '.join(info.vocab)}")
-    print(f"wrote {path}")
+    data_command_main(cfg)
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -500,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"genlab: error: {problem}", file=sys.stderr)
         return 1
+    if command == "sample":
+        rest = option_overrides(rest)  # steps=10: a family's sampling option, which conf/sample.yaml does not list
+    if command == "eval":
+        rest = eval_option_overrides(rest)  # eval.sample_options.steps=50: the same, for the loaded model to check
+    # conf/model/<family>.yaml extends the family's schema (its Config dataclass): store the one composed
+    register_model_schema(model_family(config_name, [arg for arg in rest if not arg.startswith("-")]))
     if not any(arg.startswith("-") for arg in rest):  # --help, --cfg job, -m: Hydra's own flags
         problem = precheck(config_name, command, rest)
         if problem is not None:

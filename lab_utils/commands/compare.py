@@ -30,8 +30,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lab_utils.commands.first_stages import FirstStage, train_first_stage
-from lab_utils.core.config import ConfigError, check_section, compose
-from lab_utils.harness.run_folder import run_finished  # noqa: F401 (re-exported: the tests and notebooks read it here)
+from lab_utils.core.schema import ConfigError, check_section
+from lab_utils.harness.cached_run import child_config
+from lab_utils.harness.run_folder import run_finished
 
 log = logging.getLogger("genlab.compare")
 
@@ -72,26 +73,22 @@ class CompareConfig:
 
 # ------------------------------------------------------------------------------------ training
 def family_config(cfg: DictConfig, model: str, run_dir: Path, first_stage: Optional[dict] = None) -> DictConfig:
-    """The family's training config: its own preset values, the comparison's data and budget (and, for a family
-    with a cached first stage, the overrides that start it from that stage)."""
-    extra = []
+    """The family's training config (``child_config``): its own preset values, the comparison's data and budget
+    (and, for a family with a cached first stage, the overrides that start it from that stage)."""
+    budget = cfg.compare
+    trainer = {"max_seconds": budget.max_seconds, "max_images": budget.max_images,
+               "steps": 10**9,  # the budget binds, not the family's step count
+               "progress": cfg.get("progress", True),
+               "device": cfg.device}  # `genlab compare device=cuda:1` trains there too, not only evaluates
+    then = []
     if first_stage is not None:
         spec = cfg.compare.first_stages[model]
-        extra = [*spec.then, f"trainer.init_from={first_stage['checkpoint']}",
-                 f"trainer.init_modules=[{','.join(spec.modules)}]"]
-    family = compose([f"model={model}", f"data={cfg.data.name}", f"preset={cfg.preset_name}", f"out={run_dir}",
-                      f"seed={cfg.seed}", *extra], check=False)
-    OmegaConf.set_struct(family, False)
-    family.data = cfg.data  # exactly the same data (and overrides) for every family
-    budget = cfg.compare
-    family.trainer.max_seconds = budget.max_seconds
-    family.trainer.max_images = budget.max_images
-    family.trainer.steps = 10**9  # the budget binds, not the family's step count
-    family.trainer.progress = cfg.get("progress", True)
-    family.trainer.device = cfg.device  # `genlab compare device=cuda:1` trains there too, not only evaluates
-    from lab_utils.core.config import validate
-
-    return validate(family)
+        then = list(spec.then)
+        trainer |= {"init_from": first_stage["checkpoint"], "init_modules": list(spec.modules)}
+    return child_config([f"model={model}", f"data={cfg.data.name}", f"preset={cfg.preset_name}", f"seed={cfg.seed}",
+                         *then],
+                        {"data": cfg.data,  # exactly the same data (and overrides) for every family
+                         "out": str(run_dir), "trainer": trainer})
 
 
 def kid_probe(cfg: DictConfig, evaluator):

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from lab_utils.core import exercises
+from lab_utils.core.exercises import records
 
 MAX_OUTPUT_BYTES = 256 * 2**20  # what one observation may send back
 VIOLATION = b"\nV "  # a line the guard writes for each forbidden call (the grader counts them)
@@ -125,7 +125,7 @@ def decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return Opaque(str(tree.get("repr", "?"))[:200] if isinstance(tree, dict) else "?")
 
 
-def encode_observations(observations: list[exercises.Observation]) -> bytes:
+def encode_observations(observations: list[records.Observation]) -> bytes:
     """One child's observations: a length-prefixed JSON document, then a safetensors file of its tensors."""
     from safetensors.torch import save
 
@@ -138,7 +138,7 @@ def encode_observations(observations: list[exercises.Observation]) -> bytes:
     return len(text).to_bytes(8, "little") + text + blob
 
 
-def decode_observations(data: bytes) -> list[exercises.Observation]:
+def decode_observations(data: bytes) -> list[records.Observation]:
     """The grader's reading of :func:`encode_observations` (data only: JSON and safetensors); ValueError if garbled."""
     from safetensors.torch import load
 
@@ -156,7 +156,7 @@ def decode_observations(data: bytes) -> list[exercises.Observation]:
     for entry in document:
         if not isinstance(entry, dict):
             raise ValueError("not an observation")
-        out.append(exercises.Observation(
+        out.append(records.Observation(
             str(entry.get("exercise", "")), [decode(item, tensors) for item in entry.get("outputs", [])],
             None if entry.get("error") is None else str(entry["error"])[:2000], entry.get("not_implemented") is True,
             None if entry.get("reference_called") is None else str(entry["reference_called"])[:2000]))
@@ -164,7 +164,7 @@ def decode_observations(data: bytes) -> list[exercises.Observation]:
 
 
 # --------------------------------------------------------------------------- what a check forbids
-def forbidden_sets(spec: exercises.CheckSpec) -> tuple[frozenset, frozenset, frozenset]:
+def forbidden_sets(spec: records.CheckSpec) -> tuple[frozenset, frozenset, frozenset]:
     """(code objects, built-in functions, operator names) the guard reports for ``spec``: its reference and what its
     check forbids. A module check's reference builds the layer the student's gets its weights from: only the
     ``forward`` of the classes it names is forbidden."""
@@ -272,7 +272,7 @@ def main(folder: str) -> int:
     checks = []
     for entry in plan["checks"]:
         check = getattr(importlib.import_module(entry["module"]), entry["check"])
-        spec = exercises.check_spec(check)
+        spec = records.check_spec(check)
         checks.append((entry["exercise"], check, entry["argument"], forbidden_sets(spec)))
     op_codes = _op_codes()
     spawners = frozenset({_thread.start_new_thread, os.fork, os.system, os.execv, os.execve})  # no helpers in a check
@@ -282,7 +282,7 @@ def main(folder: str) -> int:
     open_file, dup, dup2, setprofile, audit_event, partial = os.open, os.dup, os.dup2, sys.setprofile, sys.audit, \
         functools.partial
     set_threads, set_signal, set_timer, observe, encode_all = torch.set_num_threads, signal.signal, \
-        signal.setitimer, exercises.observe, encode_observations
+        signal.setitimer, records.observe, encode_observations
     wait_readable = select.select
     draw_fd = dup(0)  # the draw, read in phase 2 only
     null = open_file(os.devnull, os.O_RDONLY)
@@ -326,16 +326,16 @@ def main(folder: str) -> int:
             audit_event("genlab.child", bad_w)
             setprofile(partial(_profile, (codes, builtins | spawners, names, op_codes, bad_w, write, str, getattr)))
             try:
-                answer = exercises._ANSWERS.get(exercise, namespace.get(argument))
+                answer = records._ANSWERS.get(exercise, namespace.get(argument))
                 if answer is None:
-                    observed = [exercises.Observation(exercise, error=f"`{argument}` is not defined: write it in its "
-                                                                       f"cell and run the notebook to the end")]
+                    observed = [records.Observation(exercise, error=f"`{argument}` is not defined: write it in its "
+                                                                     f"cell and run the notebook to the end")]
                 else:
                     observed = observe(check, answer, draw)
                 payload = encode_all(observed)
             except BaseException as err:  # noqa: BLE001 - the check itself failed: report it
-                payload = encode_all([exercises.Observation(exercise, error=f"the check raised {type(err).__name__}: "
-                                                                              f"{err}"[:500])])
+                payload = encode_all([records.Observation(exercise, error=f"the check raised {type(err).__name__}: "
+                                                                            f"{err}"[:500])])
             view = memoryview(payload)
             while view:
                 view = view[write(out_w, view[:65536]):]

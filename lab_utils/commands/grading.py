@@ -14,18 +14,18 @@ Each notebook runs in a sandbox (:mod:`lab_utils.commands.sandbox`, bubblewrap; 
 :mod:`lab_utils.commands.grade_runner`: the student's cells in order, then, for each exercise, the instructor's check on
 inputs drawn for this run (the draw is handed over on the runner's stdin, readable once). The sandbox only sends
 back what the student's code *returned* (JSON and safetensors) and the guard's reports of forbidden calls; the
-verdict is :func:`lab_utils.core.exercises.judge` here: the reference computed in this process on the same inputs,
-compared with the same tolerances and hints as in the notebook. Nothing the submission prints, writes or signs is
-read as a grade.
+verdict is :func:`lab_utils.core.exercises.records.judge` here: the reference computed in this process on the same
+inputs, compared with the same tolerances and hints as in the notebook. Nothing the submission prints, writes or
+signs is read as a grade.
 
-Output: a table on stdout, and ``grades.csv`` (one row per student, notebook and exercise; a submission that could
-not be graded gets one row with its problem) and ``grades.json`` in ``--out``, rewritten as each notebook finishes.
+Output (:mod:`lab_utils.commands.grades`): a table on stdout, and ``grades.csv`` (one row per student, notebook and
+exercise; a submission that could not be graded gets one row with its problem) and ``grades.json`` in ``--out``,
+rewritten as each notebook finishes.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import json
 import math
@@ -39,37 +39,16 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lab_utils.commands.grades import ExerciseGrade, NotebookGrade, print_table, write_reports
 from lab_utils.commands.notebooks import NOTEBOOK_FOLDER
 from lab_utils.commands.sandbox import INSIDE_WORK, Limits, SandboxUnavailable, bwrap_command, check_sandbox, \
     sandbox_environment
-from lab_utils.core import exercises
+from lab_utils.core.exercises import records
 
 DEFAULT_TIME_LIMIT = 600  # seconds per notebook: the lab's promise is <= 10 minutes on a laptop CPU
-
-
-@dataclass
-class ExerciseGrade:
-    exercise: str
-    points: float
-    earned: float
-    status: str  # "passed", "failed" or "not run"
-    detail: str = ""
-
-
-@dataclass
-class NotebookGrade:
-    student: str
-    notebook: str
-    path: str
-    earned: float
-    possible: float
-    seconds: float
-    smoke: bool
-    problems: list[str] = field(default_factory=list)
-    exercises: list[ExerciseGrade] = field(default_factory=list)
 
 
 class GradingError(Exception):
@@ -250,7 +229,7 @@ def judge_exercise(check: GradedCheck, points: float, draw: int, work: Path, ind
     """The verdict on one exercise from what the sandbox sent back (data), against the reference computed here."""
     from lab_utils.commands.grade_runner import decode_observations
 
-    spec = exercises.check_spec(getattr(importlib.import_module(check.module), check.check), draw)
+    spec = records.check_spec(getattr(importlib.import_module(check.module), check.check), draw)
     violations = _violations(work / f"bad-{index}.txt")
     if violations:
         called = ", ".join(f"`{name}`" for name in violations[:3])
@@ -269,7 +248,7 @@ def judge_exercise(check: GradedCheck, points: float, draw: int, work: Path, ind
     if len(observations) != 1:
         return ExerciseGrade(check.exercise, points, 0.0, "failed",
                              f"its check sent back {len(observations)} observations, not one")
-    passed, detail = exercises.judge(spec, observations[0])
+    passed, detail = records.judge(spec, observations[0])
     return ExerciseGrade(check.exercise, points, points if passed else 0.0, "passed" if passed else "failed",
                          detail[:1000])
 
@@ -320,54 +299,6 @@ def grade_notebook(student: str, path: Path, solutions: dict[str, SolutionNotebo
     earned = sum(item.earned for item in exercises_out)
     return NotebookGrade(student, solution.notebook, str(path), earned, sum(solution.points.values()),
                          round(seconds, 1), smoke, problems, exercises_out)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-
-
-def write_reports(grades: list[NotebookGrade], out: Path) -> tuple[Path, Path]:
-    """``grades.csv`` and ``grades.json`` in ``out``, each replaced whole (a reader never sees half a file)."""
-    import io
-
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = out / "grades.csv", out / "grades.json"
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["student", "notebook", "exercise", "points", "earned", "status", "detail"])
-    for grade in grades:
-        for item in grade.exercises:
-            writer.writerow([grade.student, grade.notebook, item.exercise, item.points, item.earned, item.status,
-                             item.detail])
-        if not grade.exercises:  # every submission has a row, with what kept it from being graded
-            writer.writerow([grade.student, grade.notebook, "", 0, 0, "not graded", "; ".join(grade.problems)])
-    _write_atomically(csv_path, buffer.getvalue())
-    students: dict[str, dict] = {}
-    for grade in grades:
-        entry = students.setdefault(grade.student, {"earned": 0.0, "possible": 0.0, "notebooks": []})
-        entry["earned"] += grade.earned
-        entry["possible"] += grade.possible
-        entry["notebooks"].append(asdict(grade))
-    _write_atomically(json_path, json.dumps({"students": students}, indent=2) + "\n")
-    return csv_path, json_path
-
-
-def print_table(grades: list[NotebookGrade]) -> None:
-    rows = [("student", "notebook", "exercise", "points", "result")]
-    for grade in grades:
-        for item in grade.exercises:
-            rows.append((grade.student, grade.notebook, item.exercise, f"{item.earned:g}/{item.points:g}",
-                         item.status + (f": {item.detail}" if item.status == "failed" else "")))
-        rows.append((grade.student, grade.notebook, "total", f"{grade.earned:g}/{grade.possible:g}",
-                     f"{grade.seconds:.0f} s{' (smoke mode)' if grade.smoke else ''}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4][:120])
-    for grade in grades:
-        for problem in grade.problems:
-            print(f"note: {grade.student}/{grade.notebook}: {problem}")
 
 
 def _notebook_key(student: str, path: Path) -> str:

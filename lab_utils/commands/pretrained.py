@@ -8,26 +8,27 @@ Building a model is exactly ``genlab train model=<family> data=<dataset> preset=
 ``<runs>/<family>`` (a finished run there is reused), then an export: the run's EMA weights go into
 ``labs/<family>/pretrained/<family>.safetensors`` (``lab_utils.harness.zoo``), stored in float16 when that
 changes no ``genlab eval`` figure measurably (the evaluation is run on both and the differences recorded), and
-the manifest entry is rewritten with the command, the code version, the sha256 and the figures of the file as
-shipped.
+the manifest entry is rewritten with the command, the run's key (``lab_utils.harness.cached_run.run_key``: its
+settings and its labs' source), the sha256 and the figures of the file as shipped.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lab_utils.commands.first_stages import lab_code_digest
-from lab_utils.core.config import ConfigError, compose
+from lab_utils.core.cache_folder import cache_folder
+from lab_utils.core.config import compose, validate
+from lab_utils.core.schema import ConfigError
 from lab_utils.core.schema import typed_section
+from lab_utils.harness.cached_run import run_key
 from lab_utils.harness.checkpoint import load_lab, resolve_checkpoint
 from lab_utils.harness.zoo import (MANIFEST, entries, family_packages, load_file_lab, read_manifest,
                                    save_pretrained, sha256_of, zoo_folder)
@@ -67,23 +68,6 @@ class ZooConfig:
 def train_command(options: ZooConfig, model: str) -> list[str]:
     """The ``genlab train`` arguments that train the zoo's ``model`` (the manifest records them)."""
     return [f"model={model}", f"data={options.dataset}", f"preset={options.preset}", f"seed={options.seed}"]
-
-
-def code_version() -> str:
-    """``git describe`` of the source tree (``-dirty`` with uncommitted changes), or the package version."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
-                                   text=True, timeout=10, cwd=Path(__file__).resolve().parent)
-        if described.returncode == 0 and described.stdout.strip():
-            return f"git {described.stdout.strip()}"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        return f"genlab {version('genlab')}"
-    except PackageNotFoundError:
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------ list
@@ -153,7 +137,7 @@ def eval_figures(lab, cfg: DictConfig, evaluator, options: ZooConfig, device: to
             "alignment_held_out": generated["alignment"]["held_out"]["all"],
             "per_attribute_seen": generated["alignment"]["seen"]["per_attribute"],
             "seconds_per_image": result.sampling_seconds_per_image,
-            "sample_options": dict(lab.sampling_defaults()) if hasattr(lab, "sampling_defaults") else {}}
+            "sample_options": asdict(lab.sampling_defaults())}
 
 
 def export(options: ZooConfig, model: str, run_dir: Path) -> dict[str, Any]:
@@ -194,8 +178,8 @@ def export(options: ZooConfig, model: str, run_dir: Path) -> dict[str, Any]:
     log_file.chmod(0o644)
     entry = {
         "family": model, "dataset": loaded.cfg.data.name, "file": path.name,
-        "command": train_command(options, model), "steps": step, "code_version": code_version(),
-        "lab_code_digest": lab_code_digest(loaded.cfg.model._target_),  # the family's source, as first_stages keys it
+        "command": train_command(options, model), "steps": step,
+        "key": run_key(validate(loaded.cfg)),  # its settings and its labs' source, as the caches key a run
         "built": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "parameters": sum(p.numel() for p in loaded.lab.parameters()),
         "dtype": str(chosen).replace("torch.", ""), "bytes": path.stat().st_size, "sha256": sha256_of(path),
@@ -215,11 +199,11 @@ def export_evaluator(options: ZooConfig) -> dict[str, Any]:
     (it is the measuring instrument: every figure reads its features), so a fresh machine measures at once."""
     import json
 
-    from lab_utils.commands.evaluation.cache import cache_root, evaluator_config, evaluator_key, train_evaluator
+    from lab_utils.commands.evaluation.cache import evaluator_config, train_evaluator
 
     cfg = evaluator_config({"name": options.dataset}, preset=options.preset)
-    key = evaluator_key(cfg)
-    source = cache_root() / f"{cfg.data.name}-{key}"
+    key = run_key(cfg)
+    source = cache_folder("evaluators") / f"{cfg.data.name}-{key}"
     if not (source / "evaluator.json").is_file():
         train_evaluator(cfg, source, key)
     info = json.loads((source / "evaluator.json").read_text())
@@ -230,7 +214,7 @@ def export_evaluator(options: ZooConfig) -> dict[str, Any]:
                            folder / f"{name}.safetensors")
     entry = {"family": "evaluator", "dataset": options.dataset, "file": path.name, "key": key,
              "command": ["model=evaluator", f"data={options.dataset}", f"preset={options.preset}", "data.held_out=[]"],
-             "steps": int(loaded.state["trainer"]["step"]), "code_version": code_version(),
+             "steps": int(loaded.state["trainer"]["step"]),
              "built": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
              "parameters": sum(p.numel() for p in loaded.lab.parameters()), "dtype": "float32",
              "bytes": path.stat().st_size, "sha256": sha256_of(path), "test_accuracy": info["test_accuracy"],

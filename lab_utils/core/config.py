@@ -9,6 +9,12 @@ start-up with a message naming the key, instead of deep inside training:
 - ``model``   -> the lab class's ``Config`` (the class named by ``cfg.model._target_``, looked up in
   ``lab_utils.core.registry``: a name genlab does not know is refused, never imported).
 
+A family's defaults have one home, its ``Config`` dataclass (STYLE 19): ``conf/model/<name>.yaml`` says only
+which family it is and extends ``schema/model/<name>``, the dataclass itself, which
+:func:`register_model_schema` stores in Hydra's ConfigStore before a config composing that family is composed
+(so ``model.lr=...`` overrides a key the composed config has, and ``--cfg job`` prints every value);
+``conf/preset_model/`` says what a preset changes and why.
+
 Schemas check their own values in ``__post_init__`` (raising ``ValueError``).
 Notebooks and tests get configs through :func:`compose`, never by hand.
 """
@@ -16,19 +22,24 @@ Notebooks and tests get configs through :func:`compose`, never by hand.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import Any, Optional
+from importlib.resources import files
+from typing import Any, Optional, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
 from lab_utils.core import registry
-from lab_utils.core.schema import ConfigError, as_dataclass, check_section, to_container  # re-exported: one home each
+from lab_utils.core.schema import ConfigError, check_section
 
 CONFIG_MODULE = "genlab_conf"  # `conf/` is installed as this package (see pyproject.toml)
 
 
 @dataclass
 class TrainerConfig:
+    """Schema and defaults of ``cfg.trainer``; an instance is all the Trainer reads of the config (typed once per
+    run, ``lab_utils.harness.run.trainer_settings``, where a config saved before a field existed gets its default)."""
+
     steps: int = 2000  # optimisation steps (a GAN step = n_critic critic updates + 1 generator update)
     # Optional budgets: training stops at whichever of steps / images / seconds comes first.
     max_images: Optional[int] = None  # images drawn from the data (all updates of a step count)
@@ -106,6 +117,72 @@ def register_schemas() -> None:
 
 register_schemas()
 
+MODEL_SCHEMAS = "schema/model"  # ConfigStore group of the families' Config dataclasses (conf/model/*.yaml extend them)
+
+
+def model_family(config_name: str, overrides: list[str] | None = None) -> str | None:
+    """The family a composition of ``conf/<config_name>.yaml`` with ``overrides`` uses: the last ``model=<name>``
+    override, else the one its defaults list names (None: it composes no ``model`` group)."""
+    path = files(CONFIG_MODULE) / f"{config_name}.yaml"
+    if not path.is_file():
+        return None
+    defaults = OmegaConf.load(str(path)).get("defaults") or []
+    named = [entry.model for entry in defaults if isinstance(entry, DictConfig) and "model" in entry]
+    if not named:
+        return None
+    for override in overrides or []:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == "model":
+            named.append(value)
+    return str(named[-1])
+
+
+@functools.cache  # once per family and process
+def register_model_schema(family: str | None) -> None:
+    """Store the ``Config`` dataclass of the built-in family ``family`` in Hydra's ConfigStore as
+    ``schema/model/<family>``: the schema and every default of ``conf/model/<family>.yaml``, whose defaults list
+    starts with it. A name that is not a built-in family stores nothing (composing it then fails with Hydra's
+    list of the families, or finds a user's own ``conf/model`` file).
+
+    Called before composing a config with a ``model`` group (:func:`compose`, the ``genlab`` command), not at
+    import, and for the one family composed: it imports that lab, and so torch (~2 s), which a command refusing
+    a bad input (``model=nope``) or one that only loads a checkpoint (``sample``, ``serve``, ``eval``) does not need."""
+    families = {name: target for target, name in registry.BUILTIN_LABS.items()}
+    if family not in families:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group=MODEL_SCHEMAS, name=family, node=registry.lab_class(families[family]).Config)
+
+
+def saved_model_config(model: dict[str, Any]) -> dict[str, Any]:
+    """The ``model`` section of a checkpoint's config, with each key it predates set to what the key's absence
+    meant when it was saved: the schema's ``SAVED_WITHOUT`` (e.g. ``VAEConfig.prior``: a run saved before the
+    option had the standard prior, whatever the default is now), nested schemas included. A config saved since
+    holds every key (the validated config is saved), so this changes only older ones. A lab genlab does not know
+    is left as it is: building it refuses it."""
+    try:
+        schema = registry.lab_class(model.get("_target_"))
+    except ConfigError:
+        return model
+    return _fill_absent(model, schema.Config)
+
+
+def _fill_absent(section: dict[str, Any], schema: type) -> dict[str, Any]:
+    """``section`` with ``schema.SAVED_WITHOUT``'s keys ("unet.coord_channels": a key of a nested section) that it
+    lacks set, then the same in each nested schema's section."""
+    for dotted, value in getattr(schema, "SAVED_WITHOUT", {}).items():
+        *parents, key = dotted.split(".")
+        node = section
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key not in node:
+            node[key] = value
+    for name, hint in get_type_hints(schema).items():
+        if dataclasses.is_dataclass(hint) and isinstance(section.get(name), dict):
+            _fill_absent(section[name], hint)
+    return section
+
 
 def _positive(obj: Any, *names: str) -> None:
     for name in names:
@@ -157,6 +234,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "train", chec
 
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
+    register_model_schema(model_family(config_name, overrides))
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
     return validate(cfg) if check else cfg

@@ -14,7 +14,8 @@ diffusion model all train through the same loop without special cases:
   update (critic steps). It returns named scalar losses for logging;
 - ``ema_modules()`` names the submodules whose exponential moving average is kept and used
   for sampling;
-- ``sample(prompts, generator=..., **options)`` returns images in [-1, 1].
+- ``sample(prompts, generator=..., options=...)`` returns images in [-1, 1]; ``options`` is an instance of the
+  family's ``SampleOptions`` dataclass, the one home of its sampling options (see :class:`SampleOptions`).
 
 A lab is rebuilt from a checkpoint alone: ``Lab(<its Config>, DataInfo)`` where both come from
 the checkpoint (see ``lab_utils.harness.checkpoint``).
@@ -23,8 +24,12 @@ the checkpoint (see ``lab_utils.harness.checkpoint``).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, ClassVar, Mapping, Protocol
+import dataclasses
+import functools
+import math
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -54,19 +59,77 @@ class DataInfo:
         return cls(**state)
 
 
-# progress(step, steps, estimate): after sampling step `step` of `steps`, the current estimate of the images
-Progress = Callable[[int, int, torch.Tensor], None]
+# on_step(step, steps, estimate): after sampling step `step` of `steps`, the current estimate of the images
+# (not the progress bar: that is lab_utils.harness.progress)
+SamplingCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def option(default: Any = MISSING, *, help: str, min: float | None = None, max: float | None = None,
+           choices: Sequence[str] | None = None) -> Any:
+    """A field of a :class:`SampleOptions` dataclass that says all a command needs to know of the option: its
+    ``default`` (where the dataclass holds it), one line of ``help``, and the values it takes: ``choices`` for a
+    string, ``min`` and ``max`` for a number (None: no bound of its own; ``genlab serve`` then caps it with the
+    ``serve.limits`` entry of its name, or refuses to start)."""
+    metadata = {"help": help, "min": min, "max": max, "choices": None if choices is None else tuple(choices)}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class SampleOptions:
-    """The options ``Lab.sample`` takes besides the prompts and the generator; a family subclasses it.
+    """The options ``Lab.sample`` takes besides the prompts and the generator; a family subclasses it with one
+    :func:`option` field per option (its default, help, bounds or choices).
 
-    Each field defaults to None, which means the model's configured default: the default itself has one
-    home, the model's config (``model.sampling`` of the DDPM, ``model.temperature`` of the VAE), so the
-    training grids, ``genlab sample``, ``genlab eval`` and ``genlab compare`` draw alike unless told
-    otherwise. The commands read the option names from here (``Lab.sample_options``), never a list of
-    their own."""
+    This dataclass is the one home of a family's sampling options. The defaults are its fields' (the DDPM's and the
+    flow's ``model.sampling`` section *is* one of these) or the model config's (the VAE's ``model.temperature``,
+    read by ``Lab.sampling_defaults``), so the training grids, ``genlab sample``, ``genlab eval`` and
+    ``genlab compare`` draw alike unless told otherwise. ``Lab.sample_options`` is the one parser of user-given
+    names; building an instance checks every value against its field (``__post_init__``), and ``genlab serve``
+    builds its request model, its bounds and ``GET /models`` from the fields. A new option is one field here (and
+    the code that uses it): no command lists the names."""
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            setattr(self, item.name, checked_option(type(self), item, getattr(self, item.name)))
+
+
+def option_kind(options: type, item: dataclasses.Field) -> type:
+    """The type of a :class:`SampleOptions` field (int, float or str), from its annotation; a field not declared
+    with :func:`option`, or of another type, is a TypeError naming it."""
+    where = f"{options.__module__}.{options.__qualname__}.{item.name}"
+    if "help" not in item.metadata:
+        raise TypeError(f"the sampling option {where} is not declared with lab_utils.core.lab.option(...), so its "
+                        "bounds are unknown")
+    kind = _annotations(options)[item.name]
+    if kind not in (int, float, str) or (kind is str) != (item.metadata["choices"] is not None):
+        raise TypeError(f"the sampling option {where} must be an int or a float (with min/max) or a str with "
+                        f"choices, got {kind}")
+    return kind
+
+
+@functools.cache
+def _annotations(options: type) -> dict[str, Any]:
+    return typing.get_type_hints(options)  # the dataclass's annotations, evaluated once per class
+
+
+def checked_option(options: type, item: dataclasses.Field, value: Any) -> Any:
+    """``value`` for the field ``item`` of ``options`` (an int field takes 3.0 as 3, a float field 3 as 3.0), or a
+    ValueError naming the option and what it takes."""
+    kind, meta, name = option_kind(options, item), item.metadata, item.name
+    if kind is str:
+        if value not in meta["choices"]:
+            raise ValueError(f"sampling.{name} must be one of {list(meta['choices'])}, got {value!r}")
+        return value
+    low, high = meta["min"], meta["max"]
+    what = ("an integer" if kind is int else "a finite number") + (
+        f" in [{low:g}, {high:g}]" if low is not None and high is not None else
+        f" >= {low:g}" if low is not None else f" <= {high:g}" if high is not None else "")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or (kind is int and not float(value).is_integer()):
+        raise ValueError(f"sampling.{name} must be {what}, got {value!r}")
+    value = kind(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"sampling.{name} must be {what}, got {value!r}")
+    return value
 
 
 class StepContext(Protocol):
@@ -91,7 +154,7 @@ class Lab(nn.Module):
     """Base class of every model family. Subclasses set ``Config`` and implement the methods."""
 
     Config: ClassVar[type]  # the dataclass schema of ``cfg.model``
-    SampleOptions: ClassVar[type[SampleOptions]] = SampleOptions  # what ``sample`` takes (none by default)
+    SampleOptions: ClassVar[type[SampleOptions]] = SampleOptions  # what ``sample`` takes (no option by default)
     # DistributedDataParallel must look for parameters a loss did not use (a GAN's critic update leaves
     # the generator out). A family whose every update uses every parameter sets False: cheaper.
     ddp_find_unused_parameters: ClassVar[bool] = True
@@ -135,39 +198,49 @@ class Lab(nn.Module):
         return 1
 
     @torch.no_grad()
-    def sample(
-        self, prompts: list[str], generator: torch.Generator | None = None, **options: Any
-    ) -> torch.Tensor:
-        """Images for ``prompts``, shape (len(prompts), C, H, W), values in [-1, 1]."""
+    def sample(self, prompts: list[str], generator: torch.Generator | None = None,
+               options: SampleOptions | None = None, **given: Any) -> torch.Tensor:
+        """Images for ``prompts``, shape (len(prompts), C, H, W), values in [-1, 1]. ``options``: an instance of
+        ``SampleOptions`` (None: the model's defaults); options given by keyword (``steps=10``) are parsed onto it by
+        :meth:`sample_options`, so ``lab.sample(prompts, generator, steps=10)`` works too."""
         raise NotImplementedError
 
     def sample_with_progress(self, prompts: list[str], generator: torch.Generator | None = None,
-                             progress: Progress | None = None, every: int = 1, **options: Any) -> torch.Tensor:
-        """Like :meth:`sample`, calling ``progress(step, steps, estimate)`` along the way, where ``estimate`` is
+                             on_step: SamplingCallback | None = None, every: int = 1,
+                             options: SampleOptions | None = None, **given: Any) -> torch.Tensor:
+        """Like :meth:`sample`, calling ``on_step(step, steps, estimate)`` along the way, where ``estimate`` is
         the current guess of the final images, (N, C, H, W) in [-1, 1]: every ``every`` steps and after the
         last one. A family that draws in one pass (GAN, VAE) reports that pass as its only step; a diffusion
-        family reports its x0 estimates. ``progress`` may raise to stop the sampling (a timeout, a client gone)."""
-        images = self.sample(prompts, generator, **options)
-        if progress is not None:
-            progress(1, 1, images)
+        family reports its x0 estimates. ``on_step`` may raise to stop the sampling (a timeout, a client gone)."""
+        images = self.sample(prompts, generator, options=options, **given)
+        if on_step is not None:
+            on_step(1, 1, images)
         return images
 
-    def sampling_defaults(self) -> dict[str, Any]:
-        """The values the ``SampleOptions`` fields take when left out (the model's config: their one home)."""
-        return {}
+    def sampling_defaults(self) -> SampleOptions:
+        """The options ``sample`` uses when given none, from their one home: the ``SampleOptions`` fields' own
+        defaults here; a family whose defaults live in its model config overrides it (the DDPM returns its
+        ``config.sampling``, the VAE builds one from ``config.temperature``)."""
+        return self.SampleOptions()
 
-    @classmethod
-    def sample_options(cls, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The options of ``options`` that are set (None = the model's default), as keyword arguments for
-        ``sample``. A name this family does not take is a ValueError that lists the ones it does."""
-        names = [f.name for f in fields(cls.SampleOptions)]
-        given = {str(key): value for key, value in dict(options or {}).items() if value is not None}
+    def sample_options(self, given: Mapping[str, Any] | None = None,
+                       options: SampleOptions | None = None) -> SampleOptions:
+        """The one parser of user-given option names (``genlab sample steps=10``, ``eval.sample_options``, a request
+        to ``genlab serve``, ``trainer.sample_options``, keywords of ``sample``): ``options`` (None: the model's
+        :meth:`sampling_defaults`) with each value of ``given`` that is set (None = left as it is), checked by the
+        dataclass. A name this family does not take is a ValueError that lists the ones it does; a value out of
+        its field's bounds is a ValueError naming it."""
+        names = [item.name for item in fields(self.SampleOptions)]
+        given = {str(key): value for key, value in dict(given or {}).items() if value is not None}
         unknown = [key for key in given if key not in names]
         if unknown:
-            raise ValueError(f"{cls.__name__}.sample does not take option(s) {unknown}; it takes "
+            raise ValueError(f"{type(self).__name__}.sample does not take option(s) {unknown}; it takes "
                              f"{', '.join(names) if names else 'no options'}")
-        chosen = asdict(cls.SampleOptions(**given))
-        return {key: value for key, value in chosen.items() if value is not None}
+        options = self.sampling_defaults() if options is None else options
+        if not isinstance(options, self.SampleOptions):
+            raise TypeError(f"{type(self).__name__}.sample takes options=<{self.SampleOptions.__name__}> (from "
+                            f"lab.sample_options({{...}})) or keywords, got {type(options).__name__}")
+        return dataclasses.replace(options, **given) if given else options
 
     def compile_blocker(self) -> str | None:
         """Why ``torch.compile`` cannot train this lab as configured (None: it can)."""
@@ -179,7 +252,7 @@ class Lab(nn.Module):
         return [name for name, child in self.named_children() if any(True for _ in child.parameters())]
 
     def benchmark_samplers(self) -> dict[str, dict[str, Any]]:
-        """The sampling settings ``genlab bench`` times: ``{name: options for sample()}``."""
+        """The sampling settings ``genlab bench`` times: ``{name: keyword options for sample()}``."""
         return {"default": {}}
 
     @property

@@ -3,7 +3,8 @@
 A checkpoint is a plain dict that ``torch.load(weights_only=True)`` accepts (tensors, numbers,
 strings, lists, dicts): the resolved config, the ``DataInfo`` (vocabulary included), the model,
 EMA, optimiser and LR-schedule states, the trainer's counters and the RNG state. Because the
-config travels with the weights, ``load_lab(path)`` rebuilds the model with nothing else.
+config travels with the weights, ``load_lab(path)`` rebuilds the model with nothing else; a model key added
+since the checkpoint was saved means what its absence meant then (``lab_utils.core.config.saved_model_config``).
 
 A checkpoint is data from outside: it can name only a registered lab (``lab_utils.core.registry``), and
 it cannot choose where genlab writes (``data.download`` and ``data.cache_dir`` are reset to this
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lab_utils.core.config import saved_model_config
 from lab_utils.core.data.base import without_write_locations
 from lab_utils.core.lab import DataInfo, Lab
 from lab_utils.core.registry import build_lab
@@ -147,6 +149,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     config = state.get("config")
     if isinstance(config, dict) and isinstance(config.get("data"), dict):  # where to write is not a file's choice
         config["data"] = without_write_locations(config["data"])
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):  # keys added since it was saved
+        config["model"] = saved_model_config(config["model"])
     return state
 
 

@@ -16,9 +16,11 @@ from typing import Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lab_utils.core.config import TrainerConfig
 from lab_utils.core.data import build_dataset
 from lab_utils.core.lab import DataInfo
 from lab_utils.core.registry import build_lab
+from lab_utils.core.schema import typed_section
 from lab_utils.harness import distributed
 from lab_utils.harness.checkpoint import initialize_modules
 from lab_utils.harness.devices import pick_device, speed_setup
@@ -38,12 +40,15 @@ def train(cfg: DictConfig, resume: str | Path | Resume | None = None, callbacks:
     or a new folder (a checkpoint outside any run folder continues only into a new one). Rank 0 holds the
     run folder's lock for the whole training (``lab_utils.harness.run_folder``). Under torchrun every process
     calls this; they join one process group for the run and leave it at the end.
+
+    The trainer section is typed here, once (:func:`trainer_settings`), and the Trainer reads only that.
     """
-    dist_info, owns_group = distributed.setup(cfg.trainer.device, cfg.trainer.dist_backend)
+    settings = trainer_settings(cfg)
+    dist_info, owns_group = distributed.setup(settings.device, settings.dist_backend)
     clean = False
     try:
         with RunLock(cfg.out) if dist_info.is_main else contextlib.nullcontext():
-            result = _train(cfg, resume, callbacks, dist_info)
+            result = _train(cfg, settings, resume, callbacks, dist_info)
         clean = True
         return result
     finally:
@@ -51,10 +56,16 @@ def train(cfg: DictConfig, resume: str | Path | Resume | None = None, callbacks:
             distributed.teardown(clean)
 
 
-def _train(cfg: DictConfig, resume: str | Path | None, callbacks: tuple[Callback, ...],
-           dist_info: distributed.DistInfo) -> TrainResult:
+def trainer_settings(cfg: DictConfig) -> TrainerConfig:
+    """``cfg.trainer`` as the :class:`~lab_utils.core.config.TrainerConfig` a Trainer takes, checked by the schema;
+    a config saved before a field existed gets the field's default here."""
+    return typed_section(cfg.trainer, TrainerConfig, "trainer")
+
+
+def _train(cfg: DictConfig, settings: TrainerConfig, resume: str | Path | Resume | None,
+           callbacks: tuple[Callback, ...], dist_info: distributed.DistInfo) -> TrainResult:
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.trainer.device)
+    device = pick_device(settings.device)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
     if not dist_info.is_main:
@@ -67,23 +78,22 @@ def _train(cfg: DictConfig, resume: str | Path | None, callbacks: tuple[Callback
     train_set = distributed.in_turn(lambda: build_dataset(cfg.data, "train"), dist_info)
     data_info = DataInfo.from_dict(state["data_info"]) if state else train_set.data_info()
     lab = build_lab(cfg, data_info)
-    if state is None and cfg.trainer.init_from:  # a new run that starts from another run's submodules
-        taken = initialize_modules(lab, cfg.trainer.init_from, list(cfg.trainer.init_modules))
-        log.info("took %s from %s", ", ".join(cfg.trainer.init_modules), taken)
+    if state is None and settings.init_from:  # a new run that starts from another run's submodules
+        taken = initialize_modules(lab, settings.init_from, settings.init_modules)
+        log.info("took %s from %s", ", ".join(settings.init_modules), taken)
     lab = speed_setup(lab.to(device), cfg, device)
     if dist_info.rank > 0:
         torch.manual_seed(cfg.seed + dist_info.rank)  # its own noise; the weights come from rank 0 (DDP)
-    trainer = Trainer(cfg, run_dir, lab, train_set, data_info, device, callbacks, dist_info)
+    trainer = Trainer(cfg, settings, run_dir, lab, train_set, data_info, device, callbacks, dist_info)
     if state is not None:
         trainer.load_state_dict(state, source.checkpoint)
         trainer.last_checkpoint = source.checkpoint if source.run_dir == run_dir else None
         if trainer.budget_used() >= 1.0:  # every process decides the same: the state is the same
-            tcfg = cfg.trainer
             raise RunFolderError(
                 f"the run at {source.checkpoint} is already at step {trainer.step} ({trainer.images_seen} images, "
-                f"{trainer.train_seconds:.0f} s), which meets its budget (trainer.steps={tcfg.steps}, "
-                f"max_images={tcfg.max_images}, max_seconds={tcfg.max_seconds}); to train further, raise it, "
-                f"e.g. trainer.steps={trainer.step + tcfg.steps}"
+                f"{trainer.train_seconds:.0f} s), which meets its budget (trainer.steps={settings.steps}, "
+                f"max_images={settings.max_images}, max_seconds={settings.max_seconds}); to train further, raise "
+                f"it, e.g. trainer.steps={trainer.step + settings.steps}"
             )
     if dist_info.is_main:
         # Nothing is written into the run directory before the data, model and checkpoint all loaded.

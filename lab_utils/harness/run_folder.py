@@ -19,7 +19,6 @@ A run folder is what ``genlab train`` writes: ``config.yaml``, ``checkpoints/`` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -90,24 +89,6 @@ def holds_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` already holds a run's checkpoints."""
     folder = run_dir / "checkpoints"
     return folder.is_dir() and any(p.suffix == ".pt" for p in folder.iterdir())
-
-
-# Trainer fields added after caches (and the shipped evaluator) were keyed, with their default: at that default
-# they are left out of the key, so the keys of runs trained before the field existed stay the same.
-LATER_TRAINER_FIELDS = {"ema_warmup": False}
-
-
-def settings_key(cfg: DictConfig, code: str) -> str:
-    """sha256 of what determines a trained run, for the caches of trained runs (the evaluator, a first stage):
-    data (not where it lives), model, trainer (not how it reports, which device or how batches reach it), seed, and ``code``, a
-    version or digest of the code that trains it."""
-    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in LOCATION_KEYS}
-    trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
-               if k not in ("device", "progress", "num_workers", "data_on_device", "tensorboard", "log_every")
-               and not (k in LATER_TRAINER_FIELDS and v == LATER_TRAINER_FIELDS[k])}
-    payload = {"data": data, "model": OmegaConf.to_container(cfg.model, resolve=True), "trainer": trainer,
-               "seed": cfg.seed, "code": code}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------ resuming

@@ -69,7 +69,7 @@ class TrainingStepContext:
         else:
             output = loss
         value = _loss_of(output)
-        if trainer.cfg.trainer.nan_check == "step":
+        if trainer.settings.nan_check == "step":
             trainer.check_finite({f"loss for {name!r}": value.detach()})
         optimizer = trainer.optimizers[name]
         optimizer.zero_grad(set_to_none=True)
@@ -78,7 +78,7 @@ class TrainingStepContext:
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        clip = trainer.cfg.trainer.grad_clip
+        clip = trainer.settings.grad_clip
         # clip_grad_norm_ returns the total norm before clipping; inf max_norm = measure only.
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
         if scaler is not None:

@@ -36,9 +36,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from lab_utils.core.config import to_container
+from lab_utils.core.config import TrainerConfig
 from lab_utils.core.lab import DataInfo, Lab
 from lab_utils.core.plotting import save_grid
+from lab_utils.core.schema import to_container
 from lab_utils.harness import distributed
 from lab_utils.harness.checkpoint import CheckpointError, checkpoint_dir, load_state_into, save_checkpoint
 from lab_utils.harness.data_stream import DataStream
@@ -132,35 +133,35 @@ class LogWindow:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: Path, lab: Lab, train_set: Dataset, data_info: DataInfo,
-                 device: torch.device, callbacks: tuple[Callback, ...] = (),
+    """Trains ``lab`` as ``settings`` (the run's ``trainer`` section, typed) say; ``cfg`` is the run's whole config,
+    saved with every checkpoint (its ``seed`` orders the data)."""
+
+    def __init__(self, cfg: DictConfig, settings: TrainerConfig, run_dir: Path, lab: Lab, train_set: Dataset,
+                 data_info: DataInfo, device: torch.device, callbacks: tuple[Callback, ...] = (),
                  dist_info: distributed.DistInfo = distributed.DistInfo()):
-        self.cfg, self.run_dir, self.lab, self.data_info, self.device = cfg, run_dir, lab, data_info, device
-        self.dist = dist_info
+        self.cfg, self.settings, self.run_dir, self.lab, self.data_info = cfg, settings, run_dir, lab, data_info
+        self.device, self.dist = device, dist_info
         self.callbacks = tuple(callbacks) if dist_info.is_main else ()
-        tcfg = cfg.trainer
         self.optimizers = lab.configure_optimizers()
         if not self.optimizers:
             raise ValueError(f"{type(lab).__name__}.configure_optimizers() returned no optimiser")
-        self.schedulers = {name: lr_schedule(opt, tcfg.warmup_steps, tcfg.lr_decay_steps)
+        self.schedulers = {name: lr_schedule(opt, settings.warmup_steps, settings.lr_decay_steps)
                            for name, opt in self.optimizers.items()}
-        self.precision = effective_precision(tcfg.precision, device)  # resolved once, not on every step
-        self.sampling_precision = sampling_precision(tcfg.precision, device)  # grids and callbacks' samples
+        self.precision = effective_precision(settings.precision, device)  # resolved once, not on every step
+        self.sampling_precision = sampling_precision(settings.precision, device)  # grids and callbacks' samples
         fp16 = self.precision == "fp16"
         self.scalers = {name: torch.amp.GradScaler("cuda") for name in self.optimizers} if fp16 else {}
         # The EMA, logs, grids and checkpoints live on rank 0 only.
-        use_ema = tcfg.ema_decay > 0 and dist_info.is_main
-        # trainer.ema_warmup (TrainerConfig): d_t = min(d, (1 + t) / (10 + t)); absent from configs saved before it
-        ema_warmup = bool(tcfg.get("ema_warmup", False))
-        self.ema = EMA(lab, lab.ema_modules(), tcfg.ema_decay, tcfg.ema_start, ema_warmup) if use_ema else None
+        use_ema = settings.ema_decay > 0 and dist_info.is_main
+        self.ema = (EMA(lab, lab.ema_modules(), settings.ema_decay, settings.ema_start, settings.ema_warmup)
+                    if use_ema else None)
         world = dist_info.world_size
-        if tcfg.batch_scope == "global" and tcfg.batch_size % world:
-            raise ValueError(f"trainer.batch_size={tcfg.batch_size} (the global batch) does not split over {world} "
+        if settings.batch_scope == "global" and settings.batch_size % world:
+            raise ValueError(f"trainer.batch_size={settings.batch_size} (the global batch) does not split over {world} "
                              "processes; choose a multiple of the number of processes or trainer.batch_scope=per_process")
-        per_process = tcfg.batch_size // world if tcfg.batch_scope == "global" else tcfg.batch_size
-        # trainer.data_on_device (TrainerConfig): the batches cut on the device; absent from configs saved before it
-        self.stream = DataStream(train_set, per_process, cfg.seed, device, tcfg.num_workers, dist_info.rank, world,
-                                 channels_last=tcfg.channels_last, on_device=bool(tcfg.get("data_on_device", False)))
+        per_process = settings.batch_size // world if settings.batch_scope == "global" else settings.batch_size
+        self.stream = DataStream(train_set, per_process, cfg.seed, device, settings.num_workers, dist_info.rank, world,
+                                 channels_last=settings.channels_last, on_device=settings.data_on_device)
         self.loss_module: nn.Module = LossFunction(lab)
         self.ddp: DistributedDataParallel | None = None
         if dist_info.enabled:
@@ -175,12 +176,12 @@ class Trainer:
             self.loss_module = self.ddp
         self.step, self.images_seen, self.train_seconds = 0, 0, 0.0
         self.last_checkpoint: Path | None = None
-        self.writer = self._tensorboard() if tcfg.tensorboard and dist_info.is_main else None
-        if self.precision != tcfg.precision:
+        self.writer = self._tensorboard() if settings.tensorboard and dist_info.is_main else None
+        if self.precision != settings.precision:
             where = device.type
-            if device.type == "cpu" and tcfg.precision == "bf16":
+            if device.type == "cpu" and settings.precision == "bf16":
                 where = "a CPU without AMX or AVX-512 BF16"
-            log.warning("trainer.precision=%s is not used on %s; training in fp32", tcfg.precision, where)
+            log.warning("trainer.precision=%s is not used on %s; training in fp32", settings.precision, where)
 
     def release(self) -> None:
         """Drop the DDP wrapper (before the process group is destroyed: see ``lab_utils.harness.distributed``)."""
@@ -238,7 +239,7 @@ class Trainer:
             torch.cuda.set_rng_state(cuda_state[0] if isinstance(cuda_state, list) else cuda_state, self.device)
 
     def save(self) -> Path | None:
-        tcfg = self.cfg.trainer
+        tcfg = self.settings
         state = self.state_dict()  # collective: every process takes part
         if self.dist.is_main:
             try:
@@ -293,12 +294,12 @@ class Trainer:
     @torch.no_grad()
     def write_samples(self) -> Path:
         """A grid with the dataset's fixed prompts (rows) and fixed seeds (columns)."""
-        tcfg = self.cfg.trainer
+        tcfg = self.settings
         prompts = list(self.data_info.prompts[: tcfg.num_sample_prompts]) or [""]
         prompts = [p for p in prompts for _ in range(tcfg.samples_per_prompt)]
         generator = torch.Generator(device=self.device).manual_seed(tcfg.sample_seed)
         with self.sampling_weights(), autocast_for(self.sampling_precision, self.device):
-            images = self.lab.sample(prompts, generator=generator, **self.lab.sample_options(tcfg.sample_options))
+            images = self.lab.sample(prompts, generator=generator, options=self.lab.sample_options(tcfg.sample_options))
         images = images.float()  # (N, C, H, W): bf16 under autocast
         return save_grid(images, self.run_dir / "samples" / f"step_{self.step:06d}.png", captions=prompts,
                          ncols=tcfg.samples_per_prompt, title=f"{self.cfg.model.name} step {self.step}")
@@ -316,7 +317,7 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def budget_used(self, clock: bool = True) -> float:
         """The fraction of the budget spent: the largest of steps, images and (with ``clock``) seconds (1.0 = done)."""
-        tcfg = self.cfg.trainer
+        tcfg = self.settings
         fractions = [self.step / tcfg.steps]
         if tcfg.max_images is not None:
             fractions.append(self.images_seen / tcfg.max_images)
@@ -333,7 +334,7 @@ class Trainer:
         named = {**{f"loss/{k}" if "/" not in k else k: torch.as_tensor(v, device=self.device).detach().float()
                     for k, v in losses.items()},
                  **{f"grad_norm/{k}": v for k, v in ctx.grad_norms.items()}}
-        if self.cfg.trainer.nan_check == "step":
+        if self.settings.nan_check == "step":
             self.check_finite(named)
         self.step += 1
         if self.ema is not None:
@@ -361,7 +362,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def fit(self) -> TrainResult:
-        tcfg = self.cfg.trainer
+        tcfg = self.settings
         self.lab.train()
         main = self.dist.is_main
         progress = TrainingProgress(enabled=tcfg.progress and main, start=self.budget_used(),
@@ -430,7 +431,7 @@ class Trainer:
         keys = sorted(window.sums)
         stacked = distributed.all_reduce_mean(torch.stack([window.sums[k] / window.counts[k] for k in keys]))
         averages = dict(zip(keys, stacked.tolist()))
-        if self.cfg.trainer.nan_check == "log":
+        if self.settings.nan_check == "log":
             self.check_finite({k: torch.tensor(v) for k, v in averages.items()},
                               f" (averaged over steps {window.start_step + 1}-{self.step})", same_everywhere=True)
         row = {"step": self.step, "epoch": self.stream.epoch, "images_seen": self.images_seen,

@@ -7,7 +7,8 @@ Each family's package holds its pretrained models beside its code, ``labs/<famil
   header carries the run's resolved config and its ``DataInfo`` as JSON, so the file rebuilds the model
   alone, like a checkpoint (``lab_utils.harness.checkpoint``), without the optimiser and trainer state.
 - ``manifest.json``: for each model of the folder, its family, dataset, the command that trained it,
-  the code version, the file's sha256 and size, its dtype and its ``genlab eval`` figures.
+  the key of that run (``lab_utils.harness.cached_run.run_key``: its settings and its labs' source, as the
+  caches key a run), the file's sha256 and size, its dtype and its ``genlab eval`` figures.
 
 A model is chosen by its name (``ddpm``, ``vae`` ...), never by a path: ``genlab sample pretrained=ddpm``,
 ``genlab eval pretrained=ddpm``, ``genlab serve``. The file's sha256 is checked against the manifest at
@@ -46,7 +47,7 @@ class PretrainedEntry:
     family: str  # model.name of the family, e.g. "ddpm"
     dataset: str
     path: Path  # the .safetensors file
-    info: dict[str, Any]  # the whole manifest entry (command, code version, sha256, eval figures ...)
+    info: dict[str, Any]  # the whole manifest entry (command, key, sha256, eval figures ...)
 
     @property
     def sha256(self) -> str:
@@ -97,7 +98,8 @@ _FAMILY_ORDER = {"dcgan": 0, "vae": 1, "ddpm": 2, "ldm": 3, "flow": 4, "evaluato
 
 
 def shipped_evaluator(dataset: str, key: str) -> PretrainedEntry | None:
-    """The shipped evaluator of ``dataset`` trained with exactly the settings ``key`` names (None: none is)."""
+    """The shipped evaluator of ``dataset`` whose manifest key is ``key`` (``run_key`` of the settings asked for, with
+    the current source of ``labs/evaluator``), or None: no shipped evaluator was trained as they say."""
     for entry in entries().values():
         if entry.family == "evaluator" and entry.dataset == dataset and entry.info.get("key") == key:
             return entry

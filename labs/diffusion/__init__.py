@@ -4,13 +4,14 @@
     unet.py       the UNet eps_theta(x_t, t, c) with self- and cross-attention
     sampling.py   the one sampling loop (sample_levels: any list of levels, any step rule; the flow lab's too),
                   the scheduler's DDPM and DDIM steps over it (sample_loop), and classifier-free guidance
-    lab.py        DDPMConfig, diffusion_loss (Ho et al. eq. 14), DiffusionLab (training step, sampling pipeline)
+    lab.py        DiffusionSampleOptions (sampler, steps, guidance, eta: the config's `sampling`, what `sample`
+                  takes), DDPMConfig, diffusion_loss (Ho et al. eq. 14), DiffusionLab (training step, sampling)
 
     genlab train model=ddpm data=shapes preset=cpu
     genlab sample run=<dir> prompt="a red circle" sampler=ddim steps=50 guidance=3 n=16
 """
 
-from .lab import DDPMConfig, DiffusionLab, SamplingConfig, diffusion_loss
+from .lab import DDPMConfig, DiffusionLab, DiffusionSampleOptions, diffusion_loss
 from .sampling import (
     SAMPLER_STEPS, SAMPLERS, SamplerOutput, classifier_free_guidance, ddim_sample, ddpm_sample, sample_levels,
     sample_loop, start_noise,
@@ -27,10 +28,10 @@ __all__ = [
     "CrossAttention",
     "DDPMConfig",
     "DiffusionLab",
+    "DiffusionSampleOptions",
     "NoiseScheduler",
     "ResBlock",
     "SamplerOutput",
-    "SamplingConfig",
     "SchedulerConfig",
     "SchedulerStep",
     "SelfAttention",

@@ -21,9 +21,9 @@ from labs.diffusion import (
 )
 from labs.text_encoder import TextEncoding
 
-from lab_utils.core.exercises import (
-    Case, CheckResult, Hint, case_seed, check_function, check_module, graded, seeded_module,
-)
+from lab_utils.core.exercises.cases import Case, Hint
+from lab_utils.core.exercises.checks import CheckResult, check_function, check_module
+from lab_utils.core.exercises.records import case_seed, graded, seeded_module
 
 
 def _scheduler(schedule: str = "linear", T: int = 1000) -> NoiseScheduler:

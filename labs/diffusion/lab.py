@@ -11,19 +11,21 @@ Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", eq. 8-9.
 
 Sampling (``DiffusionLab.generate``) encodes the prompts once, then runs a DDPM or DDIM
 loop (``sampling.py``) whose ``denoise`` evaluates the UNet on the conditional and the
-unconditional batch together and combines them with classifier-free guidance.
+unconditional batch together and combines them with classifier-free guidance. Its options
+(sampler, steps, guidance, eta) are one dataclass, ``DiffusionSampleOptions``: the model
+config's ``sampling`` section and what ``sample`` takes.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 
-from lab_utils.core.lab import DataInfo, Lab, Progress, SampleOptions, StepContext, adam
+from lab_utils.core.lab import DataInfo, Lab, SampleOptions, SamplingCallback, StepContext, adam, option
 from labs.text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, Tokenizer, encode_prompts
 
 from .sampling import SAMPLERS, SamplerOutput, classifier_free_guidance, sample_loop
@@ -32,35 +34,40 @@ from .unet import UNet, UNetConfig
 
 
 @dataclass
-class SamplingConfig:
-    """Defaults of ``DiffusionLab.sample``; ``genlab sample sampler=... steps=... guidance=... eta=...`` overrides them."""
+class DiffusionSampleOptions(SampleOptions):
+    """How ``DiffusionLab.sample`` draws: the model config's ``sampling`` section (its defaults, overridden by a
+    preset) and what ``sample`` takes (``genlab sample sampler=... steps=... guidance=... eta=...``). Each field's
+    help and bounds are what the commands check and ``genlab serve`` offers."""
 
-    sampler: str = "ddim"  # ddpm (ancestral, Ho et al.) | ddim (Song et al.)
-    steps: int = 50  # noise levels visited (<= scheduler.num_train_timesteps)
-    guidance: float = 3.0  # classifier-free guidance scale w (diffusers' guidance_scale); 1 = no guidance
-    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 = DDPM-like
-
-    def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampling.sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
-        if self.steps < 1:
-            raise ValueError(f"sampling.steps must be >= 1, got {self.steps}")
-        if self.guidance < 0:
-            raise ValueError(f"sampling.guidance must be >= 0, got {self.guidance}")
-        if self.eta < 0:
-            raise ValueError(f"sampling.eta must be >= 0, got {self.eta}")
+    sampler: str = option("ddim", choices=sorted(SAMPLERS), help="ddpm (ancestral, Ho et al.) | ddim (Song et al.)")
+    # DDIM at 50 steps ~ DDPM at 1000 (Song et al. table 1)
+    steps: int = option(50, min=1, help="noise levels visited (<= scheduler.num_train_timesteps); NFE = steps, "
+                                        "x2 with guidance")
+    guidance: float = option(3.0, min=0.0, help="classifier-free guidance scale w (diffusers' guidance_scale); "
+                                                "1 = no guidance")
+    # eta in [0, 1] interpolates DDIM and DDPM (Song et al. eq. 16); above 1 the step's variance would exceed
+    # 1 - alpha_bar_s
+    eta: float = option(0.0, min=0.0, max=1.0, help="DDIM stochasticity: 0 = deterministic, 1 = DDPM-like")
 
 
 @dataclass
 class DDPMConfig:
+    """Schema and defaults of ``model=ddpm`` (the one home of its values; ``conf/model/ddpm.yaml`` only names it):
+    Ho et al.'s textbook setup (eps target, plain MSE) at a middle size. The presets
+    (``conf/preset_model/ddpm_{smoke,cpu,gpu}.yaml``) change the size, the target and the loss weighting."""
+
     _target_: str = "labs.diffusion.DiffusionLab"
     name: str = "ddpm"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    unet: UNetConfig = field(default_factory=UNetConfig)
+    # the UNet of UNetConfig, with x, y input channels (CoordConv): how else would "at the top left" be learnt?
+    unet: UNetConfig = field(default_factory=lambda: UNetConfig(coord_channels=True))
+    # captions have < 12 words from a ~40-word vocabulary: a small encoder suffices
     text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(dim=64, depth=2, heads=4))
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    p_uncond: float = 0.1  # probability of replacing a caption by "" during training (Ho & Salimans sec. 3.2)
-    min_snr_gamma: Optional[float] = None  # min-SNR loss weighting (Hang et al.); null = plain MSE
+    sampling: DiffusionSampleOptions = field(default_factory=DiffusionSampleOptions)  # defaults of sample()
+    # probability of replacing a caption by "" during training (Ho & Salimans sec. 3.2; they use 0.1-0.2)
+    p_uncond: float = 0.1
+    # 5.0 = min-SNR loss weighting (Hang et al. 2023; preset=cpu/gpu use it); null = plain MSE
+    min_snr_gamma: Optional[float] = None
     # The training noise levels: uniform over t (Ho et al.), or log SNR ~ N(log_snr_mean, log_snr_std^2) mapped to the
     # nearest level (EDM's log-normal sigma is log SNR ~ N(2.4, 2.4^2); rectified flow's logit-normal t (SD3) is
     # log SNR ~ N(0, 2^2) on its own path). See conf/preset_model/ddpm_cpu.yaml for what it buys.
@@ -70,10 +77,13 @@ class DDPMConfig:
     flow_weighting: bool = False
     log_snr_mean: float = 0.0
     log_snr_std: float = 2.0
-    lr: float = 1e-3  # AdamW learning rate
+    lr: float = 1e-3  # AdamW learning rate; small UNets tolerate 1e-3 with warm-up and grad clipping
     text_lr: Optional[float] = None  # the text encoder's own learning rate; null = lr (see configure_optimizers)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
+    # What a key meant in a config saved before it existed (lab_utils.core.config.saved_model_config fills it in):
+    # runs saved before the option had no coordinate channels, so their checkpoints load unchanged.
+    SAVED_WITHOUT: ClassVar[dict[str, Any]] = {"unet.coord_channels": False}
 
     def __post_init__(self) -> None:
         if self.scheduler.num_train_timesteps < self.sampling.steps:
@@ -121,16 +131,6 @@ def diffusion_loss(eps_model: Callable[[torch.Tensor, torch.Tensor, Any], torch.
     if flow_weighting:  # (1 + sqrt(SNR))^2 in x0 terms: rectified flow's |v - (eps - x0)|^2 = |x0_hat - x0|^2 / t^2
         mse = mse * (1 + scheduler.snr(t).sqrt()) ** 2 / scheduler.x0_weight(t)
     return mse.mean()
-
-
-@dataclass
-class DiffusionSampleOptions(SampleOptions):
-    """What ``DiffusionLab.sample`` takes; None = the model's ``sampling`` section (``SamplingConfig``)."""
-
-    sampler: Optional[str] = None  # ddpm | ddim
-    steps: Optional[int] = None  # noise levels visited; NFE = steps, x2 with guidance
-    guidance: Optional[float] = None  # classifier-free guidance scale w (1 = off)
-    eta: Optional[float] = None  # DDIM stochasticity
 
 
 class DiffusionLab(Lab):
@@ -201,31 +201,24 @@ class DiffusionLab(Lab):
         return {"ddim-50": {"sampler": "ddim", "steps": 50}, f"ddpm-{T}": {"sampler": "ddpm", "steps": T}}
 
     # ------------------------------------------------------------------ sampling
-    def _options(self, sampler: str | None, steps: int | None, guidance: float | None,
-                 eta: float | None) -> SamplingConfig:
-        """Fill unset options from the config's defaults, checking them."""
-        default = self.config.sampling
-        return SamplingConfig(
-            sampler=default.sampler if sampler is None else str(sampler),
-            steps=default.steps if steps is None else int(steps),
-            guidance=default.guidance if guidance is None else float(guidance),
-            eta=default.eta if eta is None else float(eta),
-        )
+    def sampling_defaults(self) -> DiffusionSampleOptions:
+        return self.config.sampling
 
-    def nfe(self, sampler: str | None = None, steps: int | None = None, guidance: float | None = None) -> int:
+    def nfe(self, options: DiffusionSampleOptions | None = None, **given: Any) -> int:
         """Network evaluations per image: ``steps``, twice that with guidance (w not 0 or 1)."""
-        options = self._options(sampler, steps, guidance, None)
+        options = self.sample_options(given, options)
         return options.steps * (1 if options.guidance in (0.0, 1.0) else 2)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], generator: torch.Generator | None = None, sampler: str | None = None,
-                 steps: int | None = None, guidance: float | None = None, eta: float | None = None,
-                 return_intermediates: bool = False, progress: Progress | None = None, every: int = 1) -> SamplerOutput:
+    def generate(self, prompts: list[str], generator: torch.Generator | None = None,
+                 options: DiffusionSampleOptions | None = None, *, return_intermediates: bool = False,
+                 on_step: SamplingCallback | None = None, every: int = 1, **given: Any) -> SamplerOutput:
         """The pipeline: encode the prompts, then loop the sampler with classifier-free guidance.
 
-        Randomness comes from ``generator`` only (a fresh, randomly seeded one if None). ``progress(i, steps, x0)``,
+        ``options`` (None: the config's ``sampling``), with any option given by keyword on top (``steps=10``).
+        Randomness comes from ``generator`` only (a fresh, randomly seeded one if None). ``on_step(i, steps, x0)``,
         if given, sees the x0 estimate every ``every`` steps and after the last (``Lab.sample_with_progress``)."""
-        options = self._options(sampler, steps, guidance, eta)
+        options = self.sample_options(given, options)
         if options.steps > self.scheduler.num_train_timesteps:
             raise ValueError(f"steps={options.steps} exceeds num_train_timesteps={self.scheduler.num_train_timesteps}")
         if generator is None:
@@ -249,35 +242,33 @@ class DiffusionLab(Lab):
 
         def report(i: int, step: SchedulerStep) -> None:
             if i % every == 0 or i == options.steps:
-                progress(i, options.steps, step.pred_x0)
+                on_step(i, options.steps, step.pred_x0)
 
         return sample_loop(denoise, self.scheduler, (N, *self.image_shape), options.steps, generator, self.device,
                            sampler=options.sampler, eta=options.eta, return_intermediates=return_intermediates,
-                           nfe_per_step=1 if w in (0.0, 1.0) else 2, callback=report if progress else None)
+                           nfe_per_step=1 if w in (0.0, 1.0) else 2, callback=report if on_step else None)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], generator: torch.Generator | None = None, sampler: str | None = None,
-               steps: int | None = None, guidance: float | None = None, eta: float | None = None) -> torch.Tensor:
-        """Images for ``prompts``, (N, C, H, W) in [-1, 1]; None options take the config's defaults."""
-        return self.generate(prompts, generator, sampler, steps, guidance, eta).images.clamp(-1, 1)
+    def sample(self, prompts: list[str], generator: torch.Generator | None = None,
+               options: DiffusionSampleOptions | None = None, **given: Any) -> torch.Tensor:
+        """Images for ``prompts``, (N, C, H, W) in [-1, 1]; ``options`` None: the config's ``sampling``."""
+        return self.generate(prompts, generator, options, **given).images.clamp(-1, 1)
 
     @torch.no_grad()
     def sample_with_progress(self, prompts: list[str], generator: torch.Generator | None = None,
-                             progress: Progress | None = None, every: int = 1, **options: Any) -> torch.Tensor:
+                             on_step: SamplingCallback | None = None, every: int = 1,
+                             options: DiffusionSampleOptions | None = None, **given: Any) -> torch.Tensor:
         """:meth:`sample`, reporting the x0 estimate (clamped to [-1, 1]) every ``every`` steps: the same images."""
         def report(i: int, steps: int, x0: torch.Tensor) -> None:
-            progress(i, steps, x0.clamp(-1, 1))
+            on_step(i, steps, x0.clamp(-1, 1))
 
-        return self.generate(prompts, generator, **options, progress=report if progress else None,
-                             every=every).images.clamp(-1, 1)
-
-    def sampling_defaults(self) -> dict[str, Any]:
-        return asdict(self.config.sampling)
+        return self.generate(prompts, generator, options, on_step=report if on_step else None, every=every,
+                             **given).images.clamp(-1, 1)
 
     def sample_trajectory(self, prompts: list[str], generator: torch.Generator | None = None,
-                          **options: Any) -> SamplerOutput:
+                          options: DiffusionSampleOptions | None = None, **given: Any) -> SamplerOutput:
         """Like :meth:`sample`, keeping x_t and the predicted x0 after every step (for the notebook strips)."""
-        return self.generate(prompts, generator, return_intermediates=True, **options)
+        return self.generate(prompts, generator, options, return_intermediates=True, **given)
 
     @torch.no_grad()
     def attention_maps(self, xt: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -27,16 +27,20 @@ PREDICTION_TYPES = ("eps", "v", "x0", "edm")
 
 @dataclass
 class SchedulerConfig:
-    num_train_timesteps: int = 1000  # T, the number of noise levels of the forward process
-    beta_schedule: str = "cosine"  # linear (Ho et al.) | cosine (Nichol & Dhariwal)
+    num_train_timesteps: int = 1000  # T, the number of noise levels of the forward process (Ho et al.'s 1000)
+    # linear (Ho et al.) | cosine (Nichol & Dhariwal), which wastes fewer steps near pure noise at 32 px than linear
+    beta_schedule: str = "cosine"
     beta_start: float = 1e-4  # beta_1 of the linear schedule (Ho et al. sec. 4)
     beta_end: float = 0.02  # beta_T of the linear schedule
     cosine_s: float = 0.008  # offset s of the cosine schedule (Nichol & Dhariwal eq. 17)
     max_beta: float = 0.999  # the cosine schedule's betas are clipped here (near t = T)
     # SNR(t) divided by snr_shift^2 at every t: the schedule shifted towards noise (Hoogeboom et al. 2023,
-    # "simple diffusion", sec. 3.1; Esser et al. 2024 sec. 5.3.2). 1 = the schedule as defined above.
+    # "simple diffusion", sec. 3.1; Esser et al. 2024 sec. 5.3.2), so more training and sampling steps fall at high
+    # noise. 1 = the schedule as defined above.
     snr_shift: float = 1.0
-    prediction_type: str = "eps"  # what the network predicts: eps | v | x0 | edm (see NoiseScheduler.target)
+    # What the network predicts (see NoiseScheduler.target): eps (Ho et al.) | v (Salimans & Ho) | x0 |
+    # edm (Karras et al.'s preconditioning)
+    prediction_type: str = "eps"
     # The data's standard deviation in EDM's preconditioning (Karras et al. 2022, Table 1), prediction_type edm only.
     # v is edm with sigma_data = 1; shapes' pixels have std 0.30 (mostly background).
     sigma_data: float = 0.5

@@ -193,16 +193,21 @@ class Upsample(nn.Module):
 @dataclass
 class UNetConfig:
     base_channels: int = 32  # channels at full resolution; level i has base_channels * channel_mults[i]
-    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])  # one level per entry, halving H, W
+    # one level per entry, halving H, W: 32 -> 64 -> 64 channels at 32, 16, 8 px
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
     num_res_blocks: int = 1  # residual blocks per level on the way down (one more on the way up)
-    self_attention_levels: list[int] = field(default_factory=lambda: [2])  # levels (0 = full res) with self-attention
-    cross_attention_levels: list[int] = field(default_factory=lambda: [1, 2])  # levels with cross-attention
+    # levels (0 = full res) with self-attention: level 2 = 8x8 px (plus the middle block, always)
+    self_attention_levels: list[int] = field(default_factory=lambda: [2])
+    # levels with cross-attention, where the words meet the image: 16x16 and 8x8 px
+    cross_attention_levels: list[int] = field(default_factory=lambda: [1, 2])
     heads: int = 4  # attention heads (self and cross)
     groups: int = 8  # GroupNorm groups; must divide every level's channels
     emb_mult: int = 4  # time/text embedding width = emb_mult * base_channels
     dropout: float = 0.0
     # Two extra input channels holding x and y in [-1, 1] (CoordConv, Liu et al. 2018): convolutions are
     # translation-equivariant, so without them "at the top left" reaches the network only through padding.
+    # Off in a plain UNetConfig(); every family that uses the UNet turns it on (DDPMConfig.unet, FlowConfig.unet,
+    # the ldm's latent_ddpm).
     coord_channels: bool = False
     # Pixels per side of a patch: the image is folded into (C * p^2, H / p, W / p) before the first conv and
     # unfolded after the last (pixel_unshuffle / pixel_shuffle, the "patch size" of DiT and U-ViT), so every

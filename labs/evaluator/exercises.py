@@ -20,7 +20,9 @@ from lab_utils.core.metrics import (
     polynomial_kernel, precision_recall,
 )
 
-from lab_utils.core.exercises import Case, CheckResult, Hint, case_seed, check_function, graded
+from lab_utils.core.exercises.cases import Case, Hint
+from lab_utils.core.exercises.checks import CheckResult, check_function
+from lab_utils.core.exercises.records import case_seed, graded
 
 
 def _mixing(gen: torch.Generator, dim: int) -> torch.Tensor:

@@ -15,7 +15,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lab_utils.core.exercises import Case, CheckResult, Hint, case_seed, check_function, graded, seeded_module
+from lab_utils.core.exercises.cases import Case, Hint
+from lab_utils.core.exercises.checks import CheckResult, check_function
+from lab_utils.core.exercises.records import case_seed, graded, seeded_module
 
 from .lab import FlowLab, flow_matching_loss
 from .path import add_noise, velocity

@@ -19,13 +19,13 @@ classifier-free guidance (linear in the prediction, so the same formula as for $
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from lab_utils.core.lab import DataInfo, Lab, Progress, SampleOptions, StepContext, adam
+from lab_utils.core.lab import DataInfo, Lab, SampleOptions, SamplingCallback, StepContext, adam, option
 from labs.diffusion.sampling import SamplerOutput, classifier_free_guidance, sample_levels, start_noise
 from labs.diffusion.scheduler import SchedulerStep
 from labs.diffusion.unet import UNet, UNetConfig
@@ -42,36 +42,41 @@ def _finite(value: float) -> bool:
 
 
 @dataclass
-class FlowSamplingConfig:
-    """Defaults of ``FlowLab.sample``; ``genlab sample sampler=... steps=... guidance=...`` overrides them."""
+class FlowSampleOptions(SampleOptions):
+    """How ``FlowLab.sample`` draws: the model config's ``sampling`` section (its defaults, overridden by a preset)
+    and what ``sample`` takes (``genlab sample sampler=... steps=... guidance=...``). Each field's help and bounds
+    are what the commands check and ``genlab serve`` offers."""
 
-    sampler: str = "euler"  # euler (1 evaluation per step) | heun (2nd order, 2 per step but the last)
-    steps: int = 25  # ODE steps from t = 1 to t = 0 (Heun: 2 steps - 1 evaluations)
-    guidance: float = 3.0  # classifier-free guidance scale w (diffusers' guidance_scale); 1 = no guidance
-
-    def __post_init__(self) -> None:
-        if self.sampler not in SAMPLER_STEPS:
-            raise ValueError(f"sampling.sampler must be one of {sorted(SAMPLER_STEPS)}, got {self.sampler!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"sampling.steps must be an integer >= 1, got {self.steps!r}")
-        if not _finite(self.guidance) or self.guidance < 0:
-            raise ValueError(f"sampling.guidance must be a finite number >= 0, got {self.guidance!r}")
+    sampler: str = option("euler", choices=sorted(SAMPLER_STEPS),
+                          help="euler (1 evaluation per step) | heun (2nd order, 2 per step but the last)")
+    steps: int = option(25, min=1, help="ODE steps from t = 1 to t = 0; NFE = steps (Heun 2 steps - 1), x2 with "
+                                        "guidance")
+    guidance: float = option(3.0, min=0.0, help="classifier-free guidance scale w (diffusers' guidance_scale); "
+                                                "1 = no guidance")
 
 
 @dataclass
 class FlowConfig:
+    """Schema and defaults of ``model=flow`` (the one home of its values; ``conf/model/flow.yaml`` only names it):
+    SD3's training times (logit-normal, m = 0, s = 1, no shift) at the DDPM's middle size. The presets
+    (``conf/preset_model/flow_{smoke,cpu,gpu}.yaml``) change the size."""
+
     _target_: str = "labs.flow.FlowLab"
     name: str = "flow"
-    unet: UNetConfig = field(default_factory=UNetConfig)  # v_theta(x_t, t, c): the diffusion lab's UNet
-    text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(dim=64, depth=2, heads=4))
-    sampling: FlowSamplingConfig = field(default_factory=FlowSamplingConfig)  # defaults of sample()
-    p_uncond: float = 0.1  # probability of replacing a caption by "" during training (Ho & Salimans sec. 3.2)
+    # v_theta(x_t, t, c): the diffusion lab's UNet at the DDPM's size, with x, y input channels (CoordConv) as the DDPM
+    unet: UNetConfig = field(default_factory=lambda: UNetConfig(coord_channels=True))
+    text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(dim=64, depth=2, heads=4))  # the DDPM's
+    sampling: FlowSampleOptions = field(default_factory=FlowSampleOptions)  # defaults of sample()
+    # probability of replacing a caption by "" during training (Ho & Salimans sec. 3.2; they use 0.1-0.2)
+    p_uncond: float = 0.1
     time_sampling: str = "logit_normal"  # training times: logit_normal (SD3 sec. 3.1) | uniform (Liu et al.)
     logit_mean: float = 0.0  # m of t = sigmoid(n), n ~ N(m, s^2); SD3 uses 0
     logit_std: float = 1.0  # s of the same; SD3 uses 1
-    time_shift: float = 1.0  # SD3's shift t' = a t / (1 + (a - 1) t) of training times and sampling grid; 1 = off
+    # SD3's resolution shift t' = a t / (1 + (a - 1) t) of training times and sampling grid (a = 3 at 1024 px);
+    # 1 = off, at 32 px
+    time_shift: float = 1.0
     time_scale: float = 1000.0  # the UNet sees time_scale * t: the DDPM's 0 ... T range for its sinusoidal embedding
-    lr: float = 1e-3  # AdamW learning rate
+    lr: float = 1e-3  # AdamW learning rate, as the DDPM
     text_lr: Optional[float] = None  # the text encoder's own learning rate; null = lr (see configure_optimizers)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
@@ -112,15 +117,6 @@ def flow_matching_loss(model: Callable[[torch.Tensor, torch.Tensor, Any], torch.
     target = velocity(x0, eps)  # v = eps - x0
     prediction = model(xt, t, cond)  # v_theta(x_t, t, c)
     return F.mse_loss(prediction.float(), target.float())
-
-
-@dataclass
-class FlowSampleOptions(SampleOptions):
-    """What ``FlowLab.sample`` takes; None = the model's ``sampling`` section (``FlowSamplingConfig``)."""
-
-    sampler: Optional[str] = None  # euler | heun
-    steps: Optional[int] = None  # ODE steps; NFE = steps (Heun 2 steps - 1), x2 with guidance
-    guidance: Optional[float] = None  # classifier-free guidance scale w (1 = off)
 
 
 class FlowLab(Lab):
@@ -189,30 +185,25 @@ class FlowLab(Lab):
         return {"euler-25": {"sampler": "euler", "steps": 25}, "heun-13": {"sampler": "heun", "steps": 13}}
 
     # ------------------------------------------------------------------ sampling
-    def _options(self, sampler: str | None, steps: int | None, guidance: float | None) -> FlowSamplingConfig:
-        """Fill unset options from the config's defaults, checking them."""
-        default = self.config.sampling
-        return FlowSamplingConfig(
-            sampler=default.sampler if sampler is None else str(sampler),
-            steps=default.steps if steps is None else int(steps),
-            guidance=default.guidance if guidance is None else float(guidance),
-        )
+    def sampling_defaults(self) -> FlowSampleOptions:
+        return self.config.sampling
 
-    def nfe(self, sampler: str | None = None, steps: int | None = None, guidance: float | None = None) -> int:
+    def nfe(self, options: FlowSampleOptions | None = None, **given: Any) -> int:
         """Network evaluations per image: Euler ``steps``, Heun ``2 steps - 1``; twice that with guidance (w not 0
         or 1)."""
-        options = self._options(sampler, steps, guidance)
+        options = self.sample_options(given, options)
         return evaluations(options.sampler, options.steps) * (1 if options.guidance in (0.0, 1.0) else 2)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], generator: torch.Generator | None = None, sampler: str | None = None,
-                 steps: int | None = None, guidance: float | None = None, return_intermediates: bool = False,
-                 progress: Progress | None = None, every: int = 1) -> SamplerOutput:
+    def generate(self, prompts: list[str], generator: torch.Generator | None = None,
+                 options: FlowSampleOptions | None = None, *, return_intermediates: bool = False,
+                 on_step: SamplingCallback | None = None, every: int = 1, **given: Any) -> SamplerOutput:
         """The pipeline: encode the prompts, then integrate dx/dt = v from t = 1 to 0 with classifier-free guidance.
 
-        Randomness comes from ``generator`` only (x_1; a fresh, randomly seeded one if None). ``progress(i, steps,
+        ``options`` (None: the config's ``sampling``), with any option given by keyword on top (``steps=10``).
+        Randomness comes from ``generator`` only (x_1; a fresh, randomly seeded one if None). ``on_step(i, steps,
         x0)``, if given, sees the x0 estimate x_t - t v every ``every`` steps and after the last."""
-        options = self._options(sampler, steps, guidance)
+        options = self.sample_options(given, options)
         if generator is None:
             generator = torch.Generator()
             generator.seed()  # seeds this generator only, not the global RNG
@@ -234,37 +225,35 @@ class FlowLab(Lab):
 
         def report(i: int, step: SchedulerStep) -> None:
             if i % every == 0 or i == options.steps:
-                progress(i, options.steps, step.pred_x0)
+                on_step(i, options.steps, step.pred_x0)
 
         x1 = start_noise((N, *self.image_shape), generator, self.device)  # x_1 ~ N(0, I)
         return sample_levels(denoise, time_grid(options.steps, self.config.time_shift), x1,
                              SAMPLER_STEPS[options.sampler], generator, nfe_per_call=1 if w in (0.0, 1.0) else 2,
                              clip_range=1.0, return_intermediates=return_intermediates,
-                             callback=report if progress else None)
+                             callback=report if on_step else None)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], generator: torch.Generator | None = None, sampler: str | None = None,
-               steps: int | None = None, guidance: float | None = None) -> torch.Tensor:
-        """Images for ``prompts``, (N, C, H, W) in [-1, 1]; None options take the config's defaults."""
-        return self.generate(prompts, generator, sampler, steps, guidance).images
+    def sample(self, prompts: list[str], generator: torch.Generator | None = None,
+               options: FlowSampleOptions | None = None, **given: Any) -> torch.Tensor:
+        """Images for ``prompts``, (N, C, H, W) in [-1, 1]; ``options`` None: the config's ``sampling``."""
+        return self.generate(prompts, generator, options, **given).images
 
     @torch.no_grad()
     def sample_with_progress(self, prompts: list[str], generator: torch.Generator | None = None,
-                             progress: Progress | None = None, every: int = 1, **options: Any) -> torch.Tensor:
+                             on_step: SamplingCallback | None = None, every: int = 1,
+                             options: FlowSampleOptions | None = None, **given: Any) -> torch.Tensor:
         """:meth:`sample`, reporting the x0 estimate (clamped to [-1, 1]) every ``every`` steps: the same images."""
         def report(i: int, steps: int, x0: torch.Tensor) -> None:
-            progress(i, steps, x0.clamp(-1, 1))
+            on_step(i, steps, x0.clamp(-1, 1))
 
-        return self.generate(prompts, generator, **options, progress=report if progress else None,
-                             every=every).images
-
-    def sampling_defaults(self) -> dict[str, Any]:
-        return asdict(self.config.sampling)
+        return self.generate(prompts, generator, options, on_step=report if on_step else None, every=every,
+                             **given).images
 
     def sample_trajectory(self, prompts: list[str], generator: torch.Generator | None = None,
-                          **options: Any) -> SamplerOutput:
+                          options: FlowSampleOptions | None = None, **given: Any) -> SamplerOutput:
         """Like :meth:`sample`, keeping x_t and the x0 estimate after every step (for the notebook strips)."""
-        return self.generate(prompts, generator, return_intermediates=True, **options)
+        return self.generate(prompts, generator, options, return_intermediates=True, **given)
 
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts of the UNet, the text encoder and the total."""

@@ -10,8 +10,8 @@
 
 Each check compares the student's code with the reference in :mod:`labs.gan` on fixed seeded inputs (while the
 student's code runs, that reference raises, so calling it fails), recognises the usual wrong answers to say
-precisely what to change, and otherwise gives a two-step :class:`~lab_utils.core.exercises.Hint`. It returns a
-:class:`~lab_utils.core.exercises.CheckResult`: ``check_x(my_fn).pick(my_fn)`` is the student's function when it
+precisely what to change, and otherwise gives a two-step :class:`~lab_utils.core.exercises.cases.Hint`. It returns a
+:class:`~lab_utils.core.exercises.checks.CheckResult`: ``check_x(my_fn).pick(my_fn)`` is the student's function when it
 passed and the lab's (with the student's signature) when not.
 """
 
@@ -31,7 +31,9 @@ from labs.gan.losses import (
 )
 from labs.gan.model import ProjectionHead, SpectralNormEstimate, power_iteration
 
-from lab_utils.core.exercises import Case, CheckResult, Hint, case_seed, check_function, check_module, graded
+from lab_utils.core.exercises.cases import Case, Hint
+from lab_utils.core.exercises.checks import CheckResult, check_function, check_module
+from lab_utils.core.exercises.records import case_seed, graded
 
 
 def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import torch
 
-from lab_utils.core.lab import DataInfo, Lab, StepContext, adam
+from lab_utils.core.lab import DataInfo, Lab, SampleOptions, StepContext, adam
 from labs.text_encoder import TextEncoder, TextEncoderConfig, Tokenizer, encode_prompts
 
 from .losses import LOSSES, critic_loss, generator_loss, gradient_penalty, matching_loss, r1_penalty
@@ -48,25 +48,34 @@ def _betas(name: str, betas: list[float]) -> None:
 
 @dataclass
 class DCGANConfig:
+    """Schema and defaults of ``model=dcgan`` (the one home of its values; ``conf/model/dcgan.yaml`` only names it):
+    a text-conditioned DCGAN (transposed-conv generator, strided-conv projection critic) trained with the WGAN-GP
+    loss. The presets (``conf/preset_model/dcgan_{smoke,cpu,gpu}.yaml``) change the size and the schedule."""
+
     _target_: str = "labs.gan.GANLab"
     name: str = "dcgan"
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    # captions have < 12 words from a ~40-word vocabulary: a small encoder suffices
     text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(dim=64, depth=2, heads=4))
-    loss: str = "wgan_gp"  # wgan_gp | hinge | bce
+    loss: str = "wgan_gp"  # wgan_gp (Gulrajani et al.) | hinge (Miyato et al.) | bce (Goodfellow et al.)
     n_critic: int = 5  # critic updates per generator update (Gulrajani et al.: 5)
     gp_weight: float = 10.0  # lambda of the gradient penalty (wgan_gp only; Gulrajani et al.: 10)
     r1_gamma: float = 0.0  # gamma of the R1 penalty on real data (Mescheder et al.); 0 = off
-    penalty_every: int = 1  # lazy regularisation (Karras et al. 2020): the gradient penalty and R1 on one critic
-    #                         update in k, weighted by k; 1 = every update
+    penalty_every: int = 1  # lazy regularisation (Karras et al. 2020, StyleGAN2 sec. 3.1): the gradient penalty and
+    #                         R1 on one critic update in k, weighted by k, saving k-1 of every k double backwards;
+    #                         1 = every update
     label_smoothing: float = 0.0  # bce only: real target 1 - s (one-sided, Salimans et al.: s = 0.1)
-    non_saturating: bool = True  # bce only: G minimises -log D(G(z)) instead of log(1 - D(G(z)))
+    # bce only: G minimises -log D(G(z)) instead of log(1 - D(G(z))) (Goodfellow et al. sec. 3)
+    non_saturating: bool = True
     mismatch_weight: float = 1.0  # matching-aware critic (after Reed et al. 2016): weight of the term that ranks
-    #                               (x, its prompt) above (x, another image's prompt); 0 = off
-    lr_generator: float = 1e-4  # TTUR: the players have their own learning rates
+    #                               (x, its prompt) above (x, another image's prompt); it is what teaches the critic
+    #                               (which trains the text encoder) to tell prompts apart. 0 = off
+    lr_generator: float = 1e-4  # TTUR (Heusel et al.): the players have their own learning rates
     lr_critic: float = 3e-4
     text_lr: Optional[float] = None  # the text encoder's learning rate (trained with the critic); null = lr_critic
-    betas_generator: list[float] = field(default_factory=lambda: [0.0, 0.9])  # Adam (Gulrajani et al.)
+    # Adam betas of Gulrajani et al.: no momentum for a moving target
+    betas_generator: list[float] = field(default_factory=lambda: [0.0, 0.9])
     betas_critic: list[float] = field(default_factory=lambda: [0.0, 0.9])
 
     def __post_init__(self) -> None:
@@ -239,9 +248,12 @@ class GANLab(Lab):
         return self.generator(z.to(self.device), self.encode_prompts(prompts))
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, prompts: list[str], generator: torch.Generator | None = None,
+               options: SampleOptions | None = None, **given: Any) -> torch.Tensor:
         """Images for ``prompts``, (N, C, H, W) in [-1, 1]; noise from ``generator`` only
-        (a fresh, randomly seeded one if None), never from the global RNG."""
+        (a fresh, randomly seeded one if None), never from the global RNG. A GAN takes no sampling options
+        (``options`` and keywords are checked, so ``steps=10`` is refused by name)."""
+        self.sample_options(given, options)
         if generator is None:
             generator = torch.Generator()
             generator.seed()  # seeds this generator only

@@ -198,8 +198,10 @@ def _positive_ints(owner: str, values: list[int]) -> None:
 class GeneratorConfig:
     z_dim: int = 128  # dimension of the noise z ~ N(0, I)
     cond_dim: int = 128  # e(c) = Linear(pooled text): concatenated with z and fed to every norm layer
-    channels: list[int] = field(default_factory=lambda: [256, 128, 64])  # at image/8, /4, /2 (4, 8, 16 px at 32)
-    norm: str = "conditional"  # conditional | group | none (no BatchNorm: per-sample, DDP-friendly)
+    # at image/8, /4, /2 (4, 8, 16 px at 32); a last transposed conv makes the RGB image
+    channels: list[int] = field(default_factory=lambda: [256, 128, 64])
+    # conditional (GroupNorm, scale/shift from [z; e(c)]) | group | none (no BatchNorm: per-sample, DDP-friendly)
+    norm: str = "conditional"
     skip_z: bool = True  # the conditional norms see [z; e(c)], not only e(c) (BigGAN's skip-z): z acts in every block
     groups: int = 8  # GroupNorm groups
     attention_resolution: Optional[int] = 16  # SAGAN block after the block of this size; null = none
@@ -218,8 +220,10 @@ class GeneratorConfig:
 
 @dataclass
 class CriticConfig:
-    channels: list[int] = field(default_factory=lambda: [64, 128, 256])  # at image/2, /4, /8 (16, 8, 4 px at 32)
-    norm: str = "none"  # none | layer | batch; batch is the original DCGAN, refused with wgan_gp
+    # at image/2, /4, /8 (16, 8, 4 px at 32): DCGAN's strided 4x4 convs, LeakyReLU
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    # none | layer | batch; batch is the original DCGAN, refused with wgan_gp (its gradient penalty is per sample)
+    norm: str = "none"
     spectral_norm: bool = False  # W / sigma(W) in every layer (Miyato et al. 2018); usual with hinge
     leaky_slope: float = 0.2  # LeakyReLU slope (DCGAN)
     attention_resolution: Optional[int] = 16  # SAGAN block after the block of this size; null = none

@@ -12,8 +12,6 @@ A composite lab: it imports ``labs.diffusion`` (the latent DDPM is a ``Diffusion
 autoencoder's building blocks), the two labs it composes.
 """
 
-from lab_utils.core.metrics import psnr  # PSNR of reconstructions (core metrics), for the notebook
-
 from .autoencoder import AutoencoderConfig, KLAutoencoder, LatentDecoder, LatentEncoder, LatentPosterior
 from .lab import LatentDiffusionLab, LDMConfig
 
@@ -25,5 +23,4 @@ __all__ = [
     "LatentDiffusionLab",
     "LatentEncoder",
     "LatentPosterior",
-    "psnr",
 ]

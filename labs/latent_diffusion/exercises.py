@@ -17,7 +17,9 @@ import torch
 
 from labs.diffusion import NoiseScheduler, SchedulerConfig
 
-from lab_utils.core.exercises import Case, CheckResult, Hint, case_seed, check_function, graded
+from lab_utils.core.exercises.cases import Case, Hint
+from lab_utils.core.exercises.checks import CheckResult, check_function
+from lab_utils.core.exercises.records import case_seed, graded
 
 from .autoencoder import AutoencoderConfig, KLAutoencoder
 from .lab import LatentDiffusionLab

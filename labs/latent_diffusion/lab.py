@@ -33,24 +33,72 @@ from typing import Any, Optional
 
 import torch
 
-from lab_utils.core.lab import DataInfo, Lab, Progress, StepContext, adam
+from lab_utils.core.lab import DataInfo, Lab, SamplingCallback, StepContext, adam
 from lab_utils.core.metrics import psnr
-from labs.diffusion import DDPMConfig, DiffusionLab, SamplerOutput
+from labs.diffusion import DDPMConfig, DiffusionLab, SamplerOutput, SchedulerConfig, UNetConfig
 from labs.diffusion.lab import DiffusionSampleOptions
 
 from .autoencoder import AutoencoderConfig, KLAutoencoder
 
 
+def latent_ddpm() -> DDPMConfig:
+    """The latent DDPM's defaults: the pixel DDPM's schema (``labs.diffusion.DDPMConfig``) sized for 8x8 latents."""
+    return DDPMConfig(
+        scheduler=SchedulerConfig(
+            prediction_type="v",
+            clip_x0=False,  # latents are not bounded like pixels: no clipping of the x0 estimate
+        ),
+        unet=UNetConfig(
+            # 32 channels at 8 and 4 latent pixels (0.36M): a step costs ~1/4 of the pixel DDPM's, which runs 32-64
+            # channels at 16, 8 and 4 px
+            base_channels=32,
+            channel_mults=[1, 1],
+            self_attention_levels=[],  # the middle block (4 px) always has self-attention
+            cross_attention_levels=[1],  # at 4 px (and the middle); at 8 px too cost 35% more time per step
+            coord_channels=True,
+            # the prompt's "where" map at the 4 px bottleneck, as the pixel DDPM's cpu preset
+            text_map_channels=16,
+            text_map_size=4,
+        ),
+        sampling=DiffusionSampleOptions(steps=25),
+        # min-SNR-5 (Hang et al. 2023): v-errors weighted by min(SNR, 5) / (SNR + 1). Measured on shapes, 2 cores: the
+        # latent DDPM from a cached 800-step autoencoder (as in `make demo`), batch 64, `genlab eval` of 500 samples
+        # (all four attributes, seen prompts; DDIM-25, w = 3; one run each):
+        #                                   step 600  800   1000
+        #   plain MSE (min_snr_gamma null)       0.59  0.76  0.86   (shape 0.85 at 1000: the last attribute)
+        #   min-SNR-5                            0.40  0.72  0.92   (shape 0.94; position 0.51 at 600, 0.98 at 1000)
+        #   min-SNR-5, snr_shift 1.5 / 2         0.69 / 0.80  0.81 / 0.83  0.91 / 0.87
+        #   plain, lr 4e-3                       0.73  0.82  0.86
+        #   min-SNR-5, text_lr 3e-4              -     0.37  0.77   (shape 0.99 but position 0.78: the pooled prompt
+        #                                                            collapses, as preset_model/ddpm_cpu.yaml explains)
+        #   min-SNR-5, lr cosine-decayed to 0 over 1000 steps: 0.69 at 1000 (position 0.80)
+        # Down-weighting the low-noise steps (SNR > 5) frees the small UNet for the middle of the schedule, where a
+        # shape's outline is decided in latent space; position (decided at high noise) comes a little later.
+        min_snr_gamma=5.0,
+        lr=2e-3,
+        text_lr=1e-4,  # the text encoder collapses at the UNet's rate (see preset_model/ddpm_cpu.yaml)
+    )
+
+
 @dataclass
 class LDMConfig:
+    """Schema and defaults of ``model=ldm`` (the one home of its values; ``conf/model/ldm.yaml`` only names it):
+    latent diffusion (Rombach et al. 2022), the pipeline of Stable Diffusion at lab size: a KL autoencoder
+    (32x32x3 -> 4x8x8) trained first, then a text-conditioned DDPM over its scaled latents (``latent_ddpm``),
+    decoded once. One run trains both stages in turn. The presets (``conf/preset_model/ldm_{smoke,cpu,gpu}.yaml``)
+    change the size and the budget."""
+
     _target_: str = "labs.latent_diffusion.LatentDiffusionLab"
     name: str = "ldm"
+    # measured on shapes, 2 cores (README): 300 steps PSNR 26.9 dB, 600 steps 29.6 dB
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    autoencoder_steps: int = 400  # stage 1: updates of the autoencoder; the rest of the run trains the latent DDPM
+    # stage 1: updates of the autoencoder; the rest of trainer.steps (or of the compare budget) trains the latent DDPM
+    autoencoder_steps: int = 400
     autoencoder_lr: float = 2e-3  # AdamW
-    kl_weight: float = 1e-6  # lambda_KL on the summed KL (Rombach et al.'s KL-f8 uses 1e-6)
-    scale_batches: int = 8  # training batches whose latents measure the scale factor
-    diffusion: DDPMConfig = field(default_factory=DDPMConfig)  # the latent DDPM (labs.diffusion's schema)
+    # lambda_KL on the summed KL (Rombach et al.'s KL-f8 uses 1e-6): keeps the latents near N(0, I) without blurring
+    kl_weight: float = 1e-6
+    scale_batches: int = 8  # training batches whose latents measure the scale factor s = 1 / std(z)
+    diffusion: DDPMConfig = field(default_factory=latent_ddpm)  # the latent DDPM (labs.diffusion's schema)
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # the autoencoder's AdamW betas (Rombach et al.)
     scale_factor: Optional[float] = None  # a fixed s (and m = 0) instead of the measured ones (None: measure them)
 
@@ -158,47 +206,49 @@ class LatentDiffusionLab(Lab):
         return self.decode_latents(self.to_latents(images))
 
     # ------------------------------------------------------------------ sampling
-    def nfe(self, sampler: str | None = None, steps: int | None = None, guidance: float | None = None) -> int:
-        return self.diffusion.nfe(sampler, steps, guidance)
+    def sampling_defaults(self) -> DiffusionSampleOptions:
+        return self.config.diffusion.sampling  # the latent DDPM's
+
+    def nfe(self, options: DiffusionSampleOptions | None = None, **given: Any) -> int:
+        return self.diffusion.nfe(self.sample_options(given, options))
 
     def benchmark_samplers(self) -> dict[str, dict[str, Any]]:
         return self.diffusion.benchmark_samplers()
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], generator: torch.Generator | None = None, sampler: str | None = None,
-                 steps: int | None = None, guidance: float | None = None, eta: float | None = None,
-                 return_intermediates: bool = False, progress: Progress | None = None, every: int = 1) -> SamplerOutput:
+    def generate(self, prompts: list[str], generator: torch.Generator | None = None,
+                 options: DiffusionSampleOptions | None = None, *, return_intermediates: bool = False,
+                 on_step: SamplingCallback | None = None, every: int = 1, **given: Any) -> SamplerOutput:
         """The pipeline: the latent DDPM's sampler (text encoder, guidance) in latent space, then the decoder.
-        The intermediates and x0 estimates, if kept or reported to ``progress``, are decoded too (images)."""
+        The intermediates and x0 estimates, if kept or reported to ``on_step``, are decoded too (images)."""
         def report(i: int, total: int, z0: torch.Tensor) -> None:
-            progress(i, total, self.decode_latents(z0))  # D(z0 estimate): one decoder pass per report
+            on_step(i, total, self.decode_latents(z0))  # D(z0 estimate): one decoder pass per report
 
-        out = self.diffusion.generate(prompts, generator, sampler, steps, guidance, eta, return_intermediates,
-                                      progress=report if progress else None, every=every)
+        out = self.diffusion.generate(prompts, generator, self.sample_options(given, options),
+                                      return_intermediates=return_intermediates,
+                                      on_step=report if on_step else None, every=every)
         decode = self.decode_latents
         return dataclasses.replace(out, images=decode(out.images),
                                    intermediates=[decode(z).cpu() for z in out.intermediates],
                                    pred_x0=[decode(z).cpu() for z in out.pred_x0])
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], generator: torch.Generator | None = None, sampler: str | None = None,
-               steps: int | None = None, guidance: float | None = None, eta: float | None = None) -> torch.Tensor:
-        """Images for ``prompts``, (N, C, H, W) in [-1, 1]; None options take ``diffusion.sampling``'s defaults."""
-        return self.generate(prompts, generator, sampler, steps, guidance, eta).images
+    def sample(self, prompts: list[str], generator: torch.Generator | None = None,
+               options: DiffusionSampleOptions | None = None, **given: Any) -> torch.Tensor:
+        """Images for ``prompts``, (N, C, H, W) in [-1, 1]; ``options`` None: ``diffusion.sampling``."""
+        return self.generate(prompts, generator, options, **given).images
 
     @torch.no_grad()
     def sample_with_progress(self, prompts: list[str], generator: torch.Generator | None = None,
-                             progress: Progress | None = None, every: int = 1, **options: Any) -> torch.Tensor:
+                             on_step: SamplingCallback | None = None, every: int = 1,
+                             options: DiffusionSampleOptions | None = None, **given: Any) -> torch.Tensor:
         """:meth:`sample`, reporting the decoded x0 estimate every ``every`` steps: the same images."""
-        return self.generate(prompts, generator, **options, progress=progress, every=every).images
-
-    def sampling_defaults(self) -> dict[str, Any]:
-        return self.diffusion.sampling_defaults()
+        return self.generate(prompts, generator, options, on_step=on_step, every=every, **given).images
 
     def sample_trajectory(self, prompts: list[str], generator: torch.Generator | None = None,
-                          **options: Any) -> SamplerOutput:
+                          options: DiffusionSampleOptions | None = None, **given: Any) -> SamplerOutput:
         """Like :meth:`sample`, keeping every step's decoded x_t and x0 estimate (notebook strips, live previews)."""
-        return self.generate(prompts, generator, return_intermediates=True, **options)
+        return self.generate(prompts, generator, options, return_intermediates=True, **given)
 
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts of the autoencoder, the latent UNet, the text encoder and the total."""

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from labs.text_encoder import MultiHeadSelfAttention, TokenBatch, Tokenizer, scaled_dot_product_attention
 
-from lab_utils.core.exercises import Case, CheckResult, Hint, case_seed, check_function, check_module, graded
+from lab_utils.core.exercises.cases import Case, Hint
+from lab_utils.core.exercises.checks import CheckResult, check_function, check_module
+from lab_utils.core.exercises.records import case_seed, graded
 
 
 # --------------------------------------------------------------------------- a padded batch and its mask

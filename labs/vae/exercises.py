@@ -24,7 +24,9 @@ import torch.nn.functional as F
 
 from labs.vae import gaussian_kl, gaussian_nll, kl_divergence, negative_elbo, reparameterize
 
-from lab_utils.core.exercises import Case, CheckResult, Hint, case_seed, check_function, graded
+from lab_utils.core.exercises.cases import Case, Hint
+from lab_utils.core.exercises.checks import CheckResult, check_function
+from lab_utils.core.exercises.records import case_seed, graded
 
 
 def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:

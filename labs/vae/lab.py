@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from lab_utils.core.lab import DataInfo, Lab, SampleOptions, StepContext, adam
+from lab_utils.core.lab import DataInfo, Lab, SampleOptions, StepContext, adam, option
 from labs.text_encoder import TextEncoder, TextEncoderConfig, Tokenizer, encode_prompts
 
 from .elbo import (
@@ -39,29 +39,65 @@ PRIORS = ("learned", "standard")
 
 @dataclass
 class VAEConfig:
+    """Schema and defaults of ``model=vae`` (the one home of its values; ``conf/model/vae.yaml`` only names it): a
+    convolutional, text-conditional VAE (Kingma & Welling 2014) with its ELBO written out (``labs/vae/elbo.py``).
+    The presets (``conf/preset_model/vae_{smoke,cpu,gpu}.yaml``) change the size and the budget."""
+
     _target_: str = "labs.vae.VAELab"
     name: str = "vae"
-    latent_dim: int = 16  # Z, the size of z
-    conditional: bool = True  # false: a plain VAE that ignores prompts (no text encoder)
-    p_uncond: float = 0.1  # probability of training on the empty prompt instead of the caption
-    # learned: p(z | c) from the prompt (ConditionalPrior; a conditional VAE only; conf/model/vae.yaml's
-    # choice) | standard: N(0, I), the default here so that checkpoints saved before the option load unchanged
-    prior: str = "standard"
-    net: ConvNetConfig = field(default_factory=ConvNetConfig)
+    # Z, the size of z: the caption gives shape/colour/size/position; z carries the rest (jitter, and everything for
+    # empty or partial prompts). ~30 nats of KL fit easily in 16 dims
+    latent_dim: int = 16
+    # the pooled text vector enters the encoder and the decoder; false: a plain VAE that ignores prompts (no text
+    # encoder)
+    conditional: bool = True
+    # probability of training on the empty prompt instead of the caption, so the prompt "" samples unconditionally
+    # (as in the other families)
+    p_uncond: float = 0.1
+    # The prior of z. learned: p(z | c) = N(mu(c), s(c)^2), an MLP on the pooled prompt (ConditionalPrior; Sohn et
+    # al. 2015), trained through the KL term; standard: N(0, I). With N(0, I) the encoder puts *where* the shape is
+    # into z before the text path has learned the position words, the decoder reads position from z, and prior draws
+    # land anywhere: position alignment stayed at chance (0.15-0.17 against 0.11) at the full cpu preset. A learned
+    # prior may keep position in z; its mean learns where each prompt puts it. (An unconditional VAE has no prompt:
+    # it always uses N(0, I).)
+    prior: str = "learned"
+    net: ConvNetConfig = field(default_factory=ConvNetConfig)  # the encoder, and the decoder as its mirror image
+    # captions have < 12 words from a ~40-word vocabulary: a small encoder suffices
     text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(dim=64, depth=2, heads=4))
-    likelihood: str = "gaussian"  # gaussian | discretized_gaussian | bernoulli
-    sigma: str = "fixed"  # Gaussian likelihoods: one global sigma, fixed or learned
+    # The reconstruction term -log p(x | z, c). `shapes` is ~90% flat dark background, and a small shape covers ~40
+    # of the 1024 pixels. The scale sigma of a Gaussian likelihood sets how many nats a pixel's error costs against
+    # the KL, i.e. what is worth encoding. Measured after 800 steps (preset=cpu otherwise):
+    #   sigma = 1 (the textbook N(x_hat, I)): an error costs only (x - x_hat)^2 / 2 nats, the KL settles at
+    #     ~6 nats and reconstructions are soft blobs whose circle/square/triangle is hard to tell
+    #     (reconstruction MSE 0.014);
+    #   sigma = 0.2 fixed (the default): 12.5x dearer errors, KL ~33 nats, crisp edges and the right shape
+    #     (MSE 0.007 after 800 steps, 0.002 after the cpu preset's 1500).
+    #   sigma learned (one global log sigma, Rybkin et al. 2021): it tracks the RMS error (an early run went
+    #     from 0.1 up to 0.18 in 500 steps), so it is loose while the model is poor and tightens as it
+    #     improves. A fine option, not tuned for these presets.
+    # gaussian | discretized_gaussian (8-bit bins: honest bits/dim) | bernoulli (BCE on [0, 1])
+    likelihood: str = "gaussian"
+    sigma: str = "fixed"  # Gaussian likelihoods: one global sigma for all pixels, fixed or learned
     sigma_init: float = 0.2  # the fixed sigma, or the learned one's start (in [-1, 1] pixel units)
-    sigma_min: float = 0.02  # floor of the learned sigma
-    beta: float = 1.0  # KL weight (beta-VAE); 1 = the ELBO
-    kl_warmup_steps: int = 200  # beta_t ramps linearly from 0 to beta over this many steps
-    sample_posterior: bool = True  # false (with beta=0): z = mu, a plain deterministic autoencoder
-    temperature: float = 1.0  # std of the prior draws at sampling time (1 = the prior)
-    interpolation: str = "slerp"  # slerp | linear path between z0 and z1
-    lr: float = 2e-3  # AdamW learning rate of the encoder and decoder
-    text_lr: float = 1e-4  # ... and of the text encoder (a fast one collapses all prompts onto one direction)
+    sigma_min: float = 0.02  # floor of the learned sigma (keeps the density, and the loss, bounded)
+    beta: float = 1.0  # KL weight (beta-VAE); 1 = the true ELBO
+    # beta_t ramps linearly from 0 to beta over this many steps (Bowman et al. 2016): the decoder learns to use z first
+    kl_warmup_steps: int = 200
+    # false (with beta=0): z = mu, a plain deterministic autoencoder (notebook 02's starting point)
+    sample_posterior: bool = True
+    # std of the prior draws at sampling time (1 = the prior itself; < 1 = cleaner, less varied)
+    temperature: float = 1.0
+    interpolation: str = "slerp"  # slerp (stays on the Gaussian shell) | linear path between z0 and z1
+    # AdamW learning rate of the encoder and decoder: a small ConvNet tolerates 2e-3 with warm-up and clipping
+    lr: float = 2e-3
+    # ... and of the text encoder: at 2e-3 it collapses every prompt onto one direction within ~100 steps (pooled
+    # vectors at cosine ~1) and only colour gets through
+    text_lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
+    # What a key meant in a config saved before it existed (lab_utils.core.config.saved_model_config fills it in):
+    # runs saved before the option had N(0, I), so their checkpoints (no prior weights) load unchanged.
+    SAVED_WITHOUT: ClassVar[dict[str, Any]] = {"prior": "standard"}
 
     def __post_init__(self) -> None:
         if self.latent_dim < 1:
@@ -120,9 +156,10 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class VAESampleOptions(SampleOptions):
-    """What ``VAELab.sample`` (and ``interpolate``) take; None = the model's config."""
+    """What ``VAELab.sample`` (and ``interpolate``) take; the default is the model's ``temperature`` (``VAEConfig``,
+    its one home: ``VAELab.sampling_defaults``)."""
 
-    temperature: Optional[float] = None  # std of the prior draws (1 = the prior; model.temperature by default)
+    temperature: float = option(min=0.0, help="std of the prior draws (1 = the prior; < 1 = cleaner, less varied)")
 
 
 class VAELab(Lab):
@@ -259,16 +296,16 @@ class VAELab(Lab):
 
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator | None = None,
-               temperature: float | None = None) -> torch.Tensor:
+               options: VAESampleOptions | None = None, **given: Any) -> torch.Tensor:
         """z ~ p(z | c) (or N(0, I)) decoded with each prompt: (N, C, H, W) in [-1, 1] ("" = unconditional)."""
-        temperature = self.config.temperature if temperature is None else float(temperature)
+        temperature = self.sample_options(given, options).temperature
         prompts = list(prompts)
         c = self.encode_prompts(prompts)  # (N, D_c) or None: encoded once, for the prior and the decoder
         z = self.prior_latents(self._noise(len(prompts), generator), c, temperature)  # (N, Z)
         return self._decode(z, c)
 
-    def sampling_defaults(self) -> dict[str, Any]:
-        return {"temperature": self.config.temperature}
+    def sampling_defaults(self) -> VAESampleOptions:
+        return VAESampleOptions(temperature=self.config.temperature)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -285,14 +322,16 @@ class VAELab(Lab):
 
     @torch.no_grad()
     def interpolate(self, prompts: list[str], generator: torch.Generator | None = None,
-                    interpolation: str | None = None, temperature: float | None = None) -> torch.Tensor:
+                    interpolation: str | None = None, options: VAESampleOptions | None = None,
+                    **given: Any) -> torch.Tensor:
         """Draw two prior latents and decode z_i on the path between them at t_i = i / (N - 1) with prompt i.
 
-        ``interpolation``: slerp (default, see :func:`slerp`) or linear. -> (N, C, H, W) in [-1, 1]."""
+        ``interpolation``: slerp (default, see :func:`slerp`) or linear; ``options`` and keywords (the temperature)
+        as for :meth:`sample`. -> (N, C, H, W) in [-1, 1]."""
         interpolation = self.config.interpolation if interpolation is None else str(interpolation)
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {interpolation!r}")
-        temperature = self.config.temperature if temperature is None else float(temperature)
+        temperature = self.sample_options(given, options).temperature
         prompts = list(prompts)
         n = len(prompts)
         # the path runs between two standard-normal draws eps0, eps1; each point is then mapped

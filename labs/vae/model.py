@@ -72,10 +72,14 @@ class Upsample(nn.Module):
 class ConvNetConfig:
     """Shape of the encoder and of its mirror image, the decoder."""
 
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # width per level; each level halves H, W
-    num_res_blocks: int = 1  # residual blocks per level
+    # width per level; each level halves H, W: 16, 8, 4 px for 32 px images, so a 4x4x64 map meets the MLP.
+    # [32, 64, 128] is ~2.3x slower on a CPU for little visible gain on `shapes`
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    num_res_blocks: int = 1  # residual blocks per level (GroupNorm + SiLU, no BatchNorm)
     groups: int = 8  # GroupNorm groups (must divide every width)
-    hidden_dim: int = 256  # the MLP between the flattened features and (mu, logvar), and its mirror
+    # the MLP between the flattened features and (mu, logvar), and its mirror; in the decoder it embeds [z; c], and
+    # that embedding modulates every block (FiLM)
+    hidden_dim: int = 256
 
     def __post_init__(self) -> None:
         if not self.channels or any(isinstance(c, bool) or c < 1 for c in self.channels):

@@ -2,7 +2,7 @@
 
     (labs/evaluator: EvaluatorLab, trained by the harness as ``genlab train model=evaluator``, and the
                   frozen Evaluator wrapper, uint8 images in, features and per-attribute logits out)
-    cache.py      get_evaluator: trained once per dataset + config + code version, then cached
+    cache.py      get_evaluator: trained once per dataset and settings, then cached (harness.cached_run)
     metrics.py    FID, KID, IS (through torchmetrics, on precomputed features), the same equations
                   written out, precision/recall (k-NN manifolds) and prompt alignment
     exercises.py  the checks of notebook 05's metric exercises
@@ -18,8 +18,7 @@ from lab_utils.commands.evaluation.evaluate import (
     evaluate_run, nfe_per_sample, summary_line,
 )
 from lab_utils.commands.evaluation.cache import (
-    EVALUATOR_CODE_VERSION, evaluator_config, evaluator_from_run, evaluator_key, get_evaluator, load_evaluator,
-    measure_accuracy,
+    evaluator_config, evaluator_from_run, get_evaluator, load_evaluator, measure_accuracy,
 )
 from labs.evaluator import (
     Evaluator, EvaluatorConfig, EvaluatorLab, EvaluatorNet, EvaluatorOutput, joint_log_probs, predict_from_logits,
@@ -31,10 +30,10 @@ from lab_utils.core.metrics import (
 )
 
 __all__ = [
-    "EVALUATOR_CODE_VERSION", "EvalConfig", "EvalResult", "Evaluator", "EvaluatorConfig", "EvaluatorLab",
+    "EvalConfig", "EvalResult", "Evaluator", "EvaluatorConfig", "EvaluatorLab",
     "EvaluatorNet", "EvaluatorOutput", "InceptionFeatures", "Passthrough", "PrecisionRecall", "choose_items",
     "eval_command_main", "eval_config", "evaluate_lab", "evaluate_run", "evaluator_config",
-    "evaluator_from_run", "evaluator_key", "fid", "frechet_distance", "frechet_distance_low_rank",
+    "evaluator_from_run", "fid", "frechet_distance", "frechet_distance_low_rank",
     "gaussian_stats", "get_evaluator", "inception_score", "joint_log_probs", "kid", "kid_unbiased", "knn_radii",
     "load_evaluator", "manifold_coverage", "measure_accuracy", "nfe_per_sample", "polynomial_kernel",
     "precision_recall", "predict_from_logits", "prompt_alignment", "quantize", "random_translate",

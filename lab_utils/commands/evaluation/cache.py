@@ -1,14 +1,15 @@
-"""The evaluator cache: one trained evaluator per dataset + config + code version, trained through the harness.
+"""The evaluator cache: one trained evaluator per dataset and settings, trained through the harness.
 
     get_evaluator       the frozen evaluator for a data config: loaded from the cache, or trained
                         once (``genlab train``'s own loop, ``model=evaluator``) and cached
-    evaluator_key       what the cache is keyed by: data (not where it lives), model config, trainer
-                        settings, seed and ``EVALUATOR_CODE_VERSION``
+    evaluator_config    the evaluator's training config, a child of the run's data (``child_config``)
     evaluator_from_run  the evaluator of a plain ``genlab train model=evaluator`` run
 
-Cache layout: ``$GENLAB_CACHE/evaluators/<data.name>-<key>/`` (default ``~/.cache/genlab``) is a
-normal run directory (``config.yaml``, ``checkpoints/``, ``metrics.jsonl``, ``train.log``) plus
-``evaluator.json`` (key, test accuracy per attribute, config).
+The cache is ``lab_utils.harness.cached_run``'s: keyed by ``run_key`` (data but not where it lives, model
+config, trainer settings, seed and the source of ``labs/evaluator``), so any change retrains. Layout:
+``$GENLAB_CACHE/evaluators/<data.name>-<key>/`` (default ``~/.cache/genlab``) is a normal run directory
+(``config.yaml``, ``checkpoints/``, ``metrics.jsonl``, ``train.log``) plus ``evaluator.json`` (key, test
+accuracy per attribute, config).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,16 +24,14 @@ from typing import Any, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lab_utils.core.config import ConfigError
-from lab_utils.harness.run_folder import settings_key
+from lab_utils.core.cache_folder import cache_folder
+from lab_utils.core.config import validate
+from lab_utils.core.schema import ConfigError
+from lab_utils.harness.cached_run import child_config, run_key, train_cached
 from lab_utils.harness.zoo import shipped_evaluator
 from labs.evaluator import Evaluator, EvaluatorLab, predict_from_logits, real_images
 
 log = logging.getLogger("genlab.eval")
-
-# Bump whenever a change to evaluator.py or this file changes what a trained evaluator computes
-# (network, loss, augmentation, how test accuracy is measured), so cached evaluators are retrained.
-EVALUATOR_CODE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------ accuracy
@@ -54,13 +52,6 @@ def measure_accuracy(evaluator: Evaluator, dataset: Any, batch_size: int = 500) 
 
 
 # ------------------------------------------------------------------------------------ cache
-def cache_root() -> Path:
-    """``$GENLAB_CACHE/evaluators`` or ``~/.cache/genlab/evaluators``."""
-    from lab_utils.core.data.base import cache_root as data_cache_root
-
-    return data_cache_root("evaluators")
-
-
 def evaluator_data_config(data_cfg: Any) -> dict[str, Any]:
     """The data config an evaluator is trained on: the run's, with no combination held out.
 
@@ -76,25 +67,16 @@ def evaluator_data_config(data_cfg: Any) -> dict[str, Any]:
     return data
 
 
-def evaluator_key(cfg: DictConfig) -> str:
-    """sha256 of what determines a trained evaluator: data (not its location), model, trainer, seed, code."""
-    return settings_key(cfg, EVALUATOR_CODE_VERSION)
-
-
 def evaluator_config(data_cfg: Any, overrides: Sequence[str] = (), preset: str = "cpu",
                      device: str = "cpu") -> DictConfig:
-    """The validated training config of the evaluator for ``data_cfg`` (what ``genlab train model=evaluator`` runs)."""
-    from lab_utils.core.config import compose, validate
-
+    """The validated training config of the evaluator for ``data_cfg`` (what ``genlab train model=evaluator`` runs):
+    the preset's, with ``overrides``, then the run's data values (they win over the preset's) and ``device``
+    (unless an override names ``trainer.device``)."""
     data = evaluator_data_config(data_cfg)
-    name = data.get("name")
-    cfg = compose(["model=evaluator", f"data={name}", f"preset={preset}", *overrides], check=False)
-    OmegaConf.set_struct(cfg, False)
-    cfg.data = OmegaConf.merge(cfg.data, data)  # the user's data values win over the preset's
     user = {item.partition("=")[0].lstrip("+") for item in overrides}
-    if "trainer.device" not in user:
-        cfg.trainer.device = str(device)
-    return validate(cfg)
+    trainer = {} if "trainer.device" in user else {"trainer": {"device": str(device)}}
+    return child_config(["model=evaluator", f"data={data.get('name')}", f"preset={preset}", *overrides],
+                        {"data": data, **trainer})
 
 
 def get_evaluator(
@@ -109,15 +91,15 @@ def get_evaluator(
 
     Cache: ``<cache_dir or $GENLAB_CACHE/evaluators>/<data.name>-<key>/``, a normal run directory
     (``config.yaml``, ``checkpoints/``, ``metrics.jsonl``) plus ``evaluator.json`` (key, test
-    accuracy per attribute, config). The key (:func:`evaluator_key`) changes with the data, the
-    evaluator's model config, the preset's trainer settings and ``EVALUATOR_CODE_VERSION``.
+    accuracy per attribute, config). The key (``lab_utils.harness.cached_run.run_key``) changes with the
+    data, the evaluator's model config, the preset's trainer settings and the source of ``labs/evaluator``.
     """
     from lab_utils.harness.devices import pick_device
 
     device = pick_device(str(device)) if not isinstance(device, torch.device) else device
     cfg = evaluator_config(data_cfg, evaluator_overrides, preset, str(device))
-    key = evaluator_key(cfg)
-    root = Path(cache_dir).expanduser() if cache_dir else cache_root()
+    key = run_key(cfg)
+    root = Path(cache_dir).expanduser() if cache_dir else cache_folder("evaluators")
     folder = root / f"{cfg.data.name}-{key}"
     shipped = shipped_evaluator(cfg.data.name, key)
     if not (folder / "evaluator.json").is_file() and shipped is not None:  # the zoo's: trained with these settings
@@ -154,35 +136,11 @@ def evaluator_from_pretrained(name: str, device: str | torch.device = "cpu") -> 
 
 
 def train_evaluator(cfg: DictConfig, folder: Path, key: str) -> Path:
-    """Train the evaluator into a temporary folder, measure its test accuracy, then rename it to ``folder``.
-
-    The rename is atomic, so a crash never leaves a half-trained evaluator under the final name, and
-    two processes training the same evaluator at once both end with a complete one.
-    """
-    from lab_utils.harness.run import train
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    cfg.out = str(tmp)
+    """Train the evaluator into ``folder`` (``train_cached``: by way of a temporary folder, renamed when complete),
+    measuring its test accuracy into ``evaluator.json`` before the rename."""
     log.info("training the %s evaluator (key %s, preset %s, %d steps): this happens once per dataset and config",
              cfg.data.name, key, cfg.get("preset_name"), cfg.trainer.steps)
-    try:
-        with torch.random.fork_rng(devices=_cuda_devices(cfg.trainer.device)):  # train() seeds the global RNG
-            result = train(cfg)
-        write_evaluator_json(tmp, key, cfg, result.train_seconds)
-        try:
-            os.replace(tmp, folder)  # atomic; fails if another process got there first
-        except OSError:
-            if not (folder / "evaluator.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return train_cached(cfg, folder, lambda tmp, result: write_evaluator_json(tmp, key, cfg, result.train_seconds))
 
 
 def write_evaluator_json(run_dir: Path, key: str, cfg: DictConfig, train_seconds: float | None = None) -> dict:
@@ -193,8 +151,7 @@ def write_evaluator_json(run_dir: Path, key: str, cfg: DictConfig, train_seconds
     test = build_dataset(cfg.data, "test")
     accuracy = measure_accuracy(evaluator, test)
     info = {"key": key, "data": cfg.data.name, "test_accuracy": accuracy, "test_images": len(test),
-            "train_seconds": train_seconds, "code_version": EVALUATOR_CODE_VERSION,
-            "config": OmegaConf.to_container(cfg, resolve=True)}
+            "train_seconds": train_seconds, "config": OmegaConf.to_container(cfg, resolve=True)}
     path = run_dir / "evaluator.json"
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(info, indent=2))
@@ -233,17 +190,11 @@ def evaluator_from_run(run_dir: str | Path, device: str | torch.device = "cpu") 
         cfg = OmegaConf.create(load_checkpoint(run_dir)["config"])
         if cfg.model.get("name") != "evaluator":
             raise ConfigError(f"eval.evaluator_run={run_dir} is a {cfg.model.get('name')!r} run, not an evaluator")
-        write_evaluator_json(run_dir, evaluator_key(cfg), cfg)
+        cfg = validate(cfg)  # a config saved before a field existed gets its default (the key counts it)
+        write_evaluator_json(run_dir, run_key(cfg), cfg)
         if cfg.data.get("held_out"):
             log.warning("the evaluator %s was trained without the held-out combinations %s, so its reading of them "
                         "is unreliable; train it with data.held_out=[] (get_evaluator does)", run_dir,
                         list(cfg.data.held_out))
     return load_evaluator(run_dir, device=device)
 
-
-def _cuda_devices(device: Any) -> list[int]:
-    """The CUDA devices whose RNG ``fork_rng`` must save (none on CPU)."""
-    name = str(device)
-    if not torch.cuda.is_available() or not (name.startswith("cuda") or name == "auto"):
-        return []
-    return [torch.device(name).index or 0] if name.startswith("cuda") else [torch.cuda.current_device()]

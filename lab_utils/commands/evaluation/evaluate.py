@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lab_utils.commands.evaluation.cache import evaluator_from_run, get_evaluator
-from lab_utils.core.config import ConfigError
+from lab_utils.core.schema import ConfigError
 from lab_utils.core.schema import typed_section
 from lab_utils.harness.checkpoint import first_line
 from lab_utils.harness.progress import progress_bar

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import time
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from lab_utils.core.config import ConfigError
 from lab_utils.core.metrics import fid, inception_score, kid, precision_recall, prompt_alignment, psnr
+from lab_utils.core.schema import ConfigError
 from lab_utils.harness.devices import autocast_for
 from lab_utils.harness.progress import progress_bar
 from labs.evaluator import Evaluator, EvaluatorOutput, dequantize, joint_log_probs, predict_from_logits, quantize
@@ -41,7 +40,8 @@ def choose_items(count: int, total: int, seed: int, held_out_mask: Optional[torc
 
 
 def nfe_per_sample(lab: nn.Module, sample_options: dict[str, Any]) -> int:
-    """Network evaluations per generated image: ``lab.nfe(**options)`` when the lab has it, else 1."""
+    """Network evaluations per generated image: ``lab.nfe(**options)`` when the lab has it, else 1 (options a
+    lab's ``nfe`` does not name are left out, unless it takes any keyword, as the families' ``nfe`` do)."""
     nfe = getattr(lab, "nfe", None)
     if not callable(nfe):
         return 1
@@ -51,15 +51,18 @@ def nfe_per_sample(lab: nn.Module, sample_options: dict[str, Any]) -> int:
 
 
 def check_sample_options(lab: nn.Module, sample_options: dict[str, Any]) -> dict[str, Any]:
-    """The set options (None = the model's default) for ``lab.sample``, checked against the lab's
-    ``SampleOptions``; a name it does not take is a ConfigError naming ``eval.sample_options``."""
-    check = getattr(type(lab), "sample_options", None)  # a Lab; a plain module gets its options as given
-    if check is None:
-        return {key: value for key, value in dict(sample_options or {}).items() if value is not None}
-    try:
-        return check(sample_options)
-    except ValueError as err:
-        raise ConfigError(f"eval.sample_options: {err}") from None
+    """The options that are set (None = the model's default), as given: what ``eval.json`` records and ``lab.sample``
+    takes as keywords. A Lab checks them (``Lab.sample_options``, the one parser of option names): a name it does not
+    take, or a value out of its field's bounds, is a ConfigError naming ``eval.sample_options``; a plain module gets
+    them as they are."""
+    given = {str(key): value for key, value in dict(sample_options or {}).items() if value is not None}
+    check = getattr(lab, "sample_options", None)
+    if check is not None:
+        try:
+            check(given)
+        except ValueError as err:
+            raise ConfigError(f"eval.sample_options: {err}") from None
+    return given
 
 
 @torch.no_grad()
@@ -107,7 +110,7 @@ def fid_over_guidance(lab: nn.Module, prompts: list[str], seed: int, batch_size:
     is reported at the $w$ that minimises it, alignment at the model's own. ``evaluated``: the metrics at the
     evaluated options, reused for the scale they were sampled at. ``progress``: a bar per scale sampled, ``desc`` and
     the scale."""
-    current = float(sample_options.get("guidance", lab.sampling_defaults().get("guidance", math.nan)))
+    current = float(lab.sample_options(sample_options).guidance)  # the one w this evaluation already sampled at
     fids, alignments = [], []
     for w in scales:
         if float(w) == current:  # the generated set already evaluated: no second sampling

@@ -16,8 +16,12 @@ its own ``torch.Generator``, draws ``n`` images of its prompt in one batch exact
 (the same request gives the same pixels as ``genlab sample ... layout=tiles``), and stops with 504 after
 ``limits.timeout_s``.
 
+The request's sampling fields are built from the ``SampleOptions`` dataclasses of genlab's families and of the
+served models (their types, bounds, choices and help; :func:`lab_utils.commands.serve.models.option_schema`), so a
+family's new option is offered, checked and documented here without an edit.
+
 (No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations, and the request
-model is built per app, with that app's limits.)
+model is built per app, with that app's limits and models.)
 """
 
 
@@ -28,9 +32,9 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Iterable, Literal, Optional
 
 import torch
 from fastapi import FastAPI, Request
@@ -40,9 +44,11 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from lab_utils.core.data import words
+from lab_utils.core.lab import SampleOptions
 from lab_utils.core.plotting import png_bytes, tiles
+from lab_utils.core.registry import BUILTIN_LABS, lab_class
 
-from .models import SAMPLER_NAMES, Limits, ServedModel, ServeConfig
+from .models import REQUEST_FIELDS, Limits, ServedModel, ServeConfig, option_schema
 
 STATIC = Path(__file__).parent / "static"
 
@@ -87,8 +93,33 @@ class _RequestBase(BaseModel):
         return prompt
 
 
-def request_model(limits: Limits) -> type[BaseModel]:
-    """The body of ``POST /generate-image``, with this server's limits (so the OpenAPI page shows them)."""
+def request_model(limits: Limits, models: Iterable[ServedModel] = ()) -> type[BaseModel]:
+    """The body of ``POST /generate-image``, with this server's limits (so the OpenAPI page shows them) and a field
+    for each sampling option of genlab's families and of the served ``models``: its type, help and bounds from their
+    ``SampleOptions`` fields (the widest over the families that share a name). So a request may name any option a
+    family takes, and the model it asks for refuses one it does not take by name (``sampling_options``). An option
+    the server cannot bound, or one name with two types, is a ValueError: the server does not start."""
+    families = {lab_class(target).SampleOptions: target for target in BUILTIN_LABS}
+    families.update({model.lab.SampleOptions: f"model {model.name!r}" for model in models})
+    merged: dict[str, dict[str, Any]] = {}
+    for options, owner in families.items():
+        for name, spec in option_schema(options, limits).items():
+            seen = merged.setdefault(name, spec)
+            if seen["type"] != spec["type"]:
+                raise ValueError(f"the sampling option {name!r} is a {spec['type']} for {owner} but a "
+                                 f"{seen['type']} for another family: serve them from two servers")
+            if spec["type"] == "string":
+                seen["choices"] = sorted(set(seen["choices"]) | set(spec["choices"]))  # each model's: per request
+            elif seen is not spec:
+                seen.update(min=min(seen["min"], spec["min"]), max=max(seen["max"], spec["max"]))
+    options = {}
+    for name, spec in merged.items():
+        if spec["type"] == "string":
+            options[name] = (Optional[Literal[tuple(spec["choices"])]],
+                             Field(None, description=f"{spec['help']} (GET /models lists each model's choices)"))
+        else:
+            options[name] = (Optional[int if spec["type"] == "integer" else float],
+                             Field(None, ge=spec["min"], le=spec["max"], description=spec["help"]))
     return create_model(
         "GenerateRequest",
         __base__=_RequestBase,
@@ -97,21 +128,13 @@ def request_model(limits: Limits) -> type[BaseModel]:
         model=(str, Field(..., max_length=200, description="a model's name from GET /models")),
         n=(int, Field(1, ge=1, le=limits.n, description="images of the prompt")),
         seed=(int, Field(0, ge=0, le=2**63 - 1, description="the same seed gives the same images")),
-        sampler=(Optional[Literal[tuple(SAMPLER_NAMES)]],
-                 Field(None, description="diffusion and flow families (GET /models lists each model's choices)")),
-        steps=(Optional[int], Field(None, ge=1, le=limits.steps, description="diffusion and flow sampling steps")),
-        guidance=(Optional[float], Field(None, ge=0, le=limits.guidance, description="classifier-free guidance w")),
-        eta=(Optional[float], Field(None, ge=0, le=1, description="DDIM stochasticity")),
-        temperature=(Optional[float], Field(None, ge=0, le=limits.temperature, description="VAE prior temperature")),
+        **options,
         format=(Optional[Literal["png", "json"]], Field(None, description="png (default) or json; or the Accept header")),
     )
 
 
-SAMPLING_FIELDS = ("sampler", "steps", "guidance", "eta", "temperature")
-
-
-def validation_error(err: RequestValidationError) -> ServeError:
-    """FastAPI's list of errors -> one line naming the first field and its limit."""
+def validation_error(err: RequestValidationError, names: Iterable[str]) -> ServeError:
+    """FastAPI's list of errors -> one line naming the first field and its limit (``names``: the request's fields)."""
     errors = err.errors()
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
@@ -123,8 +146,7 @@ def validation_error(err: RequestValidationError) -> ServeError:
     if kind == "missing":
         return ServeError(422, f"{field} is required", field)
     if kind == "extra_forbidden":
-        return ServeError(422, f"unknown field {field!r}; the fields are prompt, model, n, seed, "
-                               f"{', '.join(SAMPLING_FIELDS)}, format", field)
+        return ServeError(422, f"unknown field {field!r}; the fields are {', '.join(names)}", field)
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     limit = next((ctx[key] for key in ("le", "ge", "max_length", "min_length", "expected") if key in ctx), None)
     detail = message if field and message.startswith(f"{field} ") else f"{field}: {message}"
@@ -169,23 +191,31 @@ def b64_png(images: torch.Tensor) -> str:
     return base64.b64encode(png_bytes(tiles(images, ncols=min(8, len(images))))).decode("ascii")
 
 
-def sampling_options(model: ServedModel, body: BaseModel) -> dict[str, Any]:
-    """The request's sampling options for this family: one it does not take is refused, naming it."""
-    given = {name: getattr(body, name) for name in SAMPLING_FIELDS if getattr(body, name) is not None}
-    takes = model.option_names()
-    for name in given:
+def sampling_options(model: ServedModel, body: BaseModel, limits: Limits) -> SampleOptions:
+    """The request's sampling options for this model, parsed by its lab (``Lab.sample_options``, the one parser)
+    onto its defaults: an option it does not take, or a value out of its field's bounds, is refused naming it."""
+    given = {name: value for name, value in body if name not in REQUEST_FIELDS and value is not None}
+    takes = option_schema(model.lab.SampleOptions, limits)
+    for name, value in given.items():
         if name not in takes:
             raise ServeError(422, f"{name}: model {model.name!r} ({model.family}) takes no option {name}; it takes "
                                   f"{', '.join(takes) if takes else 'no sampling options'}", name)
-    choices = model.sampler_choices()
-    if "sampler" in given and given["sampler"] not in choices:
-        names = " or ".join(repr(choice) for choice in choices)
-        raise ServeError(422, f"sampler: model {model.name!r} ({model.family}) takes sampler {names}, got "
-                              f"{given['sampler']!r}", "sampler")
-    return model.lab.sample_options(given)
+        spec = takes[name]
+        if spec["type"] == "string" and value not in spec["choices"]:
+            names = " or ".join(repr(choice) for choice in spec["choices"])
+            raise ServeError(422, f"{name}: model {model.name!r} ({model.family}) takes {name} {names}, got "
+                                  f"{value!r}", name)
+        if spec["type"] != "string" and not spec["min"] <= value <= spec["max"]:
+            raise ServeError(422, f"{name}: model {model.name!r} ({model.family}) takes {name} in "
+                                  f"[{spec['min']}, {spec['max']}], got {value}", name,
+                             spec["min"] if value < spec["min"] else spec["max"])
+    try:
+        return model.lab.sample_options(given)
+    except ValueError as err:
+        raise ServeError(422, f"model {model.name!r}: {err}") from None
 
 
-def run_generation(model: ServedModel, prompt: str, n: int, seed: int, options: dict[str, Any], limits: Limits,
+def run_generation(model: ServedModel, prompt: str, n: int, seed: int, options: SampleOptions, limits: Limits,
                    emit: Callable[[str, dict[str, Any]], None] | None = None,
                    cancelled: threading.Event | None = None) -> Generation:
     """The images of one request (in a worker thread): the same call and generator as ``genlab sample``."""
@@ -195,7 +225,7 @@ def run_generation(model: ServedModel, prompt: str, n: int, seed: int, options: 
         started = time.perf_counter()
         deadline = time.monotonic() + limits.timeout_s
 
-        def progress(step: int, steps: int, estimate: torch.Tensor) -> None:
+        def on_step(step: int, steps: int, estimate: torch.Tensor) -> None:
             if cancelled is not None and cancelled.is_set():
                 raise Cancelled()
             if time.monotonic() > deadline:
@@ -207,20 +237,19 @@ def run_generation(model: ServedModel, prompt: str, n: int, seed: int, options: 
 
         generator = torch.Generator(device=device).manual_seed(seed)
         try:
-            images = lab.sample_with_progress([prompt] * n, generator, progress=progress,
-                                              every=limits.preview_every, **options)
+            images = lab.sample_with_progress([prompt] * n, generator, on_step=on_step, every=limits.preview_every,
+                                              options=options)
         except (GenerationTimeout, Cancelled):
             raise
         except ValueError as err:  # an option value the family refuses
             raise ServeError(422, f"model {model.name!r}: {err}") from None
-        return Generation(images=images.float().cpu(), seconds=time.perf_counter() - started,
-                          options={**lab.sampling_defaults(), **options})
+        return Generation(images=images.float().cpu(), seconds=time.perf_counter() - started, options=asdict(options))
 
 
 # ------------------------------------------------------------------------------------ the app
 def create_app(config: ServeConfig, models: dict[str, ServedModel]) -> FastAPI:
     limits = config.limits
-    Body = request_model(limits)
+    Body = request_model(limits, models.values())  # a sampling option it cannot bound stops the server here
     gate = Gate(limits.workers, limits.queue)
     executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="genlab-generate")
     @contextlib.asynccontextmanager
@@ -240,15 +269,15 @@ def create_app(config: ServeConfig, models: dict[str, ServedModel]) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        refused = validation_error(err)
+        refused = validation_error(err, Body.model_fields)
         return JSONResponse(refused.body(), status_code=refused.status)
 
-    def check(body: BaseModel) -> tuple[ServedModel, dict[str, Any], list[str]]:
+    def check(body: BaseModel) -> tuple[ServedModel, SampleOptions, list[str]]:
         model = models.get(body.model)
         if model is None:
             raise ServeError(422, f"model: no model {body.model!r}; this server has {', '.join(models)} "
                                   "(models are chosen by name: GET /models)", "model")
-        options = sampling_options(model, body)
+        options = sampling_options(model, body, limits)
         known = set(model.lab.data_info.vocab)
         unknown = sorted({word for word in words(body.prompt) if word not in known})
         return model, options, unknown
@@ -332,7 +361,7 @@ def create_app(config: ServeConfig, models: dict[str, ServedModel]) -> FastAPI:
 
         async def stream():
             yield sse("start", {"model": model.name, "family": model.family, "prompt": body.prompt, "n": body.n,
-                                "seed": body.seed, "options": {**model.lab.sampling_defaults(), **options},
+                                "seed": body.seed, "options": asdict(options),
                                 "unknown_words": unknown})
             try:
                 while True:

@@ -4,39 +4,42 @@ Models come from the zoo (``lab_utils.harness.zoo``: ``models=[ddpm, ...]``) or 
 runs (``runs=<folder>``: every run folder under it with a ``checkpoints/last.pt``, named by its path inside
 the folder, e.g. ``shapes/ddpm/2026-12-03_10-00-00``). A request names a model; the name is looked up in the
 table built here, and nothing a client sends is ever used as a path.
+
+A model's sampling options, their types, bounds, choices and help come from its family's ``SampleOptions``
+dataclass (:func:`option_schema`), capped by the server's :class:`Limits` of the same name; the server names no
+family's options, and refuses to start on an option it cannot bound.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from lab_utils.core.lab import Lab
+from lab_utils.core.lab import Lab, option_kind
 from lab_utils.harness.checkpoint import LoadedLab, load_lab
 from lab_utils.harness.zoo import entries
 from lab_utils.harness.zoo import load as load_pretrained
-from labs.diffusion.lab import DiffusionSampleOptions
-from labs.diffusion.sampling import SAMPLERS as DIFFUSION_SAMPLERS
-from labs.flow.lab import FlowSampleOptions
-from labs.flow.sampling import SAMPLER_STEPS as FLOW_SAMPLERS
 
 log = logging.getLogger("genlab")
 
 
 @dataclass
 class Limits:
-    """What one request may ask for (``serve.limits`` in ``conf/serve.yaml``): a lab machine stays responsive."""
+    """What one request may ask for (``serve.limits`` in ``conf/serve.yaml``): a lab machine stays responsive.
+
+    ``steps``, ``guidance`` and ``temperature`` cap the sampling options of those names, below the bounds their
+    ``SampleOptions`` fields set themselves (these have no upper bound of their own)."""
 
     prompt_chars: int = 200
     n: int = 16  # images per request
-    steps: int = 250  # diffusion sampling steps
-    guidance: float = 20.0
-    temperature: float = 3.0
+    steps: int = 250  # caps `steps`: sampling steps (a DDPM's 1000 would take minutes on a CPU)
+    guidance: float = 20.0  # caps `guidance`
+    temperature: float = 3.0  # caps `temperature`
     queue: int = 8  # requests that may wait while `workers` run; one more gets 503 with Retry-After
     workers: int = 1  # generations at once (each uses all of torch's threads)
     timeout_s: float = 60.0  # a generation stops (504) after this long
@@ -89,19 +92,12 @@ class ServedModel:
     def family(self) -> str:
         return str(self.loaded.cfg.model.name)
 
-    def option_names(self) -> list[str]:
-        return [item.name for item in fields(self.lab.SampleOptions)]
-
-    def sampler_choices(self) -> list[str]:
-        """The ``sampler`` values this model takes (every known one for a lab of the user's own)."""
-        return SAMPLER_CHOICES.get(self.lab.SampleOptions, SAMPLER_NAMES)
-
     def describe(self, limits: Limits) -> dict[str, Any]:
         """What ``GET /models`` says of this model."""
         info = self.lab.data_info
-        defaults = self.lab.sampling_defaults()
-        options = {name: {**OPTION_SCHEMA[name](limits, self), "default": defaults.get(name)}
-                   for name in self.option_names() if name in OPTION_SCHEMA}
+        defaults = asdict(self.lab.sampling_defaults())
+        options = {name: {key: value for key, value in spec.items() if key != "help"} | {"default": defaults[name]}
+                   for name, spec in option_schema(self.lab.SampleOptions, limits).items()}
         return {"name": self.name, "family": self.family, "source": self.source, "dataset": info.name,
                 "image": {"channels": info.channels, "size": info.image_size},
                 "parameters": sum(p.numel() for p in self.lab.parameters()),
@@ -111,20 +107,40 @@ class ServedModel:
                 "live_preview": type(self.lab).sample_with_progress is not Lab.sample_with_progress}
 
 
-# The sampler names of each family's sampling options (the DDPM's and the ldm's, the flow's): a request's `sampler`
-# must be one of its model's; the request body takes any of them (SAMPLER_NAMES), so an unknown name is refused first.
-SAMPLER_CHOICES: dict[type, list[str]] = {DiffusionSampleOptions: sorted(DIFFUSION_SAMPLERS),
-                                          FlowSampleOptions: sorted(FLOW_SAMPLERS)}
-SAMPLER_NAMES: list[str] = sorted({name for names in SAMPLER_CHOICES.values() for name in names})
+REQUEST_FIELDS = ("prompt", "model", "n", "seed", "format")  # a request's own fields; every other is an option
 
-# The request fields of the families' sampling options, with the server's limits (GET /models reports them).
-OPTION_SCHEMA = {
-    "sampler": lambda limits, model: {"type": "string", "choices": model.sampler_choices()},
-    "steps": lambda limits, model: {"type": "integer", "min": 1, "max": limits.steps},
-    "guidance": lambda limits, model: {"type": "number", "min": 0.0, "max": limits.guidance},
-    "eta": lambda limits, model: {"type": "number", "min": 0.0, "max": 1.0},
-    "temperature": lambda limits, model: {"type": "number", "min": 0.0, "max": limits.temperature},
-}
+
+def option_schema(options: type, limits: Limits) -> dict[str, dict[str, Any]]:
+    """Each field of a family's ``SampleOptions`` dataclass as the server offers it: ``{"type": "integer"|"number",
+    "min", "max"}`` (the field's bounds, the maximum capped by the :class:`Limits` entry of its name) or ``{"type":
+    "string", "choices"}``, with its ``help``. An option the server cannot bound (no maximum and no limit of its
+    name), or named like a request field, is a ValueError naming it: the server does not start."""
+    capped = {item.name for item in fields(Limits)}
+    schema = {}
+    for item in fields(options):
+        where = f"{options.__module__}.{options.__qualname__}.{item.name}"
+        try:
+            kind = option_kind(options, item)
+        except TypeError as err:
+            raise ValueError(f"genlab serve cannot offer a sampling option: {err}") from None
+        if item.name in REQUEST_FIELDS:
+            raise ValueError(f"the sampling option {where} is named like a request field "
+                             f"({', '.join(REQUEST_FIELDS)}): rename it")
+        meta = item.metadata
+        if kind is str:
+            schema[item.name] = {"type": "string", "choices": list(meta["choices"]), "help": meta["help"]}
+            continue
+        highs = [high for high in (meta["max"], getattr(limits, item.name) if item.name in capped else None)
+                 if high is not None]  # the field's own maximum, and the server's cap of the same name
+        if meta["min"] is None:
+            raise ValueError(f"the sampling option {where} has no lower bound, so genlab serve cannot limit a "
+                             "request: give its field one (option(..., min=...))")
+        if not highs:
+            raise ValueError(f"the sampling option {where} has no upper bound, so genlab serve cannot limit a "
+                             "request: give its field one (option(..., max=...)) or a cap in serve.limits")
+        schema[item.name] = {"type": "integer" if kind is int else "number", "min": kind(meta["min"]),
+                             "max": kind(min(highs)), "help": meta["help"]}
+    return schema
 
 
 def run_folders(root: Path) -> dict[str, Path]:

@@ -23,7 +23,6 @@ number of loader workers). The dataset itself never flips: ``dataset[i]`` (evalu
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,12 +76,6 @@ WRITE_LOCATIONS = {"download": False, "cache_dir": None}
 def without_write_locations(data: dict[str, Any]) -> dict[str, Any]:
     """A data config read from a file, with :data:`WRITE_LOCATIONS` set to this machine's defaults."""
     return {**data, **{key: value for key, value in WRITE_LOCATIONS.items() if key in data}}
-
-
-def cache_root(name: str) -> Path:
-    """Default folder for generated or downloaded data: ``$GENLAB_CACHE/<name>`` or ``~/.cache/genlab/<name>``."""
-    base = os.environ.get("GENLAB_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "genlab").expanduser() / name
 
 
 def uint8_to_images(pixels: torch.Tensor, pad_to: Optional[int], image_size: int) -> torch.Tensor:

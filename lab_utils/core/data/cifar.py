@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lab_utils.core.data.base import ClassCaptionedDataset, CorruptData, DataConfig, cache_root, find_or_download
+from lab_utils.core.cache_folder import cache_folder
+from lab_utils.core.data.base import ClassCaptionedDataset, CorruptData, DataConfig, find_or_download
 
 log = logging.getLogger("genlab.data")
 
@@ -131,7 +132,7 @@ class CIFAR10Dataset(ClassCaptionedDataset):
         cfg = self.cfg  # the checked dataclass
         files = ([f"data_batch_{k}" for k in range(1, self.num_train_batches + 1)]
                  if split == "train" else ["test_batch"])
-        root = Path(cfg.root).expanduser() if cfg.root else cache_root(self.name)
+        root = Path(cfg.root).expanduser() if cfg.root else cache_folder(self.name)
 
         def download() -> None:
             import torchvision

@@ -21,7 +21,8 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 import torch
 
-from lab_utils.core.data.base import ClassCaptionedDataset, CorruptData, DataConfig, cache_root, find_or_download
+from lab_utils.core.cache_folder import cache_folder
+from lab_utils.core.data.base import ClassCaptionedDataset, CorruptData, DataConfig, find_or_download
 
 IDX_UBYTE = 0x08  # the IDX dtype code of unsigned bytes (the only one these datasets use)
 
@@ -86,7 +87,7 @@ class IDXDataset(ClassCaptionedDataset):
 
     def _locate(self, stems: tuple[str, str]) -> Path:
         cfg = self.cfg
-        root = Path(cfg.root).expanduser() if cfg.root else cache_root(self.name)
+        root = Path(cfg.root).expanduser() if cfg.root else cache_folder(self.name)
         dirs = [root, root / self.torchvision_name / "raw"] + [Path(d) for d in cfg.system_dirs]
 
         def download() -> None:

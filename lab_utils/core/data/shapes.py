@@ -29,7 +29,8 @@ from typing import ClassVar, Optional
 
 import torch
 
-from lab_utils.core.data.base import CaptionedDataset, DataConfig, cache_root
+from lab_utils.core.cache_folder import cache_folder
+from lab_utils.core.data.base import CaptionedDataset, DataConfig
 from lab_utils.core.data.captions import words
 
 GENERATOR_VERSION = 2  # bump when drawing changes, so old cache files are not reused
@@ -124,7 +125,7 @@ class ShapesDataset(CaptionedDataset):
         if self.split == "test":
             key.pop("held_out")  # the test split is sampled without exclusions
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        folder = Path(self.cfg.cache_dir).expanduser() if self.cfg.cache_dir else cache_root("shapes")
+        folder = Path(self.cfg.cache_dir).expanduser() if self.cfg.cache_dir else cache_folder("shapes")
         return folder / f"shapes_{self.split}_{self.image_size}px_{total}_{digest}.pt"
 
     def _load_or_generate(self, total: int) -> tuple[torch.Tensor, torch.Tensor]:
