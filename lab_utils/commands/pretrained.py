@@ -230,7 +230,8 @@ def write_manifest(folder: Path, models: dict[str, dict[str, Any]]) -> None:
     from lab_utils.commands.evaluation.evaluate import write_json
 
     write_json({"about": "genlab's pretrained models of this family; `genlab pretrained` lists them, "
-                         "`make pretrained` rebuilds them (lab_utils/commands/pretrained.py)", "models": models}, folder / MANIFEST)
+                         "`make pretrained` rebuilds them (lab_utils/commands/pretrained.py)", "models": models},
+               folder / MANIFEST)
 
 
 def pretrained_command_main(cfg: DictConfig) -> None:
