@@ -85,8 +85,10 @@ def test_genlab_serve_lists_bounds_and_checks_the_new_option(contrast_run):
     assert "about grey" in body["description"]
     with TestClient(create_app(ServeConfig(models=["contrast"], limits=limits), {"contrast": model})) as client:
         listed = client.get("/models").json()["models"][0]
-        assert listed["options"] == {"scale": {"type": "number", "min": 0.0, "max": 10.0, "default": 1.0},
-                                     "contrast": {"type": "number", "min": 0.0, "max": 2.0, "default": 1.0}}
+        assert listed["options"] == {  # what the page builds its controls from, help as their tooltips
+            "scale": {"type": "number", "min": 0.0, "max": 10.0, "default": 1.0, "help": "the noise's scale"},
+            "contrast": {"type": "number", "min": 0.0, "max": 2.0, "default": 1.0,
+                         "help": "scales the images about grey (1 = as drawn)"}}
         refused = client.post("/generate-image", json={"prompt": PROMPT, "model": "contrast", "contrast": 5})
         assert refused.status_code == 422 and refused.headers["content-type"] == "application/json"
         assert refused.json()["field"] == "contrast" and "less than or equal to 2" in refused.json()["detail"]

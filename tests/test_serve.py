@@ -29,6 +29,7 @@ from lab_utils.core.lab import Lab
 from lab_utils.core.plotting import tiles
 from lab_utils.harness.checkpoint import LoadedLab
 from lab_utils.harness.zoo import load
+from labs.vae.lab import VAESampleOptions
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LIMITS = Limits(n=8, steps=60, queue=4, timeout_s=60, preview_every=5)
@@ -63,10 +64,13 @@ def test_health_and_models(client):
                       "capacity": 1 + LIMITS.queue}
     listed = {model["name"]: model for model in client.get("/models").json()["models"]}
     assert listed["ddpm"]["family"] == "ddpm" and listed["ddpm"]["dataset"] == "shapes"
-    assert listed["ddpm"]["options"]["steps"] == {"type": "integer", "min": 1, "max": LIMITS.steps, "default": 25}
+    steps = listed["ddpm"]["options"]["steps"]
+    assert steps.pop("help").startswith("noise levels visited")  # the field's help: the page's tooltip
+    assert steps == {"type": "integer", "min": 1, "max": LIMITS.steps, "default": 25}
     assert listed["ddpm"]["options"]["sampler"]["choices"] == ["ddim", "ddpm"]
     assert listed["vae"]["options"] == {"temperature": {"type": "number", "min": 0.0, "max": LIMITS.temperature,
-                                                       "default": 1.0}}
+                                                       "default": 1.0, "help": VAESampleOptions.__dataclass_fields__[
+                                                           "temperature"].metadata["help"]}}
     assert listed["dcgan"]["options"] == {}
     assert listed["ddpm"]["live_preview"] and not listed["vae"]["live_preview"]
     assert listed["ddpm"]["parameters"] == sum(p.numel() for p in load("ddpm").lab.parameters())
@@ -318,7 +322,14 @@ def test_the_page_in_a_real_browser(live_server, tmp_path):
         assert boxes.count() == 3
         page.uncheck("#families input[value=vae]")  # two families: the pixel and the latent DDPM
         page.fill("#prompt", "a large yellow square at the bottom left")
-        page.fill("#steps", "30")
+        # one control per sampling option GET /models lists (the union over the served families), none written
+        # into the page: eta (the DDPMs') is there although the page never names it
+        offered = sorted({name for model in page.evaluate("models") for name in model["options"]})
+        assert offered == ["eta", "guidance", "sampler", "steps", "temperature"]
+        assert sorted(page.locator("#sampling-options [data-option]").evaluate_all(
+            "controls => controls.map(c => c.dataset.option)")) == offered
+        assert page.locator("#option-sampler option").all_inner_texts() == ["default", "ddim", "ddpm"]
+        page.fill("#option-steps", "30")
         page.fill("#seed", "3")
         page.click("#generate")
         page.wait_for_selector(".card[data-model=ddpm][data-progress]", timeout=60_000)  # an x0 estimate, live

@@ -96,7 +96,7 @@ class ServedModel:
         """What ``GET /models`` says of this model."""
         info = self.lab.data_info
         defaults = asdict(self.lab.sampling_defaults())
-        options = {name: {key: value for key, value in spec.items() if key != "help"} | {"default": defaults[name]}
+        options = {name: spec | {"default": defaults[name]}  # the page builds a control from each, help as its tooltip
                    for name, spec in option_schema(self.lab.SampleOptions, limits).items()}
         return {"name": self.name, "family": self.family, "source": self.source, "dataset": info.name,
                 "image": {"channels": info.channels, "size": info.image_size},

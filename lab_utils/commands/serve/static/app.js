@@ -23,7 +23,7 @@ async function loadModels() {
     families.append(label);
   }
   $("n").max = body.limits.n;
-  $("steps").max = body.limits.steps;
+  samplingControls(models);
   $("prompt").maxLength = body.limits.prompt_chars;
   const examples = models.length ? models[0].example_prompts.slice(0, 8) : [];
   for (const text of examples) {
@@ -35,16 +35,54 @@ async function loadModels() {
   if (examples.length && !$("prompt").value) $("prompt").value = examples[0];
 }
 
-function request(model) {
-  // The fields this family takes (GET /models lists them); empty fields keep the model's defaults.
-  const body = { prompt: $("prompt").value, model: model.name, n: Number($("n").value), seed: Number($("seed").value) };
-  const numbers = { steps: "steps", guidance: "guidance", temperature: "temperature" };
-  for (const [field, id] of Object.entries(numbers)) {
-    if (field in model.options && $(id).value !== "") body[field] = Number($(id).value);
+// The sampling options of every served family, as GET /models describes them (each family's SampleOptions
+// dataclass: type, bounds or choices, help, default): one control per name, empty = each model's default.
+// A new option of a family appears here with no edit of the page.
+function samplingControls(models) {
+  const union = new Map();  // option name -> { spec, families }
+  for (const model of models) {
+    for (const [name, spec] of Object.entries(model.options)) {
+      const seen = union.get(name) || { spec: { ...spec, choices: [] }, families: [] };
+      seen.families.push(model.name);
+      if (spec.type === "string") seen.spec.choices = [...new Set([...seen.spec.choices, ...spec.choices])];
+      else {
+        seen.spec.min = Math.min(seen.spec.min ?? spec.min, spec.min);
+        seen.spec.max = Math.max(seen.spec.max ?? spec.max, spec.max);
+      }
+      union.set(name, seen);
+    }
   }
-  // a sampler only where this model takes that one (ddim/ddpm: the DDPMs; euler/heun: the flow)
-  const sampler = $("sampler").value;
-  if ("sampler" in model.options && sampler && model.options.sampler.choices.includes(sampler)) body.sampler = sampler;
+  const box = $("sampling-options");
+  for (const [name, { spec, families }] of union) {
+    const label = document.createElement("label");
+    label.title = `${spec.help || name} (${families.join(", ")}; each model keeps its default where this is empty)`;
+    let control;
+    if (spec.type === "string") {
+      control = document.createElement("select");
+      control.append(Object.assign(document.createElement("option"), { value: "", textContent: "default" }));
+      for (const choice of spec.choices) control.append(Object.assign(document.createElement("option"), { textContent: choice }));
+    } else {
+      control = document.createElement("input");
+      Object.assign(control, { type: "number", min: spec.min, max: spec.max, placeholder: "default",
+                               step: spec.type === "integer" ? "1" : "any" });
+    }
+    control.id = `option-${name}`;
+    control.dataset.option = name;
+    label.append(`${name[0].toUpperCase()}${name.slice(1)} `, control);
+    box.append(label);
+  }
+}
+
+function request(model) {
+  // The options this family takes (GET /models lists them); empty controls keep the model's defaults, and a
+  // choice this family does not offer (ddim for the flow) is left out for it.
+  const body = { prompt: $("prompt").value, model: model.name, n: Number($("n").value), seed: Number($("seed").value) };
+  for (const control of document.querySelectorAll("#sampling-options [data-option]")) {
+    const name = control.dataset.option, spec = model.options[name];
+    if (!spec || control.value === "") continue;
+    if (spec.type === "string") { if (spec.choices.includes(control.value)) body[name] = control.value; }
+    else body[name] = Number(control.value);
+  }
   return body;
 }
 
