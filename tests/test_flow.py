@@ -407,7 +407,9 @@ def test_serve_offers_the_flow_samplers_and_refuses_others(smoke_run):
     with TestClient(app) as client:
         (listed,) = client.get("/models").json()["models"]
         assert listed["family"] == "flow" and listed["live_preview"]
-        assert listed["options"]["sampler"] == {"type": "string", "choices": ["euler", "heun"], "default": "euler"}
+        sampler = listed["options"]["sampler"]
+        assert sampler.pop("help") == FlowSampleOptions.__dataclass_fields__["sampler"].metadata["help"]  # the tooltip
+        assert sampler == {"type": "string", "choices": ["euler", "heun"], "default": "euler"}
         assert set(listed["options"]) == {"sampler", "steps", "guidance"}
         body = {"prompt": "a red circle", "model": "flow", "n": 2, "seed": 1, "sampler": "heun", "steps": 3}
         response = client.post("/generate-image", json={**body, "format": "json"})
