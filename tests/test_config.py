@@ -120,7 +120,7 @@ def test_the_commands_list_no_familys_sampling_option():
         offered |= {f.name for f in fields(registry.lab_class(target).SampleOptions)}
     sample = compose(["run=x"], config_name="sample", check=False)
     assert set(sample) == set(SAMPLE_KEYS) and not offered & set(SAMPLE_KEYS)
-    assert offered == {"sampler", "steps", "guidance", "eta", "temperature"}
+    assert offered == {"sampler", "steps", "guidance", "eta", "temperature", "candidates"}
     assert compose(option_overrides(["run=x", "steps=3"]), config_name="sample", check=False).steps == 3
     assert dict(compose(["run=x"], config_name="eval", check=False).eval.sample_options) == {}
     given = eval_option_overrides(["run=x", "eval.sample_options.steps=3", "eval.sample_options.any_new_one=0.5",

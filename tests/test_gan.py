@@ -185,6 +185,23 @@ def test_generator_output_depends_on_the_prompt_and_sampling_is_seeded():
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
 
 
+def test_candidates_keep_the_draw_the_critic_scores_highest():
+    lab = tiny_lab().eval()
+    prompts = ["a red circle", "a blue square", "a large green triangle"]
+    picked = lab.sample(prompts, torch.Generator().manual_seed(5), candidates=4)
+    generator = torch.Generator().manual_seed(5)  # the same four noise draws, one batch after the other
+    with torch.no_grad():
+        text = lab.encode_prompts(prompts)
+        draws = torch.stack([lab.generator(lab.noise(3, generator), text) for _ in range(4)])  # (4, 3, C, H, W)
+        scores = torch.stack([lab.critic(draw, text) for draw in draws])  # (4, 3)
+    expected = draws[scores.argmax(dim=0), torch.arange(3)]
+    assert torch.allclose(picked, expected, atol=1e-6)
+    assert torch.equal(lab.sample(prompts, torch.Generator().manual_seed(5)), draws[0])  # 1 candidate: G(z, c)
+    assert lab.nfe(candidates=4) == 4 and lab.nfe() == 1
+    with pytest.raises(ValueError, match="candidates"):
+        lab.sample(prompts, torch.Generator().manual_seed(5), candidates=0)
+
+
 def test_matching_aware_critic_counts_wrong_prompts_as_fakes():
     lab = tiny_lab(loss="hinge", mismatch_weight=0.25)  # hinge: no penalty, so the loss is known exactly
     x = torch.rand(4, 3, 16, 16) * 2 - 1

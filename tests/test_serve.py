@@ -71,7 +71,9 @@ def test_health_and_models(client):
     assert listed["vae"]["options"] == {"temperature": {"type": "number", "min": 0.0, "max": LIMITS.temperature,
                                                        "default": 1.0, "help": VAESampleOptions.__dataclass_fields__[
                                                            "temperature"].metadata["help"]}}
-    assert listed["dcgan"]["options"] == {}
+    candidates = listed["dcgan"]["options"]["candidates"]
+    assert candidates.pop("help").startswith("noises drawn per image")
+    assert candidates == {"type": "integer", "min": 1, "max": 64, "default": 1}
     assert listed["ddpm"]["live_preview"] and not listed["vae"]["live_preview"]
     assert listed["ddpm"]["parameters"] == sum(p.numel() for p in load("ddpm").lab.parameters())
     assert "circle" in listed["vae"]["vocabulary"] and listed["vae"]["example_prompts"]
@@ -124,7 +126,8 @@ def test_json_by_format_or_accept(client):
     ({"prompt": "a red circle", "model": "vae", "n": 9}, "n", "less than or equal to 8"),
     ({"prompt": "a red circle", "model": "ddpm", "steps": 61}, "steps", "less than or equal to 60"),
     ({"prompt": "a red circle", "model": "vae", "steps": 10}, "steps", "takes no option steps"),
-    ({"prompt": "a red circle", "model": "dcgan", "temperature": 1}, "temperature", "no sampling options"),
+    ({"prompt": "a red circle", "model": "dcgan", "temperature": 1}, "temperature", "it takes candidates"),
+    ({"prompt": "a red circle", "model": "dcgan", "candidates": 65}, "candidates", "less than or equal to 64"),
     ({"prompt": "a red circle", "model": "ddpm", "sampler": "euler"}, "sampler", "'ddim' or 'ddpm'"),
     ({"prompt": "a red circle", "model": "ddpm", "guidance": -1}, "guidance", "greater than or equal to 0"),
     ({"prompt": "a red circle", "model": "vae", "seed": -1}, "seed", "greater than or equal to 0"),

@@ -9,7 +9,7 @@
     genlab sample run=<dir> prompt="a red circle" n=16
 """
 
-from .lab import DCGANConfig, GANLab
+from .lab import DCGANConfig, GANLab, GANSampleOptions
 from .losses import (
     LOSSES, GradientPenalty, bce_critic_loss, bce_generator_loss, critic_loss, generator_loss, gradient_penalty,
     hinge_critic_loss, hinge_generator_loss, interpolate, matching_loss, r1_penalty, smoothed_targets,
@@ -28,6 +28,7 @@ __all__ = [
     "CriticConfig",
     "DCGANConfig",
     "GANLab",
+    "GANSampleOptions",
     "Generator",
     "GeneratorConfig",
     "GradientPenalty",
