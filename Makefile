@@ -55,13 +55,13 @@ pretrained: $(BASE)
 # Writes the student versions of the notebooks (solutions replaced by `raise NotImplementedError`) into
 # notebooks/student/, and build/release/: the folder to hand out (student notebooks, START_HERE.md, the wheel).
 notebooks: $(INSTRUCTOR)
-	$(VENV)/bin/genlab notebooks --release build/release
+	$(VENV)/bin/genlab notebooks release=build/release
 	$(PY) -m pip wheel --quiet --no-deps -w build/release .
 
 # Runs every solution notebook in full (not smoke mode; ~10 minutes each at most on 2 cores) and stores its
 # outputs, so a reader on the web sees the figures of the current code.
 notebook-outputs: $(DEV)
-	$(VENV)/bin/genlab notebooks --outputs
+	$(VENV)/bin/genlab notebooks outputs=true
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -204,6 +204,15 @@ CASES = [
          ("does not take option(s) ['steps']", "temperature")),
     Case("sample-bad-suffix", ["sample", "run={ddpm}", "out={case}/grid.xyz"], (".xyz", ".png")),
     Case("sample-no-prompt", ["sample", "run={ddpm}", "prompt=[]"], ("prompt=[] holds no prompt",)),
+    # --- values no sampler can use: NaN and inf pass a `>= 0` check (they once wrote black images with exit 0)
+    Case("sample-guidance-nan", ["sample", "run={ddpm}", "guidance=nan", "out={case}/grid.png"],
+         ("sampling.guidance must be a finite number >= 0, got nan",)),
+    Case("eval-guidance-inf", ["eval", "run={ddpm}", "eval.sample_options.guidance=inf", "out={case}/e.json"],
+         ("sampling.guidance must be a finite number >= 0, got inf",)),
+    Case("sample-eta-above-one", ["sample", "run={ddpm}", "eta=5", "out={case}/grid.png"],
+         ("sampling.eta must be a finite number in [0, 1], got 5.0",)),
+    Case("sample-temperature-nan", ["sample", "run={vae}", "temperature=nan", "out={case}/grid.png"],
+         ("sampling.temperature must be a finite number >= 0, got nan",)),
 ]
 
 

@@ -104,3 +104,150 @@ def test_installed_wheel_finds_its_configs(tmp_path):
         assert name in listed.stdout
         assert (site / entry.path.relative_to(REPO)).is_file(), f"{entry.path.name} is not in the wheel"
     assert (site / "lab_utils" / "commands" / "serve" / "static" / "index.html").is_file()
+
+
+# ------------------------------------------------------------------------------------ the command speaks Hydra
+HYDRA_COMMANDS = ["train", "sample", "data", "eval", "compare", "bench", "pretrained", "serve"]
+
+
+def test_version_names_the_package_and_torch(capsys):
+    from importlib import metadata
+
+    from lab_utils.commands import cli
+
+    assert cli.main(["--version"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"genlab {metadata.version('genlab')} (torch {metadata.version('torch')}, Python 3.")
+
+
+@pytest.mark.parametrize("command", HYDRA_COMMANDS)
+def test_each_command_has_its_own_help_page(command, capsys):
+    """What the command does (its config's header), every setting of its own with its default and comment, and the
+    flags it takes: not Hydra's generic page of internal groups."""
+    from omegaconf import OmegaConf
+
+    from lab_utils.commands import cli
+    from lab_utils.commands.usage import WIRING_KEYS
+
+    assert cli.main([command, "--help"]) == 0
+    page = capsys.readouterr().out
+    config_name = cli.COMMANDS[command][0]
+    own = OmegaConf.load(REPO / "conf" / f"{config_name}.yaml")
+    assert page.startswith(f"genlab {command} [key=value ...]\n\n# Primary config of `genlab {command}`")
+    for key in own:
+        if key not in WIRING_KEYS:
+            assert f"\n{key}:" in page, key
+    assert "powered by Hydra" not in page and "hydra/job_logging" not in page
+    assert "-m, --multirun" in page and "--cfg job" in page
+
+
+def test_help_shows_the_settings_the_chosen_group_brings(capsys):
+    from lab_utils.commands import cli
+
+    assert cli.main(["train", "model=vae", "--help"]) == 0
+    page = capsys.readouterr().out
+    assert "model: dcgan, ddpm, evaluator, flow, ldm, vae" in page and "(model=vae data=shapes preset=cpu" in page
+    assert "kl_warmup_steps:" in page and "trainer:" in page and "batch_size:" in page
+    assert cli.main(["train", "model=nope", "--help"]) == 1
+    assert "unknown model=nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("genlab sa", "sample"), ("genlab ", "compare"), ("genlab train mod", "model="),
+    ("genlab train model=", "model=flow"), ("genlab eval eval.num", "eval.num_samples="),
+])
+def test_bash_completion_answers_commands_keys_and_choices(line, expected, capsys, monkeypatch):
+    from lab_utils.commands import cli
+
+    monkeypatch.setenv("COMP_LINE", line)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    assert cli.main(["-sc", "query=bash"]) == 0
+    assert expected in capsys.readouterr().out.split()
+
+
+def test_bash_completion_script_completes_genlab(capsys, monkeypatch):
+    from lab_utils.commands import cli
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    assert cli.main(["--shell-completion", "install=bash"]) == 0
+    script = capsys.readouterr().out
+    assert "hydra_bash_completion" in script and script.rstrip().endswith("-F hydra_bash_completion genlab")
+
+
+def test_a_prompt_with_commas_is_one_prompt_as_written(tmp_path):
+    """One of the shapes caption templates has a comma: Hydra would read it as a list or a sweep."""
+    from lab_utils.commands.arguments import free_text_overrides
+
+    out = genlab("sample", "pretrained=vae", "prompt=a red circle, small", "n=1", "out=grid.png", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "'a red circle, small'" in out.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["grid.png"]  # no multirun/ folder
+    # quotes, backslashes and ${...} reach the model as typed
+    from hydra import compose, initialize_config_module
+
+    texts = ["it's a red circle, small", "back\\slash", "tail\\", "${oc.env:HOME}", "a'\\'b"]
+    with initialize_config_module(config_module="genlab_conf", version_base="1.3"):
+        for text in texts:
+            cfg = compose(config_name="sample", overrides=free_text_overrides([f"prompt={text}"]))
+            assert cfg.prompt == text
+        cfg = compose(config_name="sample", overrides=free_text_overrides(["prompt=[a,b c]"]))
+        assert list(cfg.prompt) == ["a", "b c"]  # a list of prompts is Hydra's list
+
+
+def test_sweep_jobs_write_their_own_outputs_and_survive_an_error(tmp_path):
+    """genlab -m: a job per value; each job's output has its number (never shared), nothing of Hydra's is left in
+    the working folder, and a job's user error is its line while the other jobs run (exit 1 at the end)."""
+    out = genlab("-m", "sample", "pretrained=vae", "seed=0,1", "n=1,1000", "out=grid.png", cwd=tmp_path)
+    assert out.returncode == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["grid-0.png", "grid-2.png"]
+    assert (tmp_path / "grid-0.png").read_bytes() != (tmp_path / "grid-2.png").read_bytes()  # seeds 0 and 1
+    errors = [line for line in out.stderr.splitlines() if line.startswith("genlab: error:")]
+    assert len(errors) == 2 and errors[0].startswith("genlab: error: job #1 (pretrained=vae seed=0 n=1000")
+    assert "more than the 256 images" in errors[0] and "Traceback" not in out.stderr
+    assert "2 job(s) of the sweep failed (#1, #3)" in out.stderr
+
+
+def test_each_job_of_a_sweep_gets_its_own_out(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from lab_utils.commands.cli import job_output
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "grids").mkdir()
+    cases = [("train", "runs/sweep", "runs/sweep/3"), ("compare", "runs/c", "runs/c/3"),
+             ("sample", "grid.png", "grid-3.png"), ("sample", "grids", "grids/samples-3.png"),
+             ("data", "d.jpg", "d-3.jpg"), ("eval", None, "eval-3.json"), ("eval", "e.json", "e-3.json")]
+    for command, out, expected in cases:
+        cfg = OmegaConf.create({"out": out})
+        job_output(cfg, command, 3)
+        assert cfg.out == expected, (command, out)
+    dated = OmegaConf.create({"out": "runs/${now:%H-%M-%S-%f}"})  # one sweep, one dated folder
+    job_output(dated, "train", 0)
+    later = OmegaConf.create({"out": "runs/${now:%H-%M-%S-%f}"})
+    job_output(later, "train", 1)
+    assert Path(dated.out).parent == Path(later.out).parent
+
+
+def test_serve_and_pretrained_refuse_a_sweep(capsys):
+    from lab_utils.commands import cli
+
+    for command in ("serve", "pretrained"):
+        assert cli.main(["-m", command, "seed=0,1"]) == 1
+        assert f"genlab {command} does not run as a -m sweep" in capsys.readouterr().err
+
+
+def test_argparse_commands_take_key_value_as_every_command():
+    import argparse
+
+    from lab_utils.commands.arguments import UserError, key_value_arguments
+
+    parser = argparse.ArgumentParser(prog="genlab grade")
+    parser.add_argument("target")
+    parser.add_argument("--out")
+    parser.add_argument("--time-limit", type=float)
+    parser.add_argument("--full", action="store_true")
+    args = key_value_arguments(["subs/", "out=g", "time_limit=60", "full=true", "--out", "h"], parser)
+    assert args == ["subs/", "--out", "g", "--time-limit", "60", "--full", "--out", "h"]
+    assert key_value_arguments(["full=false"], parser) == []
+    with pytest.raises(UserError, match="unknown setting outt= for genlab grade; its settings are out=, time_limit="):
+        key_value_arguments(["outt=g"], parser)

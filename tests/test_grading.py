@@ -181,9 +181,8 @@ def graded(tmp_path_factory) -> dict:
     nbformat.write(students["full"], submissions / "full" / "graded_fixture_copy.ipynb")  # handed in twice
     (submissions / "unreadable").mkdir()
     (submissions / "unreadable" / "graded_fixture.ipynb").write_text("{not json")
-    result = subprocess.run([*GENLAB, "grade", str(submissions), "--out", str(out),
-                             "--solutions", str(solutions), "--time-limit", "40", "--jobs", "2",
-                             "--memory-limit", "3"],
+    result = subprocess.run([*GENLAB, "grade", str(submissions), f"out={out}",  # key=value, as every command
+                             f"solutions={solutions}", "time_limit=40", "jobs=2", "--memory-limit", "3"],
                             capture_output=True, text=True, cwd=root, timeout=900,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "GENLAB_TEST_SECRET": SECRET})
     assert result.returncode == 0, result.stderr
@@ -241,11 +240,13 @@ def test_the_sandbox_keeps_the_grader_and_other_files_out_of_reach(graded):
 @pytest.mark.parametrize("args, message", [
     (["/no/such/folder"], "no notebook or folder"),
     (["README.md"], "is not a notebook"),
-    (["tests", "--time-limit", "0"], "--time-limit must be a positive"),
-    (["tests", "--time-limit", "nan"], "--time-limit must be a positive"),
-    (["tests", "--time-limit", "inf"], "--time-limit must be a positive"),
-    (["tests", "--jobs", "0"], "--jobs must be at least 1"),
-    (["tests", "--out", "README.md"], "is a file"),
+    (["tests", "--time-limit", "0"], "time_limit must be a positive"),
+    (["tests", "time_limit=nan"], "time_limit must be a positive"),
+    (["tests", "--time-limit", "inf"], "time_limit must be a positive"),
+    (["tests", "jobs=0"], "jobs must be at least 1, got jobs=0"),
+    (["tests", "out=README.md"], "out=README.md is a file"),
+    (["tests", "outt=x"], "unknown setting outt= for genlab grade; its settings are out=, time_limit="),
+    (["tests", "full=maybe"], "full=maybe: full is true or false"),
     (["tests", "--solutions", "/no/such"], "no solutions folder"),
     (["conf"], "no notebooks (.ipynb) under conf"),
 ])

@@ -6,6 +6,8 @@ which all use it, so that none of them imports another in a circle.
 
 from __future__ import annotations
 
+import argparse
+import re
 from pathlib import Path
 
 
@@ -37,3 +39,47 @@ def eval_option_overrides(args: list[str]) -> list[str]:
     """The command line with ``eval.sample_options.steps=50`` read as ``++eval.sample_options.steps=50``: Hydra would
     refuse a key its config does not list; the loaded lab's ``SampleOptions`` checks the name and the value."""
     return [f"++{arg}" if arg.startswith(EVAL_OPTIONS) and "=" in arg else arg for arg in args]
+
+
+# Keys whose value is free text: Hydra would read a comma in it as a list or a sweep (`prompt=a red circle, small`).
+FREE_TEXT_KEYS = ("prompt",)
+
+
+def free_text_overrides(args: list[str]) -> list[str]:
+    """The command line with ``prompt=a red circle, small`` passed to Hydra quoted, as one string, as written.
+    A value that starts with ``[`` or a quote is Hydra's own syntax (a list of prompts, a quoted text): left as is."""
+    out = []
+    for arg in args:
+        key, equals, value = arg.partition("=")
+        if equals and key.lstrip("+~") in FREE_TEXT_KEYS and value[:1] not in ("[", "'", '"'):
+            # Hydra's quoted string: a backslash run before a quote (or at the end) is doubled, a quote escaped,
+            # and "${" escaped so that a prompt is never read as an interpolation
+            value = re.sub(r"(\\+)(?='|$)", lambda run: run.group(1) * 2, value)
+            arg = f"{key}='" + value.replace("'", "\\'").replace("${", "\\${") + "'"
+        out.append(arg)
+    return out
+
+
+def key_value_arguments(args: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``out=grades time_limit=60 full=true`` read as ``--out grades --time-limit 60 --full``, so the commands
+    written with argparse (grade, notebooks) take ``key=value`` as every other genlab command does (their
+    ``--flags`` keep working). A ``key=value`` that names none of the command's options is a UserError."""
+    options = {action.dest: action for action in parser._actions if action.option_strings}
+    out = []
+    for arg in args:
+        key, equals, value = arg.partition("=")
+        if not equals or arg.startswith("-") or not key.isidentifier():
+            out.append(arg)
+            continue
+        action = options.get(key)
+        if action is None or action.dest == "help":
+            names = ", ".join(f"{name}=" for name in options if name != "help")
+            raise UserError(f"unknown setting {key}= for {parser.prog}; its settings are {names}")
+        flag = action.option_strings[-1]
+        if action.nargs == 0:  # a switch: full=true / full=false
+            if value.lower() not in ("true", "false"):
+                raise UserError(f"{key}={value}: {key} is true or false")
+            out += [flag] if value.lower() == "true" else []
+        else:
+            out += [flag, value]
+    return out

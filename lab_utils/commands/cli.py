@@ -8,8 +8,8 @@
     genlab bench  model=ddpm data=shapes preset=cpu [trainer.device=cuda]
     genlab pretrained [action=build]
     genlab serve  [host=127.0.0.1] [port=8000] [models=[dcgan,vae,ddpm,ldm]] [runs=<folder>]
-    genlab notebooks  [--out notebooks/student]
-    genlab grade  <student notebook or folder> [--out grades]
+    genlab notebooks  [out=notebooks/student]
+    genlab grade  <student notebook or folder> [out=grades]
 
 Several processes: ``torchrun --nproc_per_node=N -m genlab train ...`` (see lab_utils.harness.distributed).
 
@@ -19,26 +19,31 @@ module of its own (``train``: ``lab_utils.harness.run``; the others in ``lab_uti
 ``evaluation``, ``compare``, ``bench``, ``pretrained``, ``serve``, ``notebooks``, ``grading``); torch and whatever
 needs it are imported only once a command runs, so a bad input is refused in a fraction of a second.
 
-``genlab <subcommand> --help`` lists the config groups and their choices; ``--cfg job`` prints
-the composed config without running.
-"""
+``genlab <subcommand> --help`` is the command's own page (``lab_utils.commands.usage``: its settings with their
+defaults, its groups' choices, an example); ``--cfg job`` prints the composed config without running; ``-m`` runs a
+sweep whose jobs each write their own output (:func:`job_output`); ``genlab --version``; ``genlab
+--shell-completion install=bash`` prints the bash completion script (:func:`shell_completion`)."""
 
 from __future__ import annotations
 
+import datetime
 import errno
 import importlib.util
 import logging
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 from omegaconf import DictConfig
 
-from lab_utils.commands.arguments import UserError, eval_option_overrides
+from lab_utils.commands.arguments import (UserError, eval_option_overrides, free_text_overrides,
+                                          key_value_arguments)
 from lab_utils.commands.data import data_command_main
 from lab_utils.commands.sample import option_overrides, sample_command_main
+from lab_utils.commands.usage import help_page, version_line
 from lab_utils.core.config import CONFIG_MODULE, model_family, parse_overrides, register_model_schema, validate
 from lab_utils.core.schema import ConfigError
 
@@ -56,9 +61,10 @@ commands:
   pretrained the shipped models:       genlab pretrained   (then genlab sample pretrained=ddpm prompt=...)
   serve      a web page and JSON API:  genlab serve [port=8000] [models=[dcgan,ddpm]]
   notebooks  write the student versions of the notebooks (solutions removed)
-  grade      run students' notebooks, score each exercise: genlab grade submissions/ --out grades
+  grade      run students' notebooks, score each exercise: genlab grade submissions/ out=grades
 
-`genlab <command> --help` lists the config groups and options; `--cfg job` prints the config.
+`genlab <command> --help`: its settings, defaults and an example; `--cfg job` prints the config;
+`genlab <command> -m a=1,2`: a sweep; `genlab --version`; `genlab --shell-completion install=bash`.
 Several processes or GPUs: torchrun --nproc_per_node=N -m genlab train ...
 """
 
@@ -93,21 +99,70 @@ def error_message(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def _report(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
-    """Turn expected errors into a one-line message and exit status 1 (HYDRA_FULL_ERROR=1 shows tracebacks)."""
+def _report(command: str) -> Callable[[Callable[[DictConfig], None]], Callable[[DictConfig], None]]:
+    """Turn expected errors of ``genlab <command>`` into a one-line message and exit status 1 (HYDRA_FULL_ERROR=1
+    shows tracebacks). In a ``-m`` sweep, each job writes its own output (:func:`job_output`) and a job's error is
+    its line, naming the job, and the sweep goes on (the command exits 1 at its end)."""
 
-    def wrapped(cfg: DictConfig) -> None:
-        try:
-            _refuse_unknown_settings(cfg)
-            fn(cfg)
-        except _user_errors() as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"genlab: error: {error_message(err)}", file=sys.stderr)
-            raise SystemExit(1) from None
+    def decorate(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+        def wrapped(cfg: DictConfig) -> None:
+            job = _sweep_job()
+            try:
+                _refuse_unknown_settings(cfg)
+                if job is not None:
+                    job_output(cfg, command, job[0])
+                fn(cfg)
+            except _user_errors() as err:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                if job is None:
+                    print(f"genlab: error: {error_message(err)}", file=sys.stderr)
+                    raise SystemExit(1) from None
+                print(f"genlab: error: job #{job[0]} ({job[1]}): {error_message(err)}", file=sys.stderr, flush=True)
+                FAILED_JOBS.append(job[0])
 
-    wrapped.__name__ = fn.__name__
-    return wrapped
+        wrapped.__name__ = fn.__name__
+        return wrapped
+
+    return decorate
+
+
+# ------------------------------------------------------------------------------------ -m sweeps
+FAILED_JOBS: list[int] = []  # the jobs of this process's sweep that ended in a user error
+SWEEP_STARTED = datetime.datetime.now()  # ${now:...} in a sweep's out= is this time for every job
+SWEEP_REFUSED = {"serve": "it starts one server, which serves every model at once (models=[...])",
+                 "pretrained": "it writes the one shipped zoo (models=[...] builds several)"}
+# Commands whose out= is a file (the others: a folder), and the file a folder given as out= receives.
+FILE_OUTPUTS = {"sample": "samples.png", "data": "data_grid.png", "eval": "eval.json"}
+
+
+def _sweep_job() -> tuple[int, str] | None:
+    """(number, overrides) of this job in a ``-m`` sweep; None outside one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return int(hydra_cfg.job.num), " ".join(hydra_cfg.overrides.task)
+
+
+def job_output(cfg: DictConfig, command: str, num: int) -> None:
+    """Give job ``num`` of a sweep its own ``out``: a folder gets the job's number as a subfolder
+    (``runs/sweep/0``, ``runs/sweep/1``, as Hydra's ``multirun/<date>/<num>``), a file the number before its suffix
+    (``grid-0.png``; eval without out=: ``eval-0.json`` here). ``${now:...}`` is the sweep's start for every job,
+    so the jobs of one sweep share its dated folder."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("now", SWEEP_STARTED.strftime, replace=True)
+    out = cfg.get("out")
+    if command not in FILE_OUTPUTS:
+        cfg.out = str(Path(str(out)) / str(num))
+        return
+    path = Path(str(out)) if out else Path(FILE_OUTPUTS[command])
+    if path.is_dir():
+        path = path / FILE_OUTPUTS[command]
+    cfg.out = str(path.with_name(f"{path.stem}-{num}{path.suffix}"))
 
 
 def _command_line_overrides() -> list[str]:
@@ -128,7 +183,7 @@ def _refuse_unknown_settings(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------ train
-@_report
+@_report("train")
 def train_command(cfg: DictConfig) -> None:
     from lab_utils.harness.distributed import env_info
     from lab_utils.harness.run import train
@@ -147,18 +202,18 @@ def train_command(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------ sample, data
-@_report
+@_report("sample")
 def sample_command(cfg: DictConfig) -> None:
     sample_command_main(cfg)
 
 
-@_report
+@_report("data")
 def data_command(cfg: DictConfig) -> None:
     data_command_main(cfg)
 
 
 # ------------------------------------------------------------------------------------ eval
-@_report
+@_report("eval")
 def eval_command(cfg: DictConfig) -> None:
     from lab_utils.commands.evaluation import eval_command_main
 
@@ -166,7 +221,7 @@ def eval_command(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------ compare
-@_report
+@_report("compare")
 def compare_command(cfg: DictConfig) -> None:
     from lab_utils.commands.compare import compare
 
@@ -174,7 +229,7 @@ def compare_command(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------ bench
-@_report
+@_report("bench")
 def bench_command(cfg: DictConfig) -> None:
     from lab_utils.commands.bench import bench_command_main
 
@@ -182,14 +237,14 @@ def bench_command(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------ pretrained, serve
-@_report
+@_report("pretrained")
 def pretrained_command(cfg: DictConfig) -> None:
     from lab_utils.commands.pretrained import pretrained_command_main
 
     pretrained_command_main(cfg)
 
 
-@_report
+@_report("serve")
 def serve_command(cfg: DictConfig) -> None:
     from lab_utils.commands.serve import serve_command_main
 
@@ -222,13 +277,13 @@ def notebooks_command(args: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="genlab notebooks", description="write the student versions of the "
                                      "notebooks (and a release folder), or store the solutions' outputs")
-    parser.add_argument("--src", default="notebooks", help="folder of solution notebooks (default: notebooks)")
-    parser.add_argument("--out", default="notebooks/student", help="output folder (default: notebooks/student)")
-    parser.add_argument("--release", default=None, help="also write a folder to hand out (student notebooks and "
-                                                         "START_HERE.md, no solutions), e.g. build/release")
-    parser.add_argument("--outputs", action="store_true", help="instead, run every solution notebook in full and "
-                                                               "store its outputs in the file (minutes each)")
-    options = parser.parse_args(args)
+    parser.add_argument("--src", default="notebooks", help="src=: folder of solution notebooks (default: notebooks)")
+    parser.add_argument("--out", default="notebooks/student", help="out=: output folder (default: notebooks/student)")
+    parser.add_argument("--release", default=None, help="release=: also write a folder to hand out (student "
+                                                         "notebooks and START_HERE.md, no solutions), e.g. build/release")
+    parser.add_argument("--outputs", action="store_true", help="outputs=true: instead, run every solution notebook "
+                                                               "in full and store its outputs in the file (minutes each)")
+    options = parser.parse_args(key_value_arguments(args, parser))
     if not Path(options.src).is_dir():
         print(f"genlab: error: no notebook folder {options.src!r}; run this from the repository root or pass --src",
               file=sys.stderr)
@@ -293,19 +348,41 @@ def composition_error(err: BaseException, command: str) -> str:
     return " ".join(lines) + f" (`genlab {command} --cfg job` prints every setting)"
 
 
-def precheck(config_name: str, command: str, args: list[str]) -> str | None:
+def precheck(config_name: str, command: str, args: list[str], sweep: bool = False) -> str | None:
     """Compose the config once before Hydra's app runs: a bad override becomes one line (None: it composes).
-    Hydra's own report would print its config search path, or advise a ``+`` that only moves the error."""
+    Hydra's own report would print its config search path, or advise a ``+`` that only moves the error. In a sweep
+    (``sweep``), each job's overrides are composed, so that a bad key stops the sweep before its first job."""
     from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = [arg for arg in args if not arg.startswith("hydra.")]
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides)
+            jobs = [overrides]
+            if sweep:
+                parsed = OverridesParser.create().parse_overrides(overrides)
+                jobs = [[f"{o.get_key_element()}={value}" if o.is_sweep_override() else o.input_line
+                         for o, value in zip(parsed, values)]
+                        for values in _sweep_values(parsed)]
+            for job in jobs:
+                compose(config_name=config_name, overrides=job)
     except Exception as err:  # noqa: BLE001 (every composition failure is the user's input)
         return composition_error(err, command)
     return None
 
+
+def _sweep_values(parsed: list) -> list[list[str | None]]:
+    """One row per job of a sweep: the value of each sweep override (None for the others), the first of each
+    sweep beside the others' first (enough to find a bad key or group choice before any job runs)."""
+    rows = []
+    width = max([len(list(o.sweep_string_iterator())) for o in parsed if o.is_sweep_override()] or [1])
+    for k in range(width):
+        row = []
+        for o in parsed:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [None]
+            row.append(values[min(k, len(values) - 1)])
+        rows.append(row)
+    return rows
 
 # Where each command writes: `out` for all of them (a folder, or for sample and data an image file).
 # Hydra's own output folder (``hydra.run.dir``) is not used by any of them.
@@ -331,22 +408,54 @@ def output_key_problem(command: str, args: list[str]) -> str | None:
     return None
 
 
+def shell_completion(args: list[str]) -> int:
+    """``genlab --shell-completion install=bash`` prints Hydra's bash script for ``genlab``; the script then calls
+    ``genlab -sc query=bash`` with the line being typed in ``COMP_LINE``: the command names are answered here, a
+    command's keys, groups and choices by that command's Hydra app (the line given to it without the command)."""
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    command = "train"  # any Hydra app prints the install script
+    if any(arg.startswith("query=") for arg in args):
+        if len(words) < 2 or (len(words) == 2 and not line.endswith(" ")):
+            print(" ".join([*COMMANDS, "notebooks", "grade", "--help", "--version"]))
+            return 0
+        command = words[1]
+        if command not in COMMANDS:
+            return 0  # grade and notebooks take --flags: bash falls back to file names
+        os.environ["COMP_LINE"] = "genlab " + line.split(command, 1)[1].lstrip()
+        register_model_schema(model_family(COMMANDS[command][0], words[2:]))
+    sys.argv = ["genlab", "--shell-completion", *args]  # Hydra's script completes the program named by argv[0]
+    _hydra_app(COMMANDS[command][0], COMMANDS[command][1])()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if argv[0] in ("-V", "--version", "version"):
+        print(version_line())
+        return 0
+    if argv[0] in ("-sc", "--shell-completion"):
+        return shell_completion(argv[1:])
+    if argv[0] in ("-m", "--multirun") and len(argv) > 1:  # genlab -m sample ... as genlab sample -m ...
+        argv = [argv[1], argv[0], *argv[2:]]
     command, rest = argv[0], argv[1:]
     problem = missing_extra(command)
     if problem is not None:
         print(f"genlab: error: {problem}", file=sys.stderr)
         return 1
-    if command == "notebooks":
-        return notebooks_command(rest)
-    if command == "grade":
-        from lab_utils.commands.grading import grade_command
+    try:
+        if command == "notebooks":
+            return notebooks_command(rest)
+        if command == "grade":
+            from lab_utils.commands.grading import grade_command
 
-        return grade_command(rest)
+            return grade_command(rest)
+    except UserError as err:
+        print(f"genlab: error: {err}", file=sys.stderr)
+        return 1
     if command not in COMMANDS:
         print(f"genlab: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -356,20 +465,46 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genlab: error: {problem}", file=sys.stderr)
         return 1
     if command == "sample":
-        rest = option_overrides(rest)  # steps=10: a family's sampling option, which conf/sample.yaml does not list
+        rest = option_overrides(free_text_overrides(rest))  # steps=10: a family's option, which sample.yaml lacks
     if command == "eval":
         rest = eval_option_overrides(rest)  # eval.sample_options.steps=50: the same, for the loaded model to check
-    # conf/model/<family>.yaml extends the family's schema (its Config dataclass): store the one composed
-    register_model_schema(model_family(config_name, [arg for arg in rest if not arg.startswith("-")]))
-    if not any(arg.startswith("-") for arg in rest):  # --help, --cfg job, -m: Hydra's own flags
-        problem = precheck(config_name, command, rest)
+    overrides = [arg for arg in rest if arg not in ("-m", "--multirun")]
+    sweep = len(overrides) < len(rest)
+    if sweep and command in SWEEP_REFUSED:
+        print(f"genlab: error: genlab {command} does not run as a -m sweep: {SWEEP_REFUSED[command]}", file=sys.stderr)
+        return 1
+    # conf/model/<family>.yaml extends the family's schema (its Config dataclass): store the one composed (each one
+    # of a sweep, model=ddpm,flow)
+    family = model_family(config_name, [arg for arg in overrides if not arg.startswith("-")])
+    for name in [*(family or "").split(","), model_family(config_name)] if sweep else [family]:
+        register_model_schema(name)  # a sweep's config is also composed without its sweeps: the default family
+    if any(arg in ("-h", "--help") for arg in rest):
+        overrides = [arg for arg in overrides if arg not in ("-h", "--help")]
+        problem = precheck(config_name, command, overrides)
+        if problem is not None:
+            print(f"genlab: error: {problem}", file=sys.stderr)
+            return 1
+        print(help_page(command, config_name, overrides))
+        return 0
+    if not any(arg.startswith("-") for arg in overrides):  # --cfg job, --hydra-help: Hydra's own flags
+        problem = precheck(config_name, command, overrides, sweep=sweep)
         if problem is not None:
             print(f"genlab: error: {problem}", file=sys.stderr)
             return 1
     sys.argv = [f"genlab {command}", *rest]  # Hydra parses sys.argv
-    _hydra_app(config_name, task)()
+    if not sweep:
+        _hydra_app(config_name, task)()
+        return 0
+    # A sweep: Hydra's launcher writes multirun.yaml and a folder per job into hydra.sweep.dir, which no genlab
+    # command uses (each job writes its own out=): a temporary folder, removed at the end, not the user's folder.
+    with tempfile.TemporaryDirectory(prefix="genlab-sweep-") as sweep_dir:
+        sys.argv += [f"hydra.sweep.dir={sweep_dir}"]
+        _hydra_app(config_name, task)()
+    if FAILED_JOBS:
+        print(f"genlab: {len(FAILED_JOBS)} job(s) of the sweep failed (#{', #'.join(map(str, FAILED_JOBS))}); the "
+              "others wrote their outputs", file=sys.stderr)
+        return 1
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,8 +1,8 @@
 """``genlab grade``: run students' notebooks in a sandbox and judge each exercise in the grader's own process.
 
     genlab grade submissions/            # submissions/<student>/<notebook>.ipynb, or submissions/<student>.ipynb
-    genlab grade alice/01_gan.ipynb --out grades --time-limit 600
-    genlab grade submissions/ --jobs 2      # two notebooks at once
+    genlab grade alice/01_gan.ipynb out=grades time_limit=600
+    genlab grade submissions/ jobs=2         # two notebooks at once (--jobs 2 works too)
 
 Before any submission runs, the solution notebooks are read into memory: per notebook (a plain name, the file's
 stem) the points of each exercise, whether it is graded in smoke mode, and the instructor's check call for each
@@ -10,7 +10,7 @@ exercise (``check_attention(attention)``: which check, given which of the studen
 its metadata may only *name* one of those notebooks.
 
 Each notebook runs in a sandbox (:mod:`lab_utils.commands.sandbox`, bubblewrap; without it ``genlab grade`` refuses unless
-``--unsandboxed`` says the instructor accepts running students' code as themself) in a fresh work folder, by
+``unsandboxed=true`` says the instructor accepts running students' code as themself) in a fresh work folder, by
 :mod:`lab_utils.commands.grade_runner`: the student's cells in order, then, for each exercise, the instructor's check on
 inputs drawn for this run (the draw is handed over on the runner's stdin, readable once). The sandbox only sends
 back what the student's code *returned* (JSON and safetensors) and the guard's reports of forbidden calls; the
@@ -19,7 +19,7 @@ inputs, compared with the same tolerances and hints as in the notebook. Nothing 
 signs is read as a grade.
 
 Output (:mod:`lab_utils.commands.grades`): a table on stdout, and ``grades.csv`` (one row per student, notebook and
-exercise; a submission that could not be graded gets one row with its problem) and ``grades.json`` in ``--out``,
+exercise; a submission that could not be graded gets one row with its problem) and ``grades.json`` in ``out=``,
 rewritten as each notebook finishes.
 """
 
@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lab_utils.commands.arguments import key_value_arguments
 from lab_utils.commands.grades import ExerciseGrade, NotebookGrade, print_table, write_reports
 from lab_utils.commands.notebooks import NOTEBOOK_FOLDER
 from lab_utils.commands.sandbox import INSIDE_WORK, Limits, SandboxUnavailable, bwrap_command, check_sandbox, \
@@ -292,7 +293,7 @@ def grade_notebook(student: str, path: Path, solutions: dict[str, SolutionNotebo
             problems.append("the notebook read the grading channel (the inputs drawn for this run) before its checks "
                             "ran: nothing is scored")
         if not sandboxed:
-            problems.append("graded without a sandbox (--unsandboxed): not for credit")
+            problems.append("graded without a sandbox (unsandboxed=true): not for credit")
         exercises_out = [judge_exercise(check, solution.points[check.exercise], draw, work, index,
                                         ran=not channel_read)
                          for index, check in enumerate(solution.checks)]
@@ -312,37 +313,40 @@ def _notebook_key(student: str, path: Path) -> str:
 
 def grade_command(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="genlab grade", description="run students' notebooks in a sandbox and "
-                                     "score each exercise (CSV and JSON in --out)")
+                                     "score each exercise (CSV and JSON in out=)")
     parser.add_argument("target", help="a student's notebook, or a folder: <student>/<notebook>.ipynb or "
                                        "<student>.ipynb")
-    parser.add_argument("--out", default="grades", help="folder for grades.csv and grades.json (default: grades)")
+    parser.add_argument("--out", default="grades", help="out=: folder for grades.csv and grades.json "
+                                                        "(default: grades)")
     parser.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT,
-                        help=f"seconds per notebook (default {DEFAULT_TIME_LIMIT})")
-    parser.add_argument("--full", action="store_true", help="run notebooks as written, not in smoke mode")
-    parser.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1; each is its own "
-                                                            "process: more than the cores only slows them)")
+                        help=f"time_limit=: seconds per notebook (default {DEFAULT_TIME_LIMIT})")
+    parser.add_argument("--full", action="store_true", help="full=true: run notebooks as written, not in smoke mode")
+    parser.add_argument("--jobs", type=int, default=1, help="jobs=: notebooks run at once (default 1; each is its "
+                                                            "own process: more than the cores only slows them)")
     parser.add_argument("--solutions", default=str(NOTEBOOK_FOLDER),
-                        help="folder of the solution notebooks the points and checks are read from (default: the "
+                        help="solutions=: folder of the solution notebooks the points and checks are read from "
+                             "(default: the "
                              "lab's)")
     parser.add_argument("--memory-limit", type=float, default=Limits().memory_bytes / 2**30,
-                        help="GiB of memory per notebook (default 6)")
+                        help="memory_limit=: GiB of memory per notebook (default 6)")
     parser.add_argument("--unsandboxed", action="store_true",
-                        help="run students' code without a sandbox, as yourself: not for credit (bubblewrap missing)")
-    options = parser.parse_args(args)
+                        help="unsandboxed=true: run students' code without a sandbox, as yourself: not for credit "
+                             "(bubblewrap missing)")
+    options = parser.parse_args(key_value_arguments(args, parser))
     try:
         if options.jobs < 1:
-            raise GradingError(f"--jobs must be at least 1, got {options.jobs}")
+            raise GradingError(f"jobs must be at least 1, got jobs={options.jobs}")
         if not (math.isfinite(options.time_limit) and options.time_limit > 0):
-            raise GradingError(f"--time-limit must be a positive number of seconds, got {options.time_limit:g}")
+            raise GradingError(f"time_limit must be a positive number of seconds, got time_limit={options.time_limit:g}")
         if not (math.isfinite(options.memory_limit) and options.memory_limit >= 0.5):
-            raise GradingError(f"--memory-limit must be at least 0.5 GiB, got {options.memory_limit:g}")
+            raise GradingError(f"memory_limit must be at least 0.5 GiB, got memory_limit={options.memory_limit:g}")
         solutions_folder = Path(options.solutions)
         if not solutions_folder.is_dir():
-            raise GradingError(f"no solutions folder {solutions_folder}; pass --solutions <folder of the lab's "
+            raise GradingError(f"no solutions folder {solutions_folder}; pass solutions=<folder of the lab's "
                                f"notebooks>")
         out = Path(options.out)
         if out.exists() and not out.is_dir():
-            raise GradingError(f"--out {out} is a file; give a folder for grades.csv and grades.json")
+            raise GradingError(f"out={out} is a file; give a folder for grades.csv and grades.json")
         submissions = find_submissions(Path(options.target))
         solutions = load_solutions(solutions_folder)
         if not solutions:
