@@ -5,7 +5,9 @@
     genlab serve runs=runs/shapes                  # the zoo and every run folder under runs/shapes
 
 The app is FastAPI on uvicorn (``lab_utils.commands.serve.app``); what it serves and its limits are
-``lab_utils.commands.serve.models``; the page is plain HTML, CSS and JavaScript in ``static/`` (no build step).
+``lab_utils.commands.serve.models``; the bodies it answers with, which the OpenAPI document is built from, are
+``schemas``; which Host headers it answers and how long it waits on a client are ``connections``; the page is plain
+HTML, CSS and JavaScript in ``static/`` (no build step).
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import errno
 import logging
 import socket
 
+import uvicorn
 from omegaconf import DictConfig
 
 from lab_utils.core.schema import typed_section
 
 from .app import ServeError, create_app, request_model
-from .models import Limits, ServeConfig, ServedModel, load_models
+from .connections import check_hosts, server_config
+from .models import Connections, Limits, ServeConfig, ServedModel, load_models
 
-__all__ = ["Limits", "ServeConfig", "ServeError", "ServedModel", "create_app", "load_models", "request_model",
-           "serve_command_main"]
+__all__ = ["Connections", "Limits", "ServeConfig", "ServeError", "ServedModel", "check_hosts", "create_app",
+           "load_models", "request_model", "serve_command_main", "server_config"]
 
 log = logging.getLogger("genlab")
 
@@ -59,7 +63,6 @@ def check_names(config: ServeConfig) -> None:
 
 def serve_command_main(cfg: DictConfig) -> None:
     import torch
-    import uvicorn
 
     from lab_utils.harness.devices import pick_device
 
@@ -77,4 +80,4 @@ def serve_command_main(cfg: DictConfig) -> None:
     print(f"genlab serve: {where}/ ({', '.join(models)}; API docs at {where}/docs); Ctrl-C stops it", flush=True)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach this machine can use the server", config.host)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    uvicorn.Server(server_config(config, app)).run()

@@ -4,17 +4,22 @@
                                   -> image/png (the n images side by side), or JSON with base64 PNGs and the
                                      resolved settings (``"format": "json"`` or ``Accept: application/json``)
     POST /generate-image/stream   the same request -> server-sent events: ``start``, ``progress`` (the current
-                                  x0 estimate every few steps, for the diffusion families), ``done`` or ``error``
+                                  x0 estimate every few steps, for the diffusion families), ``done`` or ``error``,
+                                  and a ``: keep-alive`` comment while a long generation has nothing to send
     GET  /models                  each model's family, dataset, parameters, options and their limits
-    GET  /health                  liveness and the queue
+    GET  /health                  liveness and the queue (HEAD too)
     GET  /                        the page: a prompt, families side by side, the denoising live
-    GET  /docs                    FastAPI's OpenAPI page (the request schema carries the limits)
+    GET  /docs                    Swagger UI on the OpenAPI document (the request schema carries the limits; every
+                                  body is a model of ``schemas``), its assets served from here: it works offline
 
 Generation runs in worker threads, never on the event loop; at most ``limits.workers`` run and
 ``limits.queue`` wait, and one more request is answered 503 with ``Retry-After`` at once. Each request seeds
 its own ``torch.Generator``, draws ``n`` images of its prompt in one batch exactly as ``genlab sample`` does
 (the same request gives the same pixels as ``genlab sample ... layout=tiles``), and stops with 504 after
-``limits.timeout_s``.
+``limits.timeout_s``; a client that leaves stops its generation at the next step (both routes).
+
+A prompt longer than a model's tokenizer reads (``max_prompt_tokens``) is cut there, and the answer says so:
+``ignored_words`` in the JSON and the stream's events, ``X-Genlab-Ignored-Words`` beside the PNG.
 
 The request's sampling fields are built from the ``SampleOptions`` dataclasses of genlab's families and of the
 served models (their types, bounds, choices and help; :func:`lab_utils.commands.serve.models.option_schema`), so a
@@ -41,16 +46,22 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic.json_schema import models_json_schema
 
 from lab_utils.core.data import words
 from lab_utils.core.lab import SampleOptions
 from lab_utils.core.plotting import png_bytes, tiles
 from lab_utils.core.registry import BUILTIN_LABS, lab_class
 
+from .connections import BodyTimeout
 from .models import REQUEST_FIELDS, Limits, ServedModel, ServeConfig, option_schema
+from .schemas import (BODY_TIMEOUT, BUSY, HOST_REFUSED, REFUSED, STREAM_EVENTS,
+                      GenerateResult, Health, ModelList, StreamError, StreamProgress, StreamStart, error)
 
 STATIC = Path(__file__).parent / "static"
+MAX_SEED = 2**53 - 1  # the largest integer every JSON client reads exactly (a JavaScript number's)
 
 
 class ServeError(Exception):
@@ -127,7 +138,7 @@ def request_model(limits: Limits, models: Iterable[ServedModel] = ()) -> type[Ba
                            examples=["a large red circle at the top left"])),
         model=(str, Field(..., max_length=200, description="a model's name from GET /models")),
         n=(int, Field(1, ge=1, le=limits.n, description="images of the prompt")),
-        seed=(int, Field(0, ge=0, le=2**63 - 1, description="the same seed gives the same images")),
+        seed=(int, Field(0, ge=0, le=MAX_SEED, description="the same seed gives the same images")),
         **options,
         format=(Optional[Literal["png", "json"]], Field(None, description="png (default) or json; or the Accept header")),
     )
@@ -222,6 +233,8 @@ def run_generation(model: ServedModel, prompt: str, n: int, seed: int, options: 
     lab = model.lab
     device = lab.device
     with model.lock, torch.no_grad():
+        if cancelled is not None and cancelled.is_set():
+            raise Cancelled()  # its client left while it waited in the queue
         started = time.perf_counter()
         deadline = time.monotonic() + limits.timeout_s
 
@@ -231,9 +244,9 @@ def run_generation(model: ServedModel, prompt: str, n: int, seed: int, options: 
             if time.monotonic() > deadline:
                 raise GenerationTimeout()
             if emit is not None and step < steps:
-                emit("progress", {"step": step, "steps": steps, "seconds": time.perf_counter() - started,
-                                  "image": b64_png(estimate),
-                                  "images": [b64_png(estimate[i:i + 1]) for i in range(len(estimate))]})
+                emit("progress", StreamProgress(
+                    step=step, steps=steps, seconds=time.perf_counter() - started, image=b64_png(estimate),
+                    images=[b64_png(estimate[i:i + 1]) for i in range(len(estimate))]).model_dump())
 
         generator = torch.Generator(device=device).manual_seed(seed)
         try:
@@ -246,22 +259,88 @@ def run_generation(model: ServedModel, prompt: str, n: int, seed: int, options: 
         return Generation(images=images.float().cpu(), seconds=time.perf_counter() - started, options=asdict(options))
 
 
+@dataclass
+class Checked:
+    """A request the server will draw: its model, its options parsed by the model's lab, and what of its prompt the
+    model will not read as written (words it does not know; words past its ``max_prompt_tokens``)."""
+
+    model: ServedModel
+    options: SampleOptions
+    unknown_words: list[str]
+    ignored_words: list[str]
+
+
+def ignored_words(model: ServedModel, prompt: str) -> list[str]:
+    """The words of ``prompt`` its model's tokenizer cuts off: it reads ``[CLS] w_1 ... w_n``, at most
+    ``max_prompt_tokens`` tokens, so the words after the first ``max_prompt_tokens - 1``."""
+    limit = model.max_prompt_tokens
+    return [] if limit is None else words(prompt)[limit - 1:]
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns once the client has gone. The body is read, so the next message is ``http.disconnect``: uvicorn sends
+    it when the socket closes (the test client when the response is complete)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _expected(future: asyncio.Future) -> None:
+    """Collects a generation's result no one waits for (a client gone): its ``Cancelled`` is no error to log."""
+    if not future.cancelled():
+        future.exception()
+
+
+RESULT_HEADERS = {  # beside the PNG (and the JSON, which says the same in its fields)
+    "X-Genlab-Seconds": "time spent drawing, without the queue",
+    "X-Genlab-Options": "every sampling option as used, as a JSON object",
+    "X-Genlab-Unknown-Words": "words of the prompt the model does not know (read as [UNK]), comma-separated",
+    "X-Genlab-Ignored-Words": "words of the prompt past the model's `max_prompt_tokens`, which it did not read, "
+                              "comma-separated (empty: it read the whole prompt)",
+}
+
+
+def _documented(document: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI's document plus what it cannot infer: the models of the stream's events (``x-events`` on its
+    ``text/event-stream``: the JSON of each event's ``data``, by event name)."""
+    _, definitions = models_json_schema([(model, "serialization") for model in STREAM_EVENTS.values()],
+                                        ref_template="#/components/schemas/{model}")
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in definitions.get("$defs", {}).items():
+        schemas.setdefault(name, schema)
+    stream = document["paths"]["/generate-image/stream"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    stream["x-events"] = {name: {"$ref": f"#/components/schemas/{model.__name__}"}
+                          for name, model in STREAM_EVENTS.items()}
+    return document
+
+
 # ------------------------------------------------------------------------------------ the app
 def create_app(config: ServeConfig, models: dict[str, ServedModel]) -> FastAPI:
-    limits = config.limits
+    limits, connections = config.limits, config.connections
     Body = request_model(limits, models.values())  # a sampling option it cannot bound stops the server here
     gate = Gate(limits.workers, limits.queue)
     executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="genlab-generate")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="genlab", version="1", lifespan=lifespan,
-                  description="Text-to-image with every family of the lab: a GAN, a VAE, a pixel DDPM, a latent "
-                              "DDPM and a rectified flow, trained on the same data. Models are chosen by name "
-                              "(GET /models).")
+    # FastAPIOffline: FastAPI with /docs on Swagger UI's files from the fastapi-offline package, served here: no
+    # CDN, so the page works on a machine without a network. No /redoc: ReDoc's page still fetches its logo online.
+    app = FastAPIOffline(title="genlab", version="1", lifespan=lifespan, redoc_url=None,
+                         swagger_ui_parameters={"validatorUrl": None},  # Swagger UI calls no validator either
+                         description="Text-to-image with every family of the lab: a GAN, a VAE, a pixel DDPM, a "
+                                     "latent DDPM and a rectified flow, trained on the same data. Models are chosen "
+                                     "by name (GET /models). Every error is a JSON object with a one-line `detail`.")
+    app.add_middleware(BodyTimeout, seconds=connections.body_timeout_s)
     app.state.models, app.state.gate, app.state.config = models, gate, config
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _documented(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, err: ServeError) -> JSONResponse:
@@ -272,7 +351,7 @@ def create_app(config: ServeConfig, models: dict[str, ServedModel]) -> FastAPI:
         refused = validation_error(err, Body.model_fields)
         return JSONResponse(refused.body(), status_code=refused.status)
 
-    def check(body: BaseModel) -> tuple[ServedModel, SampleOptions, list[str]]:
+    def check(body: BaseModel) -> Checked:
         model = models.get(body.model)
         if model is None:
             raise ServeError(422, f"model: no model {body.model!r}; this server has {', '.join(models)} "
@@ -280,7 +359,7 @@ def create_app(config: ServeConfig, models: dict[str, ServedModel]) -> FastAPI:
         options = sampling_options(model, body, limits)
         known = set(model.lab.data_info.vocab)
         unknown = sorted({word for word in words(body.prompt) if word not in known})
-        return model, options, unknown
+        return Checked(model, options, unknown, ignored_words(model, body.prompt))
 
     def admit() -> None:
         if not gate.enter():
@@ -298,43 +377,69 @@ def create_app(config: ServeConfig, models: dict[str, ServedModel]) -> FastAPI:
                 gate.running -= 1
             gate.leave()
 
-    def result_json(model: ServedModel, body: BaseModel, done: Generation, unknown: list[str]) -> dict[str, Any]:
-        return {"model": model.name, "family": model.family, "prompt": body.prompt, "n": body.n, "seed": body.seed,
-                "options": done.options, "seconds": round(done.seconds, 4), "unknown_words": unknown,
-                "image": b64_png(done.images),
-                "images": [b64_png(done.images[i:i + 1]) for i in range(len(done.images))]}
+    def result(checked: Checked, body: BaseModel, done: Generation) -> GenerateResult:
+        return GenerateResult(model=checked.model.name, family=checked.model.family, prompt=body.prompt, n=body.n,
+                              seed=body.seed, options=done.options, seconds=round(done.seconds, 4),
+                              unknown_words=checked.unknown_words, ignored_words=checked.ignored_words,
+                              image=b64_png(done.images),
+                              images=[b64_png(done.images[i:i + 1]) for i in range(len(done.images))])
 
-    @app.post("/generate-image", responses={200: {"content": {"image/png": {}, "application/json": {}},
-                                                  "description": "the n images side by side (PNG), or JSON"},
-                                            422: {"description": "a field out of its limits (named in the body)"},
-                                            503: {"description": "busy: retry after the Retry-After seconds"},
-                                            504: {"description": "the generation took longer than the timeout"}})
+    too_long = f"the generation took longer than {limits.timeout_s:g} s"
+    retry_after = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+    refusals = {400: HOST_REFUSED, 408: BODY_TIMEOUT, 422: REFUSED, 503: {**BUSY, "headers": retry_after}}
+
+    @app.post("/generate-image", responses={
+        200: {"model": GenerateResult,
+              "description": "the n images side by side (PNG; the default), or JSON (`\"format\": \"json\"` or "
+                             "`Accept: application/json`)",
+              "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+              "headers": {name: {"description": text, "schema": {"type": "string"}}
+                          for name, text in RESULT_HEADERS.items()}},
+        **refusals, 504: error(f"{too_long} (`limits.timeout_s`); ask for fewer images or steps")})
     async def generate_image(body: Body, request: Request) -> Response:  # type: ignore[valid-type] (Body: this limits)
-        """Draw ``n`` images of ``prompt`` with ``model``: the write-ups' endpoint (a prompt in, an image out)."""
-        model, options, unknown = check(body)
+        """Draw ``n`` images of ``prompt`` with ``model``: the write-ups' endpoint (a prompt in, an image out). A client
+        that disconnects stops its generation at the next step."""
+        checked = check(body)
         admit()
         loop = asyncio.get_running_loop()
+        cancelled = threading.Event()
+        work = loop.run_in_executor(executor, job, checked.model, body, checked.options, None, cancelled)
+        gone = asyncio.ensure_future(until_disconnected(request))
         try:
-            done = await loop.run_in_executor(executor, job, model, body, options)
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():  # the client left (or the server stops): no one will read the images
+                cancelled.set()
+                work.add_done_callback(_expected)
+        if not work.done():
+            return Response(status_code=499)  # nginx's "client closed request"; no one receives it
+        try:
+            done = work.result()
         except GenerationTimeout:
-            raise ServeError(504, f"the generation took longer than {limits.timeout_s:g} s; ask for fewer images "
-                                  "or steps") from None
+            raise ServeError(504, f"{too_long}; ask for fewer images or steps") from None
+        headers = {"X-Genlab-Seconds": f"{done.seconds:.4f}", "X-Genlab-Options": json.dumps(done.options),
+                   "X-Genlab-Unknown-Words": ",".join(checked.unknown_words),
+                   "X-Genlab-Ignored-Words": ",".join(checked.ignored_words)}  # RESULT_HEADERS
         accept = request.headers.get("accept", "")
         wants_json = body.format == "json" or (body.format is None and "application/json" in accept
                                                and "image/png" not in accept)
         if wants_json:
-            return JSONResponse(result_json(model, body, done, unknown))
-        png = png_bytes(tiles(done.images, ncols=min(8, len(done.images))))
-        return Response(png, media_type="image/png", headers={
-            "X-Genlab-Seconds": f"{done.seconds:.4f}", "X-Genlab-Options": json.dumps(done.options),
-            "X-Genlab-Unknown-Words": ",".join(unknown)})
+            return JSONResponse(result(checked, body, done).model_dump(), headers=headers)
+        return Response(png_bytes(tiles(done.images, ncols=min(8, len(done.images)))), media_type="image/png",
+                        headers=headers)
 
-    @app.post("/generate-image/stream", response_class=StreamingResponse,
-              responses={200: {"content": {"text/event-stream": {}},
-                               "description": "events start, progress (x0 estimates), done or error"}})
+    @app.post("/generate-image/stream", response_class=StreamingResponse, responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+              "description": "server-sent events, each `event: <name>` and `data: <JSON>`: start, progress (the "
+                             "x0 estimates, diffusion families), then done or error; their JSON is the model "
+                             "`x-events` names (StreamStart, StreamProgress, GenerateResult, StreamError). A "
+                             f"`: keep-alive` comment comes every `connections.sse_keep_alive_s` "
+                             f"({connections.sse_keep_alive_s:g} s) with nothing else to send."},
+        **refusals})
     async def generate_stream(body: Body, request: Request) -> StreamingResponse:  # type: ignore[valid-type]
         """The same request as ``/generate-image``, answered as server-sent events while it draws."""
-        model, options, unknown = check(body)
+        checked = check(body)
         admit()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -343,29 +448,37 @@ def create_app(config: ServeConfig, models: dict[str, ServedModel]) -> FastAPI:
         def emit(name: str, data: dict[str, Any]) -> None:  # from the worker thread
             loop.call_soon_threadsafe(events.put_nowait, (name, data))
 
+        def failed(status: int, detail: str, **more: Any) -> None:
+            emit("error", StreamError(status=status, detail=detail, **more).model_dump(exclude_none=True))
+
         def work() -> None:
             try:
-                done = job(model, body, options, emit, cancelled)
-                emit("done", result_json(model, body, done, unknown))
+                done = job(checked.model, body, checked.options, emit, cancelled)
+                emit("done", result(checked, body, done).model_dump())
             except GenerationTimeout:
-                emit("error", {"status": 504, "detail": f"the generation took longer than {limits.timeout_s:g} s"})
+                failed(504, too_long)
             except Cancelled:
-                emit("error", {"status": 499, "detail": "cancelled"})
+                failed(499, "cancelled")
             except ServeError as err:
-                emit("error", {"status": err.status, **err.body()})
+                failed(err.status, **err.body())
             except Exception as err:  # noqa: BLE001 (a bug must end the stream, not leave the page waiting)
-                emit("error", {"status": 500, "detail": f"generation failed: {type(err).__name__}: {err}"})
+                failed(500, f"generation failed: {type(err).__name__}: {err}")
 
         # Submitted now, not when the stream is first read: the job leaves the queue even if no one reads it.
         loop.run_in_executor(executor, work)
 
         async def stream():
-            yield sse("start", {"model": model.name, "family": model.family, "prompt": body.prompt, "n": body.n,
-                                "seed": body.seed, "options": asdict(options),
-                                "unknown_words": unknown})
+            yield sse("start", StreamStart(model=checked.model.name, family=checked.model.family, prompt=body.prompt,
+                                           n=body.n, seed=body.seed, options=asdict(checked.options),
+                                           unknown_words=checked.unknown_words,
+                                           ignored_words=checked.ignored_words).model_dump())
             try:
                 while True:
-                    name, data = await events.get()
+                    try:
+                        name, data = await asyncio.wait_for(events.get(), connections.sse_keep_alive_s)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"  # a comment: proxies and the client see the stream alive
+                        continue
                     yield sse(name, data)
                     if name in ("done", "error"):
                         break
@@ -375,18 +488,25 @@ def create_app(config: ServeConfig, models: dict[str, ServedModel]) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.get("/models")
+    @app.get("/models", response_model=ModelList, response_model_exclude_unset=True, responses={400: HOST_REFUSED})
     async def list_models() -> dict[str, Any]:
         """Every model this server holds: family, dataset, parameters, sampling options and their limits."""
         return {"models": [model.describe(limits) for model in models.values()],
                 "limits": {"prompt_chars": limits.prompt_chars, "n": limits.n, "steps": limits.steps,
                            "timeout_s": limits.timeout_s}}
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(models), **gate.state()}
+    @app.get("/health", response_model=Health, responses={400: HOST_REFUSED})
+    async def health() -> Health:
+        """Liveness and the queue."""
+        return Health(status="ok", models=list(models), **gate.state())
 
-    @app.get("/", include_in_schema=False)
+    @app.head("/health", response_class=Response, responses={200: {"description": "GET /health's headers, no body"},
+                                                            400: {"description": HOST_REFUSED["description"]}})
+    async def health_head() -> Response:
+        """Liveness, for a monitor that asks with HEAD: the status and headers of ``GET /health``."""
+        return JSONResponse((await health()).model_dump())  # the server sends no body for a HEAD
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 

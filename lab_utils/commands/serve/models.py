@@ -12,6 +12,7 @@ family's options, and refuses to start on an option it cannot bound.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import asdict, dataclass, field, fields
@@ -24,6 +25,7 @@ from lab_utils.core.lab import Lab, option_kind
 from lab_utils.harness.checkpoint import LoadedLab, load_lab
 from lab_utils.harness.zoo import entries
 from lab_utils.harness.zoo import load as load_pretrained
+from labs.text_encoder.tokenizer import Tokenizer
 
 log = logging.getLogger("genlab")
 
@@ -53,17 +55,37 @@ class Limits:
 
 
 @dataclass
+class Connections:
+    """How long the server waits on a client (``serve.connections`` in ``conf/serve.yaml``): a client that sends
+    half a request and stops is dropped after a bounded time, and a long generation's stream shows it is alive."""
+
+    header_timeout_s: float = 10.0  # a request's headers must all arrive within this long (else 408, closed)
+    body_timeout_s: float = 10.0  # and its body within this long after them (else 408, closed)
+    keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this long (uvicorn's timeout_keep_alive)
+    sse_keep_alive_s: float = 15.0  # the stream sends a `: keep-alive` comment after this long with nothing to send
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            if getattr(self, item.name) <= 0:
+                raise ValueError(f"serve.connections.{item.name} must be positive, got {getattr(self, item.name)}")
+
+
+@dataclass
 class ServeConfig:
     """``conf/serve.yaml``."""
 
     host: str = "127.0.0.1"  # only this machine; 0.0.0.0 puts the lab on the network
     port: int = 8000
+    # Host headers accepted besides `host` (and localhost, 127.0.0.1, [::1] when `host` is one of them): a web page
+    # cannot drive the server through a DNS name of its own. ["*"]: any (the default when `host` is 0.0.0.0 or ::)
+    allowed_hosts: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=lambda: ["dcgan", "vae", "ddpm", "ldm", "flow"])  # zoo names
     runs: Optional[str] = None  # a folder of run folders to serve as well (by their path inside it)
     device: str = "cpu"
     threads: Optional[int] = None  # torch's intra-op threads (None: torch's default)
     batch_size: int = 64  # as `genlab sample`'s: the same request gives the same pixels as the command
     limits: Limits = field(default_factory=Limits)
+    connections: Connections = field(default_factory=Connections)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -92,6 +114,14 @@ class ServedModel:
     def family(self) -> str:
         return str(self.loaded.cfg.model.name)
 
+    @functools.cached_property
+    def max_prompt_tokens(self) -> int | None:
+        """The most tokens of a prompt this model reads ([CLS] included: ``max_length`` of its tokenizer, found
+        wherever the lab keeps it, e.g. inside the latent DDPM's diffusion lab); None: it reads no prompt."""
+        found = [value.max_length for module in self.lab.modules() for value in vars(module).values()
+                 if isinstance(value, Tokenizer)]
+        return min(found) if found else None
+
     def describe(self, limits: Limits) -> dict[str, Any]:
         """What ``GET /models`` says of this model."""
         info = self.lab.data_info
@@ -104,7 +134,8 @@ class ServedModel:
                 "step": int(self.loaded.state.get("trainer", {}).get("step", 0)),
                 "options": options, "example_prompts": list(info.prompts),
                 "vocabulary": [word for word in info.vocab if not word.startswith("[")],
-                "live_preview": type(self.lab).sample_with_progress is not Lab.sample_with_progress}
+                "live_preview": type(self.lab).sample_with_progress is not Lab.sample_with_progress,
+                "max_prompt_tokens": self.max_prompt_tokens}
 
 
 REQUEST_FIELDS = ("prompt", "model", "n", "seed", "format")  # a request's own fields; every other is an option

@@ -133,7 +133,7 @@ async function readEvents(response, onEvent) {
         if (line.startsWith("event: ")) event = line.slice(7);
         else if (line.startsWith("data: ")) data += line.slice(6);
       }
-      onEvent(event, JSON.parse(data));
+      if (data) onEvent(event, JSON.parse(data)); // a block of comments only (": keep-alive") carries no event
     }
   }
 }
@@ -157,6 +157,7 @@ async function draw(model, element) {
       const shown = Object.entries(data.options).map(([k, v]) => `${k}=${v}`).join(", ");
       element.querySelector(".settings").textContent = shown ? `${shown}, seed ${data.seed}` : `seed ${data.seed}`;
       if (data.unknown_words.length) status.textContent += ` (unknown words read as [UNK]: ${data.unknown_words.join(", ")})`;
+      if (data.ignored_words.length) status.textContent += ` (prompt too long: ignored ${data.ignored_words.join(" ")})`;
     } else if (event === "progress") {
       showImages(element, data.images);
       bar.value = data.step / data.steps;
