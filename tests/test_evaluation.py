@@ -449,3 +449,32 @@ def test_a_plain_evaluator_run_can_be_used(smoke_setup, tmp_path):
     with pytest.raises(ConfigError, match="not an evaluator"):
         eval_command_main(compose([f"run={run_dir}", "eval.num_samples=8", f"eval.evaluator_run={run_dir}"],
                                   config_name="eval", check=False))
+
+
+def test_count_objects_counts_regions_not_pixels():
+    """Discs on a plain background: 0, 1, 2 and 3 objects; a speck under min_area is not one; pixels touching only
+    at a corner are one region (8-connected); a faint blob under the threshold is background; the background is
+    each image's own (a grey one, an object touching the border)."""
+    from lab_utils.core.metrics import count_objects
+
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+
+    def disc(cy, cx, r):
+        return ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).float()
+
+    background = torch.full((8, 3, 32, 32), -0.94)
+    background[5] = 0.1  # a grey background
+    masks = [torch.zeros(32, 32), disc(8, 8, 4), disc(8, 8, 4) + disc(24, 24, 3), disc(6, 6, 3) + disc(6, 24, 3)
+             + disc(24, 12, 5), disc(16, 16, 5), disc(16, 16, 5), disc(0, 0, 6), disc(16, 16, 4)]
+    images = background.clone()
+    for k, mask in enumerate(masks[:8]):
+        images[k, 0] += 1.5 * mask.clamp(max=1)  # a red object
+    images[4, :, 2, 2] = 0.9  # a one-pixel speck beside the disc
+    images[5, 1, 3, 3:6] = 0.9  # a 1x3 speck: under min_area = 4
+    diagonal = torch.zeros(32, 32)
+    for k in range(6):
+        diagonal[4 + k, 4 + k] = 1  # a one-pixel-wide diagonal line: one region when corners connect
+    images[6] = -0.94
+    images[6, 2] += 1.5 * diagonal
+    images[7, 0] += 0.2 * disc(20, 20, 4)  # a faint blob: 0.2 < threshold 0.25
+    assert count_objects(images).tolist() == [0, 1, 2, 3, 1, 1, 1, 1]

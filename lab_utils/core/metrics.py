@@ -267,3 +267,28 @@ def prompt_alignment(predicted: torch.Tensor, target: torch.Tensor, held_out_mas
         result["held_out"] = _accuracy_summary(correct[mask], names)
         result["seen"] = _accuracy_summary(correct[~mask], names)
     return result
+
+
+def count_objects(images: torch.Tensor, threshold: float = 0.25, min_area: int = 4) -> torch.Tensor:
+    """(B,) the number of objects in each image of ``images`` (B, C, H, W) in [-1, 1], for data that draws one object
+    on a plain background (shapes, Fashion-MNIST): the 8-connected regions of at least ``min_area`` pixels that
+    differ from the background by more than ``threshold`` in some channel. The background is each image's median
+    border pixel (per channel).
+
+    Alignment reads *which* shape an image shows, not *how many*: an image with two red circles reads as "a red
+    circle". The share of images with exactly one object, beside the real images' (the ceiling), counts them."""
+    b, _, h, w = images.shape
+    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=2)
+    background = border.median(dim=2).values[:, :, None, None]  # (B, C, 1, 1)
+    mask = ((images - background).abs().amax(dim=1) > threshold).float()  # (B, H, W): object pixels
+    # connected components by label propagation: each object pixel starts with its own index (1..HW) and takes the
+    # largest index among its 3x3 neighbours until nothing changes; a region ends labelled by its largest index
+    labels = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, h, w).expand(b, h, w) * mask
+    while True:
+        spread = nn.functional.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * mask
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    per_image = labels.long() + torch.arange(b).view(b, 1, 1) * (h * w + 1)  # (B, H, W): ids unique per image
+    ids, areas = torch.unique(per_image[mask.bool()], return_counts=True)
+    return torch.bincount(ids[areas >= min_area] // (h * w + 1), minlength=b)
