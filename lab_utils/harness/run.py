@@ -1,9 +1,10 @@
 """``train``: one training run, from the config to the last checkpoint.
 
 It opens the run folder (new, or resumed: :mod:`lab_utils.harness.run_folder`), builds the dataset, the lab and
-the :class:`~lab_utils.harness.trainer.Trainer`, restores the checkpoint into them, writes ``config.yaml`` and
-``train.log`` (the log handler is removed again when the run ends) and fits. Nothing is written into
-the run folder before the data, the model and the checkpoint all loaded.
+the :class:`~lab_utils.harness.trainer.Trainer`, restores the checkpoint into them, writes ``config.yaml``,
+``run.json`` (who started it, how, with which code: :func:`~lab_utils.harness.run_folder.record_start`) and
+``train.log`` (the log handler is removed again when the run ends) and fits. Nothing is written into the run folder
+before the data, the model and the checkpoint all loaded.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lab_utils.core.schema import typed_section
 from lab_utils.harness import distributed
 from lab_utils.harness.checkpoint import initialize_modules
 from lab_utils.harness.devices import pick_device, speed_setup
-from lab_utils.harness.run_folder import Resume, RunFolderError, RunLock, continue_metrics, open_run
+from lab_utils.harness.run_folder import Resume, RunFolderError, RunLock, continue_metrics, open_run, record_start
 from lab_utils.harness.trainer import Callback, Trainer, TrainResult
 
 log = logging.getLogger("genlab.train")
@@ -99,6 +100,8 @@ def _train(cfg: DictConfig, settings: TrainerConfig, resume: str | Path | Resume
         # Nothing is written into the run directory before the data, model and checkpoint all loaded.
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        record_start(run_dir, source.checkpoint if source else None, trainer.step, dist_info.world_size,
+                     source.run_dir if source else None)
         continue_metrics(source.run_dir if source else None, run_dir, trainer.step)
     with file_log(run_dir / "train.log") if dist_info.is_main else contextlib.nullcontext():
         if state is not None:
