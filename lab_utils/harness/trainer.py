@@ -1,7 +1,8 @@
 """The model-agnostic training harness.
 
 It knows devices, precision, gradient clipping, LR warm-up, EMA, checkpoints, resumption,
-logging, sample grids and the NaN guard. It knows nothing about GANs, VAEs or diffusion: a
+logging (``metrics.jsonl``; with ``trainer.tensorboard=true`` also TensorBoard's scalars, sample grids and
+config), sample grids and the NaN guard. It knows nothing about GANs, VAEs or diffusion: a
 family (a :class:`lab_utils.core.lab.Lab`) gives it named optimisers and a ``training_step`` that
 calls ``ctx.optimize(name, loss)`` for each update and ``ctx.next_batch()`` for more data.
 
@@ -31,14 +32,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from lab_utils.core.config import TrainerConfig
 from lab_utils.core.lab import DataInfo, Lab
-from lab_utils.core.plotting import save_grid
+from lab_utils.core.plotting import save_grid, tiles
 from lab_utils.core.schema import to_container
 from lab_utils.harness import distributed
 from lab_utils.harness.checkpoint import CheckpointError, checkpoint_dir, load_state_into, save_checkpoint
@@ -176,7 +177,10 @@ class Trainer:
             self.loss_module = self.ddp
         self.step, self.images_seen, self.train_seconds = 0, 0, 0.0
         self.last_checkpoint: Path | None = None
-        self.writer = self._tensorboard() if settings.tensorboard and dist_info.is_main else None
+        # TensorBoard (rank 0): the class now, so a missing package is refused before training; the writer in fit(),
+        # once a resumed run's step is known (its purge_step drops what a killed run logged after its checkpoint)
+        self.writer_class = self._tensorboard() if settings.tensorboard and dist_info.is_main else None
+        self.writer = None
         if self.precision != settings.precision:
             where = device.type
             if device.type == "cpu" and settings.precision == "bf16":
@@ -264,12 +268,28 @@ class Trainer:
                 f"{kept}. Try a lower learning rate, trainer.grad_clip=1.0, a longer trainer.warmup_steps, "
                 "or trainer.precision=fp32.")
 
-    def _tensorboard(self):
+    def _tensorboard(self) -> type:
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional: the tensorboard extra
         except ImportError:
             raise ValueError("trainer.tensorboard=true needs the tensorboard package: pip install 'genlab[tensorboard]'") from None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+        return SummaryWriter
+
+    def open_tensorboard(self) -> None:
+        """The TensorBoard writer of ``<run>/tensorboard`` (rank 0, ``trainer.tensorboard=true``), with the run's
+        config as text at the current step. A resumed run purges the events logged after its checkpoint's step (a
+        killed run logs past its last checkpoint; those steps are trained again), as ``metrics.jsonl`` drops them."""
+        if self.writer_class is None or self.writer is not None:
+            return
+        purge_step = self.step + 1 if self.step > 0 else None  # the checkpoint's own step was logged before it
+        self.writer = self.writer_class(str(self.run_dir / "tensorboard"), purge_step=purge_step)
+        config = OmegaConf.to_yaml(self.cfg, resolve=True)
+        self.writer.add_text("config", "    " + config.replace("\n", "\n    "), self.step)  # indented: verbatim
+
+    def close_tensorboard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     @contextlib.contextmanager
     def sampling_weights(self) -> Iterator[Lab]:
@@ -301,6 +321,8 @@ class Trainer:
         with self.sampling_weights(), autocast_for(self.sampling_precision, self.device):
             images = self.lab.sample(prompts, generator=generator, options=self.lab.sample_options(tcfg.sample_options))
         images = images.float()  # (N, C, H, W): bf16 under autocast
+        if self.writer is not None:  # a row per prompt, a column per seed, pixel for pixel
+            self.writer.add_image("samples", tiles(images, ncols=tcfg.samples_per_prompt), self.step, dataformats="HWC")
         return save_grid(images, self.run_dir / "samples" / f"step_{self.step:06d}.png", captions=prompts,
                          ncols=tcfg.samples_per_prompt, title=f"{self.cfg.model.name} step {self.step}")
 
@@ -377,6 +399,7 @@ class Trainer:
         # with an event: more machinery for the same bound on the overrun.
         shared_clock = self.dist.enabled and tcfg.max_seconds is not None
         done = distributed.broadcast_flag(self.budget_used() >= 1.0, self.device)
+        self.open_tensorboard()
         try:
             while not done:
                 started = time.perf_counter()
@@ -414,14 +437,14 @@ class Trainer:
                     self.run_callbacks(seconds_before)
                 if save_now:
                     self.save()
+            progress.close()
+            if main:
+                if last_grid_step != self.step:
+                    self.write_samples()
+                self.run_callbacks(final=True)
         finally:
             progress.close()
-            if self.writer is not None:
-                self.writer.close()
-        if main:
-            if last_grid_step != self.step:
-                self.write_samples()
-            self.run_callbacks(final=True)
+            self.close_tensorboard()
         losses = {k: v for k, v in last_row.items() if k.startswith(("loss/", "grad_norm/"))}
         return TrainResult(self.run_dir, self.step, self.last_checkpoint, self.images_seen, self.train_seconds, losses)
 
