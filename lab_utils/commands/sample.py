@@ -88,7 +88,7 @@ def sample_command_main(cfg: DictConfig) -> None:
 
     import torch
 
-    from lab_utils.core.plotting import png_bytes, save_grid, tiles
+    from lab_utils.core.plotting import png_bytes, save_grid, tiles, write_file
     from lab_utils.harness.devices import pick_device
     from lab_utils.harness.zoo import load_source
 
@@ -123,8 +123,7 @@ def sample_command_main(cfg: DictConfig) -> None:
     shown = ", ".join(f"{k}={v}" for k, v in given.items())
     ncols = cfg.n if rows > 1 and cfg.n <= 16 else min(8, cfg.n)  # several prompts: one row each
     if cfg.layout == "tiles":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(png_bytes(tiles(images, ncols=cfg.n if rows > 1 else min(8, cfg.n))))
+        write_file(out, png_bytes(tiles(images, ncols=cfg.n if rows > 1 else min(8, cfg.n))))
         print(f"wrote {out} ({cfg.n} image(s) for each of {len(set(prompts))} prompt(s), seed {cfg.seed}, tiles)")
         return
     path = save_grid(images, out, captions=prompts if len(prompts) <= 64 else None, ncols=ncols,

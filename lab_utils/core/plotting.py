@@ -1,8 +1,15 @@
-"""Figures: image grids labelled with their prompts, and loss curves."""
+"""Figures: image grids labelled with their prompts, and loss curves.
+
+Every file is written whole or not at all (:func:`write_file`): a figure is rendered in memory, then written to a
+temporary file beside its name and renamed over it, so a full disk or a kill never leaves a partial or empty image
+(nor the temporary file).
+"""
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -60,6 +67,38 @@ def image_grid(
     return fig
 
 
+def write_file(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, flushed to disk, renamed over
+    ``path``. A write that fails (a full disk, a read-only folder) removes the temporary file, leaves whatever was
+    at ``path`` as it was, and raises the ``OSError`` with ``path`` named."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_figure(fig: plt.Figure, path: str | Path, **options) -> Path:
+    """Render ``fig`` in the format ``path``'s suffix names (``savefig``'s ``options``), close it, and write it
+    with :func:`write_file`."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png", **options)
+    finally:
+        plt.close(fig)
+    return write_file(path, buffer.getvalue())
+
+
 def save_grid(
     images: torch.Tensor,
     path: str | Path,
@@ -67,13 +106,8 @@ def save_grid(
     ncols: int = 8,
     title: str | None = None,
 ) -> Path:
-    """Write a labelled grid of ``images`` (values in [-1, 1]) to ``path`` (PNG)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = image_grid(images, captions, ncols=ncols, title=title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    """Write a labelled grid of ``images`` (values in [-1, 1]) to ``path`` (PNG, or the format its suffix names)."""
+    return save_figure(image_grid(images, captions, ncols=ncols, title=title), path, dpi=120)
 
 
 def tiles(images: torch.Tensor, ncols: int, padding: int = 2) -> np.ndarray:
@@ -95,8 +129,6 @@ def tiles(images: torch.Tensor, ncols: int, padding: int = 2) -> np.ndarray:
 
 def png_bytes(pixels: np.ndarray) -> bytes:
     """(H, W, C) uint8 (C = 1 or 3) -> the bytes of a PNG file (lossless)."""
-    import io
-
     from PIL import Image
 
     image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
@@ -154,11 +186,7 @@ def comparison_grid(
         column += n_seeds
     if title:
         fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def curve_scale(values: list[float]) -> tuple[str, dict[str, float]]:
@@ -246,9 +274,4 @@ def training_curves(
     colours: dict[str, str] | None = None,
 ) -> Path:
     """Write :func:`curves_figure` to ``path`` (PNG)."""
-    fig = curves_figure(curves, title, colours)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(curves_figure(curves, title, colours), path, dpi=120)

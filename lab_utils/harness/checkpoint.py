@@ -59,19 +59,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def atomic_save(state: dict[str, Any], path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A kill at any moment leaves either the old file or the new one, never a partial file.
+    A kill at any moment leaves either the old file or the new one, never a partial file. A write that fails (a
+    full disk) raises the ``OSError`` that failed it, with ``path`` named: torch's zip writer reports a failure of
+    the file's ``write`` as a ``RuntimeError`` ("unexpected pos ...") raised while handling that ``OSError``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(state, handle)
+            try:
+                torch.save(state, handle)
+            except RuntimeError as err:
+                cause = err.__context__
+                if not isinstance(cause, OSError):
+                    raise
+                raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 

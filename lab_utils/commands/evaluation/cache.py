@@ -9,7 +9,8 @@ The cache is ``lab_utils.harness.cached_run``'s: keyed by ``run_key`` (data but 
 config, trainer settings, seed and the source of ``labs/evaluator``), so any change retrains. Layout:
 ``$GENLAB_CACHE/evaluators/<data.name>-<key>/`` (default ``~/.cache/genlab``) is a normal run directory
 (``config.yaml``, ``checkpoints/``, ``metrics.jsonl``, ``train.log``) plus ``evaluator.json`` (key, test
-accuracy per attribute, config).
+accuracy per attribute, config). An evaluator is trained in ``.<data.name>-<key>.tmp<pid>/`` beside it and renamed
+when complete; one that a killed process left is removed by the next ``get_evaluator``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lab_utils.core.cache_folder import cache_folder
 from lab_utils.core.config import validate
 from lab_utils.core.schema import ConfigError
 from lab_utils.harness.cached_run import child_config, run_key, train_cached
+from lab_utils.harness.run_folder import remove_stale_temporaries
 from lab_utils.harness.zoo import shipped_evaluator
 from labs.evaluator import Evaluator, EvaluatorLab, predict_from_logits, real_images
 
@@ -100,6 +102,7 @@ def get_evaluator(
     cfg = evaluator_config(data_cfg, evaluator_overrides, preset, str(device))
     key = run_key(cfg)
     root = Path(cache_dir).expanduser() if cache_dir else cache_folder("evaluators")
+    remove_stale_temporaries(root)  # what a killed evaluator training left (.<data>-<key>.tmp<pid>/)
     folder = root / f"{cfg.data.name}-{key}"
     shipped = shipped_evaluator(cfg.data.name, key)
     if not (folder / "evaluator.json").is_file() and shipped is not None:  # the zoo's: trained with these settings
@@ -153,9 +156,12 @@ def write_evaluator_json(run_dir: Path, key: str, cfg: DictConfig, train_seconds
     info = {"key": key, "data": cfg.data.name, "test_accuracy": accuracy, "test_images": len(test),
             "train_seconds": train_seconds, "config": OmegaConf.to_container(cfg, resolve=True)}
     path = run_dir / "evaluator.json"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:  # a write that fails (a full disk) leaves no partial file
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     shown = ", ".join(f"{k} {v:.2%}" for k, v in accuracy.items() if isinstance(v, float))
     log.info("evaluator test accuracy (%d images): %s", len(test), shown)
     return info

@@ -376,10 +376,20 @@ def evaluate_run(run_dir: str | Path | None, eval_cfg: Any = None, pretrained: s
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
-    """Atomic: a temporary file in the same folder renamed over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    """Atomic: a temporary file in the same folder, renamed over ``path``; a write that fails (a full disk) leaves
+    ``path`` as it was, removes the temporary file and raises the ``OSError`` with ``path`` named."""
+    text = json.dumps(data, indent=2, default=_jsonable) + "\n"  # before any file is opened: a TypeError writes none
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _jsonable(value: Any) -> Any:

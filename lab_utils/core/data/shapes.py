@@ -141,14 +141,20 @@ class ShapesDataset(CaptionedDataset):
             self.cache_path = None
             return self.generate(self.num_items)
         pixels, labels = self.generate(total)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         try:  # atomic: a crash mid-write never leaves a half file under the final name
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             torch.save({"images": pixels, "labels": labels}, tmp)
             os.replace(tmp, path)
-        except OSError as err:
-            warnings.warn(f"could not write the shapes cache {path}: {err}", stacklevel=2)
+        except (OSError, RuntimeError) as err:  # torch's file writer reports a full disk as a RuntimeError
+            warnings.warn(f"could not write the shapes cache {path} ({str(err).strip()[:200]}); "
+                          "the split is used without a cache", stacklevel=2)
             self.cache_path = None
+        finally:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
         return pixels, labels
 
     def _read_cache(self, path: Path, total: int) -> tuple[torch.Tensor, torch.Tensor] | None:
