@@ -208,3 +208,89 @@ def test_each_training_notebook_has_the_switch_with_its_documented_default():
         default = "True" if name in LOADS_BY_DEFAULT else "False"
         assert f"pretrained_mode(default={default})" in source, name
         assert "zoo.load(" in source, name
+
+
+# ------------------------------------------------------------------------------------ building the zoo
+@pytest.fixture
+def temporary_zoo(tmp_path, monkeypatch):
+    """Copies of the vae's and the evaluator's zoo folders that the zoo reads and a build writes instead of
+    labs/*/pretrained/ (the other families ship nothing here)."""
+    from lab_utils.commands import pretrained
+
+    copies = {}
+    for package in zoo.family_packages(evaluator=True).values():
+        copies[package] = tmp_path / "zoo" / package
+        if package in ("labs.vae", "labs.evaluator"):
+            shutil.copytree(zoo.zoo_folder(package), copies[package])
+    monkeypatch.setattr(zoo, "zoo_folder", lambda package: copies[package])
+    monkeypatch.setattr(pretrained, "zoo_folder", lambda package: copies[package])
+    return copies
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    from lab_utils.harness.run import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "vae"
+    with torch.random.fork_rng():
+        train(compose(["model=vae", "preset=smoke", "trainer.steps=1", "trainer.progress=false", f"out={run_dir}"]))
+    return run_dir
+
+
+class Killed(BaseException):
+    """The process is killed here (nothing after this line runs)."""
+
+
+def test_a_kill_between_weights_and_manifest_leaves_a_zoo_that_loads(temporary_zoo, vae_run, monkeypatch):
+    """Weights and manifest change as one step: new weights under a new name, then the manifest (the commit),
+    then the old file goes. A kill before the commit leaves the old model loading; the next export cleans up."""
+    import lab_utils.commands.evaluation as evaluation
+    from lab_utils.commands import pretrained
+
+    figures = {"fid": 1.0, "alignment_all": 0.5, "alignment_seen": 0.5, "alignment_held_out": 0.5}
+    monkeypatch.setattr(pretrained, "eval_figures", lambda *args: dict(figures))  # the file handling, not the figures
+    monkeypatch.setattr(evaluation, "get_evaluator", lambda *args, **kwargs: None)
+    options = pretrained.ZooConfig(action="export", models=["vae"], dtype="float32")
+    folder, shipped = temporary_zoo["labs.vae"], zoo.find("vae")
+    write_manifest = pretrained.write_manifest
+
+    def killed_before_the_manifest(*args):
+        raise Killed
+
+    monkeypatch.setattr(pretrained, "write_manifest", killed_before_the_manifest)
+    with pytest.raises(Killed):
+        pretrained.export(options, "vae", vae_run, "git 0123456789ab")
+    assert zoo.find("vae").sha256 == shipped.sha256
+    assert sha256_of(load("vae").path) == shipped.sha256  # the manifest and the file it names agree
+
+    monkeypatch.setattr(pretrained, "write_manifest", write_manifest)
+    entry = pretrained.export(options, "vae", vae_run, "git 0123456789ab")
+    assert entry["file"] == f"vae.{entry['sha256'][:12]}.safetensors" and entry["code_version"] == "git 0123456789ab"
+    assert load("vae").state["trainer"]["step"] == 1 and zoo.find("vae").info == entry
+    assert sorted(p.name for p in folder.iterdir()) == sorted([entry["file"], entry["training_log"], "manifest.json"])
+    assert zoo.training_log("vae")[-1]["step"] == 1
+
+
+@pytest.mark.parametrize("models, evaluator_shipped, exported", [
+    (["vae"], True, ["vae"]),  # the shipped evaluator has the key its settings give now: left as it is
+    (["vae"], False, ["evaluator", "vae"]),  # missing: shipped too, first (the figures are read with it)
+    (["evaluator"], True, ["evaluator"]),  # asked for
+])
+def test_a_build_exports_only_what_was_asked(temporary_zoo, vae_run, monkeypatch, models, evaluator_shipped,
+                                             exported):
+    from lab_utils.commands import pretrained
+    from lab_utils.harness.run_folder import code_version
+
+    if not evaluator_shipped:
+        (temporary_zoo["labs.evaluator"] / "manifest.json").unlink()
+    done = []
+    entry = {"file": "x", "bytes": 0, "dtype": "float32", "test_accuracy": {"all": 1.0},
+             "eval": {"alignment_seen": 1.0, "alignment_held_out": 1.0, "fid": 1.0}}
+    monkeypatch.setattr(pretrained, "export_evaluator", lambda options, version: done.append(("evaluator", version))
+                        or entry)
+    monkeypatch.setattr(pretrained, "export", lambda options, model, run_dir, version: done.append((model, version))
+                        or entry)
+    cfg = compose(["action=export", f"models=[{','.join(models)}]", f"runs={vae_run.parent}"],
+                  config_name="pretrained", check=False)
+    pretrained.pretrained_command_main(cfg)
+    assert done == [(name, code_version()) for name in exported]

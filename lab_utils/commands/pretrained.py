@@ -3,19 +3,26 @@
     genlab pretrained                                  # the shipped models and their figures
     genlab pretrained action=build                     # train every family with its cpu preset, then export
     genlab pretrained action=export models=[ddpm]      # export runs already trained under runs/pretrained/
+    genlab pretrained action=build models=[evaluator]  # re-export the dataset's evaluator
 
 Building a model is exactly ``genlab train model=<family> data=<dataset> preset=<preset> seed=<seed>`` into
 ``<runs>/<family>`` (a finished run there is reused), then an export: the run's EMA weights go into
-``labs/<family>/pretrained/<family>.safetensors`` (``lab_utils.harness.zoo``), stored in float16 when that
-changes no ``genlab eval`` figure measurably (the evaluation is run on both and the differences recorded), and
+``labs/<family>/pretrained/<family>.<sha256[:12]>.safetensors`` (``lab_utils.harness.zoo``), stored in float16 when
+that changes no ``genlab eval`` figure measurably (the evaluation is run on both and the differences recorded), and
 the manifest entry is rewritten with the command, the run's key (``lab_utils.harness.cached_run.run_key``: its
-settings and its labs' source), the sha256 and the figures of the file as shipped.
+settings and its labs' source), the code's git version, the sha256 and the figures of the file as shipped.
+
+Only what was asked is written: the models named, and the dataset's evaluator when ``models`` names it or when
+none ships with the key its settings give now (``evaluator=true``, the default). Weights and manifest change as one
+step (:func:`publish`): the weights go under a new name of their own content, the manifest that names them replaces
+the old one, then the old file goes; a kill at any point leaves a zoo that loads.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
+import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,8 +37,9 @@ from lab_utils.core.schema import ConfigError
 from lab_utils.core.schema import typed_section
 from lab_utils.harness.cached_run import run_key
 from lab_utils.harness.checkpoint import load_lab, resolve_checkpoint
+from lab_utils.harness.run_folder import code_version, run_finished
 from lab_utils.harness.zoo import (MANIFEST, entries, family_packages, load_file_lab, read_manifest,
-                                   save_pretrained, sha256_of, zoo_folder)
+                                   save_pretrained, sha256_of, shipped_evaluator, zoo_folder)
 
 log = logging.getLogger("genlab")
 
@@ -44,21 +52,24 @@ class ZooConfig:
     """``conf/pretrained.yaml``."""
 
     action: str = "list"  # list | build | export
-    models: list[str] = field(default_factory=lambda: ["dcgan", "vae", "ddpm", "ldm", "flow"])
+    models: list[str] = field(default_factory=lambda: ["dcgan", "vae", "ddpm", "ldm", "flow"])  # or evaluator
     dataset: str = "shapes"
     preset: str = "cpu"
     seed: int = 0
     runs: str = "runs/pretrained"  # build trains into <runs>/<model>; export reads it
     eval_samples: int = 500
     dtype: str = "auto"  # auto (float16 if it changes no figure) | float16 | float32
-    evaluator: bool = True  # ship the dataset's evaluator too (genlab eval needs no training on a new machine)
+    # ship the dataset's evaluator too when none ships with its current key (genlab eval needs no training on a new
+    # machine); models=[evaluator] re-exports it
+    evaluator: bool = True
 
     def __post_init__(self) -> None:
         if self.action not in ("list", "build", "export"):
             raise ValueError(f"action must be list, build or export, got {self.action!r}")
-        unknown = [m for m in self.models if m not in family_packages()]
+        known = family_packages(evaluator=True)
+        unknown = [m for m in self.models if m not in known]
         if unknown:
-            raise ValueError(f"models {unknown} are not families of genlab; choose from {sorted(family_packages())}")
+            raise ValueError(f"models {unknown} are not families of genlab; choose from {sorted(known)}")
         if self.dtype not in ("auto", "float16", "float32"):
             raise ValueError(f"dtype must be auto, float16 or float32, got {self.dtype!r}")
         if self.eval_samples < 10:
@@ -107,7 +118,6 @@ def train_run(options: ZooConfig, model: str) -> Path:
     """Train ``model`` into ``<runs>/<model>`` with its preset (a finished run there is kept as it is)."""
     from lab_utils.harness.checkpoint import CheckpointError, load_checkpoint
     from lab_utils.harness.run import train
-    from lab_utils.harness.run_folder import run_finished
 
     out = Path(options.runs) / model
     try:
@@ -140,8 +150,9 @@ def eval_figures(lab, cfg: DictConfig, evaluator, options: ZooConfig, device: to
             "sample_options": asdict(lab.sampling_defaults())}
 
 
-def export(options: ZooConfig, model: str, run_dir: Path) -> dict[str, Any]:
-    """Write ``run_dir``'s sampling weights into the zoo and its manifest entry; returns the entry."""
+def export(options: ZooConfig, model: str, run_dir: Path, version: str | None = None) -> dict[str, Any]:
+    """Write ``run_dir``'s sampling weights into the zoo and its manifest entry (:func:`publish`); returns the entry.
+    ``version``: the code's git version, read before the command wrote anything (:func:`code_version`)."""
     from lab_utils.commands.evaluation import get_evaluator
     from lab_utils.harness.devices import pick_device
 
@@ -153,7 +164,6 @@ def export(options: ZooConfig, model: str, run_dir: Path) -> dict[str, Any]:
     trainer, step = loaded.state["trainer"], int(loaded.state["trainer"]["step"])
     evaluator = get_evaluator(loaded.cfg.data, device=device)
     folder = zoo_folder(family_packages()[model])
-    path = folder / f"{model}.safetensors"
     reference = eval_figures(loaded.lab, loaded.cfg, evaluator, options, device)  # the run's own fp32 weights
 
     dtypes = {"auto": [torch.float16, torch.float32], "float16": [torch.float16], "float32": [torch.float32]}
@@ -172,29 +182,37 @@ def export(options: ZooConfig, model: str, run_dir: Path) -> dict[str, Any]:
                 continue
         chosen, figures = dtype, candidate
         break
-    scratch.replace(path)
-    log_file = folder / f"{model}.metrics.jsonl"  # the training curves, for the notebooks that load the model
-    shutil.copyfile(Path(run_dir) / "metrics.jsonl", log_file)
-    log_file.chmod(0o644)
     entry = {
-        "family": model, "dataset": loaded.cfg.data.name, "file": path.name,
+        "family": model, "dataset": loaded.cfg.data.name,
         "command": train_command(options, model), "steps": step,
         "key": run_key(validate(loaded.cfg)),  # its settings and its labs' source, as the caches key a run
-        "built": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+        "code_version": version, "built": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "parameters": sum(p.numel() for p in loaded.lab.parameters()),
-        "dtype": str(chosen).replace("torch.", ""), "bytes": path.stat().st_size, "sha256": sha256_of(path),
-        "training_log": log_file.name,
+        "dtype": str(chosen).replace("torch.", ""),
         "eval": figures, "eval_fp32_weights": {k: reference[k] for k in ("fid", "alignment_all")},
         "fp16_minus_fp32": fp16_check, "fp16_tolerance": FP16_TOLERANCE,
     }
-    manifest = read_manifest(folder)
-    manifest[model] = entry
-    write_manifest(folder, manifest)
-    log.info("%s: wrote %s (%.1f MiB, %s)", model, path, entry["bytes"] / 2**20, entry["dtype"])
+    # the training curves go beside it, for the notebooks that load the model instead of training it
+    entry = publish(folder, model, scratch, entry, training_log=Path(run_dir) / "metrics.jsonl")
+    log.info("%s: wrote %s (%.1f MiB, %s)", model, folder / entry["file"], entry["bytes"] / 2**20, entry["dtype"])
     return entry
 
 
-def export_evaluator(options: ZooConfig) -> dict[str, Any]:
+def evaluator_command(options: ZooConfig) -> list[str]:
+    """The ``genlab train`` arguments of the dataset's evaluator (the one ``genlab eval`` uses by default)."""
+    return ["model=evaluator", f"data={options.dataset}", f"preset={options.preset}", "data.held_out=[]"]
+
+
+def evaluator_missing(options: ZooConfig) -> bool:
+    """Whether no shipped evaluator of the dataset has the key its settings give now (a new machine would train one
+    before ``genlab eval`` could measure)."""
+    from lab_utils.commands.evaluation.cache import evaluator_config
+
+    return shipped_evaluator(options.dataset, run_key(evaluator_config({"name": options.dataset},
+                                                                      preset=options.preset))) is None
+
+
+def export_evaluator(options: ZooConfig, version: str | None = None) -> dict[str, Any]:
     """Ship the dataset's evaluator (the one ``genlab eval`` uses by default: ``evaluator_preset=cpu``), float32
     (it is the measuring instrument: every figure reads its features), so a fresh machine measures at once."""
     import json
@@ -210,28 +228,65 @@ def export_evaluator(options: ZooConfig) -> dict[str, Any]:
     loaded = load_lab(source, ema=True, expect_model="evaluator")
     name = f"evaluator-{options.dataset}"
     folder = zoo_folder(family_packages(evaluator=True)["evaluator"])
-    path = save_pretrained(loaded.lab, OmegaConf.to_container(loaded.cfg, resolve=True), loaded.state["trainer"],
-                           folder / f"{name}.safetensors")
-    entry = {"family": "evaluator", "dataset": options.dataset, "file": path.name, "key": key,
-             "command": ["model=evaluator", f"data={options.dataset}", f"preset={options.preset}", "data.held_out=[]"],
-             "steps": int(loaded.state["trainer"]["step"]),
+    scratch = save_pretrained(loaded.lab, OmegaConf.to_container(loaded.cfg, resolve=True), loaded.state["trainer"],
+                              folder / f".{name}.candidate.safetensors")
+    entry = {"family": "evaluator", "dataset": options.dataset, "key": key, "command": evaluator_command(options),
+             "steps": int(loaded.state["trainer"]["step"]), "code_version": version,
              "built": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
              "parameters": sum(p.numel() for p in loaded.lab.parameters()), "dtype": "float32",
-             "bytes": path.stat().st_size, "sha256": sha256_of(path), "test_accuracy": info["test_accuracy"],
-             "test_images": info.get("test_images")}
+             "test_accuracy": info["test_accuracy"], "test_images": info.get("test_images")}
+    entry = publish(folder, name, scratch, entry)
+    log.info("%s: wrote %s (key %s, test accuracy %.3f)", name, folder / entry["file"], key,
+             info["test_accuracy"]["all"])
+    return entry
+
+
+# ------------------------------------------------------------------------------------ one atomic step
+def publish(folder: Path, name: str, weights: Path, entry: dict[str, Any],
+            training_log: Path | None = None) -> dict[str, Any]:
+    """Ship the file ``weights`` as the zoo model ``name``, described by ``entry``, in one atomic step: a loader reads
+    the old manifest and the old file, or the new manifest and the new file, never a manifest that names other bytes.
+
+    (1) the weights take a new name of their own content, ``<name>.<sha256[:12]>.safetensors``, beside the file the
+        manifest names now, which stays as it is (and so does ``training_log``'s copy, ``<name>.<sha>.metrics.jsonl``);
+    (2) the manifest that names them replaces the old one (:func:`write_manifest`: written beside it, renamed over
+        it): the commit;
+    (3) the files of ``name`` the manifest no longer names go: the old ones, and any that a killed build left.
+
+    Returns ``entry`` with ``file``, ``bytes``, ``sha256`` (and ``training_log``) filled in."""
+    digest = sha256_of(weights)
+    path = folder / f"{name}.{digest[:12]}.safetensors"
+    entry = {**entry, "file": path.name, "bytes": weights.stat().st_size, "sha256": digest}
+    if training_log is not None:
+        log_file = path.with_name(f"{name}.{digest[:12]}.metrics.jsonl")
+        tmp = log_file.with_name(f".{log_file.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(training_log.read_bytes())
+            tmp.chmod(0o644)  # package data: readable by everyone who installs it
+            os.replace(tmp, log_file)
+        finally:
+            tmp.unlink(missing_ok=True)
+        entry["training_log"] = log_file.name
+    os.replace(weights, path)  # a name no manifest names yet (or the same bytes under the same name)
     manifest = read_manifest(folder)
     manifest[name] = entry
-    write_manifest(folder, manifest)
-    log.info("%s: wrote %s (key %s, test accuracy %.3f)", name, path, key, info["test_accuracy"]["all"])
+    write_manifest(folder, manifest)  # the commit point
+    named = {str(info.get(key)) for info in manifest.values() for key in ("file", "training_log")}
+    own = re.compile(rf"^\.?{re.escape(name)}(\.[0-9a-f]{{12}})?\.(safetensors|metrics\.jsonl|candidate\.safetensors)$")
+    for stale in folder.iterdir():
+        if own.match(stale.name) and stale.name not in named:
+            stale.unlink(missing_ok=True)
     return entry
 
 
 def write_manifest(folder: Path, models: dict[str, dict[str, Any]]) -> None:
+    """Replace ``folder``'s manifest atomically (a temporary file renamed over it: readers see the old or the new)."""
     from lab_utils.commands.evaluation.evaluate import write_json
 
     write_json({"about": "genlab's pretrained models of this family; `genlab pretrained` lists them, "
                          "`make pretrained` rebuilds them (lab_utils/commands/pretrained.py)", "models": models},
                folder / MANIFEST)
+    (folder / MANIFEST).chmod(0o644)  # package data: readable by everyone who installs it
 
 
 def pretrained_command_main(cfg: DictConfig) -> None:
@@ -239,16 +294,18 @@ def pretrained_command_main(cfg: DictConfig) -> None:
     if options.action == "list":
         print(listing())
         return
-    if options.evaluator:
-        entry = export_evaluator(options)
+    version = code_version()  # before this command writes anything into the source tree
+    models = [m for m in options.models if m != "evaluator"]
+    if "evaluator" in options.models or (options.evaluator and evaluator_missing(options)):
+        entry = export_evaluator(options, version)  # first: the models' figures are read with it
         print(f"evaluator-{options.dataset}: test accuracy (all four) {entry['test_accuracy']['all']:.3f}")
-    for model in options.models:
+    for model in models:
         if options.action == "build":
             run_dir = train_run(options, model)
         else:
             run_dir = Path(options.runs) / model
             resolve_checkpoint(run_dir)  # a clear error if it was never trained
-        entry = export(options, model, run_dir)
+        entry = export(options, model, run_dir, version)
         figures = entry["eval"]
         print(f"{model}: {entry['file']} ({entry['bytes'] / 2**20:.1f} MiB {entry['dtype']}), all four seen "
               f"{figures['alignment_seen']:.2f}, held out {figures['alignment_held_out']:.2f}, FID {figures['fid']:.2f}")

@@ -2,13 +2,17 @@
 
 Each family's package holds its pretrained models beside its code, ``labs/<family>/pretrained/``:
 
-- ``<name>.safetensors``: the sampling weights (the EMA's, where the run kept one) in the safetensors
+- ``<name>.<sha256[:12]>.safetensors`` (``<name>.safetensors`` in a zoo built before names held the content's
+  hash): the sampling weights (the EMA's, where the run kept one) in the safetensors
   format, which holds tensors and a header of strings and nothing else: loading it runs no code. The
   header carries the run's resolved config and its ``DataInfo`` as JSON, so the file rebuilds the model
   alone, like a checkpoint (``lab_utils.harness.checkpoint``), without the optimiser and trainer state.
-- ``manifest.json``: for each model of the folder, its family, dataset, the command that trained it,
-  the key of that run (``lab_utils.harness.cached_run.run_key``: its settings and its labs' source, as the
-  caches key a run), the file's sha256 and size, its dtype and its ``genlab eval`` figures.
+- ``manifest.json``: for each model of the folder, the file that holds it, its family, dataset, the command that
+  trained it, the key of that run (``lab_utils.harness.cached_run.run_key``: its settings and its labs' source, as
+  the caches key a run), the code's git version, the file's sha256 and size, its dtype and its ``genlab eval``
+  figures. It is the zoo's single commit point: a build writes new weights under a new name, then replaces the
+  manifest (``lab_utils.commands.pretrained.publish``), so a file's bytes never change under its name and a
+  manifest never names a file that disagrees with it.
 
 A model is chosen by its name (``ddpm``, ``vae`` ...), never by a path: ``genlab sample pretrained=ddpm``,
 ``genlab eval pretrained=ddpm``, ``genlab serve``. The file's sha256 is checked against the manifest at
@@ -198,6 +202,8 @@ def load_file_lab(path: Path, device: str | torch.device = "cpu") -> LoadedLab:
 def load(name: str, device: str | torch.device = "cpu") -> LoadedLab:
     """The zoo model ``name``, its file checked against the manifest's sha256 first."""
     entry = find(name)
+    if not entry.path.is_file():  # a build may have replaced the manifest and removed the old file meanwhile
+        entry = find(name)
     if not entry.path.is_file():
         raise CheckpointError(f"pretrained model {name!r}: {entry.path} is missing; reinstall genlab "
                               "or rebuild the zoo with `make pretrained`")
