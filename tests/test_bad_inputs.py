@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from conftest import GENLAB, TESTS, subprocess_env
 
@@ -127,10 +128,17 @@ def copy_run(case: Path, runs: dict[str, Path]) -> None:
     shutil.copytree(runs["ddpm"], case / "other")
 
 
+HELD_LOCKS: list[FileLock] = []  # held by this test process while the table's subprocesses run
+
+
 def locked_run(case: Path, runs: dict[str, Path]) -> None:
+    """A run whose lock this (live) test process holds, its owner record beside it."""
     copy_run(case, runs)
+    lock = FileLock(str(case / "run" / ".lock"), timeout=0)
+    lock.acquire()
+    HELD_LOCKS.append(lock)
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-12-01 10:00:00"}
-    (case / "run" / ".lock").write_text(json.dumps(owner))  # held by this (live) test process
+    (case / "run" / ".lock.json").write_text(json.dumps(owner))
 
 
 def project_folder(case: Path, runs: dict[str, Path]) -> None:
@@ -238,6 +246,8 @@ def results(tmp_path_factory, runs) -> dict[str, Case]:
         list(pool.map(run, cases.values()))
     for case, folder, before in cases.values():
         case.unchanged = snapshot(folder) == before and not (folder / MARKER).exists()
+    while HELD_LOCKS:
+        HELD_LOCKS.pop().release()
     assert {name: snapshot(path) for name, path in runs.items()} == before_runs, "a shared run was changed"
     return {case.id: case for case, _, _ in cases.values()}
 

@@ -155,6 +155,10 @@ def test_markdown_table_shows_real_reference_beside_each_metric():
     table = markdown_table([row]).splitlines()
     assert table[0].startswith("| family | params")
     assert "| vae | 1.50M | 150 | - | 30,000 | 200 | 12.5 (1.25) |" in table[2]  # no first stage: "-"
+    assert table[0].endswith("| align held-out | one object | NFE | s/image |")
+    assert table[2].endswith("| 12 (1.2) | - | 1 | 0.0010 |")  # no one_object measured (an older results.json)
+    counted = {**row, "metrics": {**row["metrics"], "one_object": {"generated": 0.31, "real": 1.0}}}
+    assert "| 12 (1.2) | 0.31 (1) | 1 |" in markdown_table([counted]).splitlines()[2]
     staged = {**row, "model": "ldm", "first_stage": {"seconds": 37.4, "steps": 600}}
     assert "| ldm | 1.50M | 150 | 37 | 30,000 | 200 | 12.5 (1.25) |" in markdown_table([staged]).splitlines()[2]
     row["alignment_per_attribute"] = {"shape": 0.904, "colour": 1.0, "position": 0.164}

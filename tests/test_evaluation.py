@@ -290,6 +290,8 @@ def test_alignment_of_real_images_is_the_evaluator_accuracy(smoke_setup, capsys)
     assert list(alignment["per_attribute"].values()) == pytest.approx(accuracy.tolist())
     assert alignment["all"] == pytest.approx((predicted == test.labels[idx]).all(1).float().mean().item())
     assert result.real_held_out["fid"] >= 0 and result.nfe_per_sample == 1
+    # one object per image: every real shapes image; the generated share is the count's on the generated images
+    assert result.real_held_out["one_object"] == 1.0 and 0.0 <= result.generated["one_object"] <= 1.0
     # the evaluation is reproducible and does not touch the caller's RNG
     torch.manual_seed(0)
     state = torch.get_rng_state()

@@ -219,6 +219,8 @@ def results_row(model: str, state: dict[str, Any], evaluation: dict[str, Any], n
     for split in ("seen", "held_out"):
         metrics[f"alignment_{split}"] = {"generated": all_correct(generated["alignment"], split),
                                          "real": all_correct(real["alignment"], split)}
+    # the share of images that show exactly one object (absent from evaluations made before it was measured)
+    metrics["one_object"] = {"generated": generated.get("one_object"), "real": real.get("one_object")}
     return {
         "model": model, "parameters": n_params, "steps": counters["step"],
         "train_seconds": counters["train_seconds"], "images_seen": counters["images_seen"],
@@ -273,7 +275,8 @@ def stage_text(rows: list[dict[str, Any]]) -> str:
 
 
 COLUMNS = [("FID", "fid", 3), ("KID", "kid_mean", 2), ("IS", "inception_score", 3), ("precision", "precision", 2),
-           ("recall", "recall", 2), ("align seen", "alignment_seen", 2), ("align held-out", "alignment_held_out", 2)]
+           ("recall", "recall", 2), ("align seen", "alignment_seen", 2), ("align held-out", "alignment_held_out", 2),
+           ("one object", "one_object", 2)]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -286,8 +289,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                  f"{first['seconds']:.0f}" if first else "-", f"{row['images_seen']:,}",
                  f"{row['train_images_per_s']:.0f}"]
         for _, key, digits in COLUMNS:
-            metric = row["metrics"][key]
-            cells.append(f"{fmt(metric['generated'], digits)} ({fmt(metric['real'], digits)})")
+            metric = row["metrics"].get(key)  # None: a results.json from before the metric was measured
+            cells.append("-" if metric is None or metric["generated"] is None else
+                         f"{fmt(metric['generated'], digits)} ({fmt(metric['real'], digits)})")
         cells += [str(row["nfe_per_sample"]), f"{row['sampling_seconds_per_image']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

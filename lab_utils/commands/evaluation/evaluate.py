@@ -9,7 +9,9 @@
 Every metric of the generated set against the reference is reported beside the same metric of
 the real held-out set against the reference, at the same sample count: the *floor* of FID/KID
 and the *ceiling* of IS, precision, recall and alignment. A number without its floor means
-little (FID of real-vs-real at 1000 samples is far from 0).
+little (FID of real-vs-real at 1000 samples is far from 0). ``one_object`` is the share of images that show
+exactly one object (``metrics.count_objects``; the real ceiling is 1.0 on shapes and Fashion-MNIST): alignment
+reads which shape an image shows, and an image with a second, fainter circle still reads as "a red circle".
 
 ``genlab eval run=<dir>`` is :func:`eval_command_main`; it writes ``<run>/eval.json``.
 """
@@ -37,7 +39,7 @@ from lab_utils.harness.progress import progress_bar
 from labs.evaluator import Evaluator, quantize, real_images
 from lab_utils.commands.evaluation.sets import (  # noqa: F401 (generate, nfe_per_sample: imported from here by compare, bench)
     check_sample_options, choose_items, fid_over_guidance, generate, inception_metrics, nfe_per_sample,
-    reconstruction_metrics, set_metrics, takes_guidance,
+    one_object_share, reconstruction_metrics, set_metrics, takes_guidance,
 )
 
 log = logging.getLogger("genlab.eval")
@@ -194,6 +196,8 @@ def summary_line(result: dict[str, Any]) -> str:
     head = f"{result['model']} step {result['step']} on {result['data']} (n={result['num_samples']}):"
     parts = [f"FID {pair('fid', '.2f')}", f"KID {pair('kid_mean', '.4f')}", f"IS {pair('inception_score', '.2f')}",
              f"P {pair('precision', '.3f')}", f"R {pair('recall', '.3f')}", align]
+    if gen.get("one_object") is not None:
+        parts.append(f"one object {gen['one_object']:.1%} (real {real['one_object']:.1%})")
     if result.get("inception"):
         inc = result["inception"]
         parts.append(f"Inception FID {inc['generated']['fid']:.2f} (real {inc['real_held_out']['fid']:.2f})")
@@ -283,6 +287,8 @@ def evaluate_lab(
                        pr_k=pr_k, is_splits=is_splits)
         generated_metrics = set_metrics(reference, fake, targets, held_out_mask, **options)
         real_metrics = set_metrics(reference, real, targets, held_out_mask, **options)
+        generated_metrics["one_object"] = one_object_share(generated_images)  # alignment does not count objects
+        real_metrics["one_object"] = one_object_share(test_images)
         bar.update()
     sweep = None
     if fid_guidance:

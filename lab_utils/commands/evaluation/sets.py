@@ -12,7 +12,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lab_utils.core.metrics import fid, inception_score, kid, precision_recall, prompt_alignment, psnr
+from lab_utils.core.metrics import (count_objects, fid, inception_score, kid, precision_recall, prompt_alignment,
+                                    psnr)
 from lab_utils.core.schema import ConfigError
 from lab_utils.harness.devices import autocast_for
 from lab_utils.harness.progress import progress_bar
@@ -149,6 +150,12 @@ def set_metrics(reference: EvaluatorOutput, other: EvaluatorOutput, targets: tor
         "precision": pr.precision, "recall": pr.recall,
         "alignment": prompt_alignment(predict_from_logits(other.logits), targets, held_out_mask, attributes),
     }
+
+
+def one_object_share(images: torch.Tensor) -> float:
+    """The share of ``images`` (N, C, H, W) uint8 that show exactly one object (``metrics.count_objects``): an
+    image with a red circle and a faint second one reads as "a red circle" to the evaluator, not here."""
+    return (count_objects(images.float() / 127.5 - 1.0) == 1).float().mean().item()
 
 
 def inception_metrics(reference: tuple[torch.Tensor, torch.Tensor], other: tuple[torch.Tensor, torch.Tensor],
