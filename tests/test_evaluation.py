@@ -328,7 +328,8 @@ def test_eval_command_writes_eval_json(smoke_setup, capsys, monkeypatch):
     bars = [line for line in printed.err.splitlines() if line.startswith("eval tiny: ")]
     assert any(line.startswith("eval tiny: sample: 8/8 img (100%)") for line in bars), printed.err
     assert any(line.startswith("eval tiny: features and metrics: 3/3 set (100%)") for line in bars), printed.err
-    assert len(bars) == 4, bars  # two bars, two lines each: not a line per batch
+    assert any(line.startswith("eval tiny: partial prompts: 16/16 img (100%)") for line in bars), printed.err
+    assert len(bars) == 6, bars  # three bars, two lines each: not a line per batch
     saved = json.loads((run_dir / "eval.json").read_text())
     assert saved == json.loads(json.dumps(result))
     assert {"model", "data", "step", "num_samples", "seed", "sample_options", "nfe_per_sample",
@@ -480,3 +481,27 @@ def test_count_objects_counts_regions_not_pixels():
     images[6, 2] += 1.5 * diagonal
     images[7, 0] += 0.2 * disc(20, 20, 4)  # a faint blob: 0.2 < threshold 0.25
     assert count_objects(images).tolist() == [0, 1, 2, 3, 1, 1, 1, 1]
+
+
+def test_partial_prompts_name_what_their_template_names():
+    """The shapes templates that leave attributes out, found from the captions alone, and the metric on a hand case:
+    an attribute the prompt does not name is never wrong, and "all" asks every named one."""
+    from lab_utils.commands.evaluation.sets import partial_prompt_metrics, partial_prompt_set, partial_templates
+    from lab_utils.core.data import build_dataset
+
+    test = build_dataset(compose(["preset=smoke"]).data, "test")
+    assert partial_templates(test) == {7: [0, 1], 8: [0, 1, 2], 9: [0, 1, 3]}  # shape, colour (+ size | position)
+    prompts, labels, named = partial_prompt_set(test, 6, seed=5)
+    assert prompts[0] == test.describe(labels[0], 7) and prompts[1] == test.describe(labels[1], 8)
+    assert named.tolist()[:3] == [[True, True, False, False], [True, True, True, False], [True, True, False, True]]
+    predicted = labels.clone()
+    predicted[0, 2] = (labels[0, 2] + 1) % 2  # a size the prompt did not ask for: not an error
+    predicted[1, 2] = (labels[1, 2] + 1) % 2  # a size it asked for: an error
+    predicted[2, 1] = (labels[2, 1] + 1) % 8  # a colour it asked for: an error
+    one = torch.full((6, 3, 32, 32), -1.0)
+    one[:, 0, 10:16, 10:16] = 1.0
+    result = partial_prompt_metrics(predicted, labels, named, ((one + 1) * 127.5).to(torch.uint8),
+                                    list(test.attributes), [7, 8, 9])
+    assert result["all"] == pytest.approx(4 / 6) and result["one_object"] == 1.0 and result["n"] == 6
+    assert result["per_attribute"]["shape"] == 1.0 and result["per_attribute"]["colour"] == pytest.approx(5 / 6)
+    assert result["per_attribute"]["size"] == 0.5  # template 8 names size: items 1 (wrong) and 4

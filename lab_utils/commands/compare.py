@@ -232,6 +232,8 @@ def results_row(model: str, state: dict[str, Any], evaluation: dict[str, Any], n
         "fid_guidance": evaluation.get("fid_guidance"),
         # per attribute the prompts name (all prompts): what "all correct" hides
         "alignment_per_attribute": dict(generated["alignment"].get("per_attribute", {})),
+        # prompts that leave attributes out ("a red circle"): named attributes right, one object (None: none)
+        "partial_prompts": evaluation.get("partial_prompts"),
         # a family that encodes and decodes: its reconstructions of the real images, the ceiling of its decoder
         "reconstruction": None if not evaluation.get("reconstruction") else {
             "psnr": evaluation["reconstruction"]["psnr"], "fid": evaluation["reconstruction"]["fid"],
@@ -362,6 +364,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
                "rows": rows, "stage_seconds": stages}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     table, attributes, stages_and_ceilings = markdown_table(rows), attribute_table(rows), stage_text(rows)
+    partial = partial_table(rows)
     guidance = guidance_text(rows)
     (out_dir / "results.md").write_text(
         f"# genlab compare: {title}\n\nBudget per family: {budget_text(cfg.compare, rows)}. "
@@ -371,6 +374,9 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         f"{table}\n\n"
         + (f"Alignment per attribute (share of images showing each attribute their prompt names; real images "
            f"score ~1, chance is 1 / the number of values):\n\n{attributes}\n\n" if attributes else "")
+        + (f"Prompts that leave attributes out (\"a red circle\": the dataset's partial caption templates; the "
+           f"share with every named attribute right, per attribute, and the share of images showing one object, "
+           f"where real images show one):\n\n{partial}\n\n" if partial else "")
         + (f"Stages and ceilings:\n\n{stages_and_ceilings}\n\n" if stages_and_ceilings else "")
         + (f"FID over the guidance scale (the table's metrics are at each family's own guidance; FID is "
            f"usually lowest at a smaller one, alignment highest at a larger one):\n\n{guidance}\n\n"
@@ -379,6 +385,8 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     print(table)
     if attributes:
         print("\nalignment per attribute:\n" + attributes)
+    if partial:
+        print("\nprompts that leave attributes out:\n" + partial)
     if stages_and_ceilings:
         print("\n" + stages_and_ceilings)
     if guidance:
@@ -411,6 +419,23 @@ def attribute_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         values = row.get("alignment_per_attribute", {})
         lines.append(f"| {row['model']} | " + " | ".join(fmt(values.get(name), 2) for name in names) + " |")
+    return "\n".join(lines)
+
+
+def partial_table(rows: list[dict[str, Any]]) -> str:
+    """Per family, for prompts that leave attributes out: every named attribute right, each attribute, one object."""
+    measured = [row for row in rows if row.get("partial_prompts")]
+    if not measured:
+        return ""
+    names = list(dict.fromkeys(name for row in measured for name, value in
+                               row["partial_prompts"]["per_attribute"].items() if value is not None))
+    lines = ["| family | named attributes right | " + " | ".join(names) + " | one object |",
+             "|" + "---|" * (len(names) + 3)]
+    for row in measured:
+        part = row["partial_prompts"]
+        lines.append(f"| {row['model']} | {fmt(part['all'], 2)} | "
+                     + " | ".join(fmt(part["per_attribute"].get(name), 2) for name in names)
+                     + f" | {fmt(part['one_object'], 2)} |")
     return "\n".join(lines)
 
 

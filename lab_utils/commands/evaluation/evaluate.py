@@ -36,10 +36,11 @@ from lab_utils.core.schema import ConfigError
 from lab_utils.core.schema import typed_section
 from lab_utils.harness.checkpoint import first_line
 from lab_utils.harness.progress import progress_bar
-from labs.evaluator import Evaluator, quantize, real_images
+from labs.evaluator import Evaluator, predict_from_logits, quantize, real_images
 from lab_utils.commands.evaluation.sets import (  # noqa: F401 (generate, nfe_per_sample: imported from here by compare, bench)
     check_sample_options, choose_items, fid_over_guidance, generate, inception_metrics, nfe_per_sample,
-    one_object_share, reconstruction_metrics, set_metrics, takes_guidance,
+    one_object_share, partial_prompt_metrics, partial_prompt_set, partial_templates, reconstruction_metrics,
+    set_metrics, takes_guidance,
 )
 
 log = logging.getLogger("genlab.eval")
@@ -74,8 +75,13 @@ class EvalConfig:
     train_evaluator: bool = True  # train the evaluator when it is not cached (else: error)
     cache_dir: Optional[str] = None  # null: $GENLAB_CACHE/evaluators or ~/.cache/genlab/evaluators
     progress: bool = True  # progress bars on stderr (sampling, features; lab_utils.harness.progress), widgets in Jupyter
+    # images drawn for prompts that leave attributes out (the dataset's partial caption templates, "a red circle"):
+    # named attributes right, and one object per image; 0 = not measured
+    partial_samples: int = 200
 
     def __post_init__(self) -> None:
+        if self.partial_samples < 0:
+            raise ValueError(f"eval.partial_samples must be >= 0 (0: not measured), got {self.partial_samples}")
         for name in ("num_samples", "batch_size", "kid_subset_size", "kid_subsets", "pr_k", "is_splits"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"eval.{name} must be positive, got {getattr(self, name)}")
@@ -171,6 +177,8 @@ class EvalResult:
     # a lab that can reconstruct (VAE, ldm): the held-out real images encoded and decoded, scored like a generated
     # set, plus their PSNR: the ceiling of what its decoder can draw
     reconstruction: Optional[dict[str, Any]] = None
+    # prompts that leave attributes out ("a red circle"): named attributes right, one object (None: not measured)
+    partial_prompts: Optional[dict[str, Any]] = None
     eval_seconds: float = 0.0
     run_dir: Optional[str] = None
     checkpoint: Optional[str] = None
@@ -198,6 +206,9 @@ def summary_line(result: dict[str, Any]) -> str:
              f"P {pair('precision', '.3f')}", f"R {pair('recall', '.3f')}", align]
     if gen.get("one_object") is not None:
         parts.append(f"one object {gen['one_object']:.1%} (real {real['one_object']:.1%})")
+    if result.get("partial_prompts"):
+        part = result["partial_prompts"]
+        parts.append(f"partial prompts: named attributes {part['all']:.1%}, one object {part['one_object']:.1%}")
     if result.get("inception"):
         inc = result["inception"]
         parts.append(f"Inception FID {inc['generated']['fid']:.2f} (real {inc['real_held_out']['fid']:.2f})")
@@ -234,13 +245,15 @@ def evaluate_lab(
     precision: str = "fp32",
     fid_guidance: Optional[list[float]] = None,
     progress: bool = True,
+    partial_samples: int = 200,
 ) -> EvalResult:
     """Generate ``num_samples`` images from real test prompts and compare them, and real test images,
     with ``num_samples`` real training images (see the module docstring). The lab samples (and
     reconstructs) under the autocast of ``precision``, an effective precision (``devices.sampling_precision``).
     ``fid_guidance``: FID again at each of these guidance scales (a lab whose sampling takes ``guidance``).
     ``progress``: a bar while the images are sampled and one while the sets are embedded and scored
-    (``lab_utils.harness.progress``: a widget in Jupyter, a bar in a terminal, a line now and then in a log)."""
+    (``lab_utils.harness.progress``: a widget in Jupyter, a bar in a terminal, a line now and then in a log).
+    ``partial_samples``: images for prompts that leave attributes out (:func:`partial_prompt_metrics`; 0: none)."""
     from lab_utils.core.data import build_dataset
 
     started = time.perf_counter()
@@ -295,6 +308,19 @@ def evaluate_lab(
         sweep = fid_over_guidance(lab, prompts, seed, batch_size, sample_options, device, precision, fid_guidance,
                                   reference, evaluator, targets, generated_metrics, progress, f"eval {name}: sample")
 
+    partial = None
+    partial_prompts, partial_labels, named = partial_prompt_set(test_set, partial_samples, seed + 2)
+    if partial_prompts:  # seeds of their own (seed + 2): the generated set above is drawn as before
+        lab.eval()
+        try:
+            partial_images, _ = generate(lab, partial_prompts, seed + 2, batch_size, sample_options, device,
+                                         precision, progress, f"eval {name}: partial prompts")
+        finally:
+            lab.train(was_training)
+        predicted = predict_from_logits(evaluator.embed(partial_images, batch_size).logits)
+        partial = partial_prompt_metrics(predicted, partial_labels, named, partial_images, attributes,
+                                         sorted(partial_templates(test_set)))
+
     reconstruction = None
     if callable(getattr(lab, "reconstruct", None)):
         reconstruction = reconstruction_metrics(lab, test_images, prompts, reference, evaluator, batch_size, device,
@@ -324,7 +350,7 @@ def evaluate_lab(
                    "num_features": evaluator.num_features, "is_classes": evaluator.num_classes,
                    "path": evaluator.info.get("path")},
         generated=generated_metrics, real_held_out=real_metrics, held_out_prompts=int(held_out_mask.sum()),
-        sample_precision=precision, fid_guidance=sweep,
+        sample_precision=precision, fid_guidance=sweep, partial_prompts=partial,
         inception=inception_result, reconstruction=reconstruction, eval_seconds=time.perf_counter() - started,
     )
 
@@ -372,6 +398,7 @@ def evaluate_run(run_dir: str | Path | None, eval_cfg: Any = None, pretrained: s
         is_splits=cfg.is_splits, held_out_fraction=cfg.held_out_fraction, inception=inception,
         model_name=loaded.cfg.model.get("name"), step=int(loaded.state["trainer"]["step"]),
         precision=precision, fid_guidance=cfg.fid_guidance, progress=cfg.progress,
+        partial_samples=cfg.partial_samples,
     )
     result.run_dir, result.checkpoint = (str(run_path) if pretrained is None else None), str(loaded.path)
     out = result.to_dict()

@@ -152,6 +152,48 @@ def set_metrics(reference: EvaluatorOutput, other: EvaluatorOutput, targets: tor
     }
 
 
+def partial_templates(dataset: Any) -> dict[int, list[int]]:
+    """The caption templates of ``dataset`` that leave attributes out ("a {colour} {shape}"), each with the indices of
+    the attributes it names: an attribute is named when changing its value changes the caption."""
+    base = [0] * len(dataset.attributes)
+    templates = {}
+    for template in range(len(dataset.templates)):
+        named = [a for a, values in enumerate(dataset.attributes.values()) if len(values) > 1 and
+                 dataset.describe(base[:a] + [1] + base[a + 1:], template) != dataset.describe(base, template)]
+        if len(named) < len(dataset.attributes):
+            templates[template] = named
+    return templates
+
+
+def partial_prompt_set(dataset: Any, count: int, seed: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """``count`` prompts (at most one per item) that leave attributes out: real test items (a seeded choice)
+    captioned with the dataset's partial templates in turn. Returns the prompts, the items' labels (N, A) and which
+    attributes each prompt names (N, A) bool; no prompts when the dataset has no partial template."""
+    templates = partial_templates(dataset)
+    if not templates:
+        return [], torch.zeros(0, len(dataset.attributes), dtype=torch.long), torch.zeros(0, len(dataset.attributes),
+                                                                                          dtype=torch.bool)
+    index = choose_items(min(count, len(dataset)), len(dataset), seed)  # at most every test item once
+    labels = dataset.labels[index]  # (N, A)
+    chosen = [list(templates)[k % len(templates)] for k in range(len(index))]
+    named = torch.zeros(labels.shape, dtype=torch.bool)
+    for k, template in enumerate(chosen):
+        named[k, templates[template]] = True
+    return [dataset.describe(row, template) for row, template in zip(labels, chosen)], labels, named
+
+
+def partial_prompt_metrics(predicted: torch.Tensor, labels: torch.Tensor, named: torch.Tensor, images: torch.Tensor,
+                           attributes: list[str], templates: list[int]) -> dict[str, Any]:
+    """How images drawn for prompts that leave attributes out follow what they do name: per attribute, the share
+    read right among the prompts that name it; "all", the share with every named attribute right; and the share
+    that shows exactly one object (such a prompt leaves several layouts open: a blend of them is two faint shapes)."""
+    correct = (predicted.cpu() == labels.cpu()) | ~named  # an attribute the prompt leaves out is never wrong
+    per_attribute = {name: (correct[named[:, a], a].float().mean().item() if named[:, a].any() else None)
+                     for a, name in enumerate(attributes)}
+    return {"templates": templates, "n": len(labels), "per_attribute": per_attribute,
+            "all": correct.all(dim=1).float().mean().item(), "one_object": one_object_share(images)}
+
+
 def one_object_share(images: torch.Tensor) -> float:
     """The share of ``images`` (N, C, H, W) uint8 that show exactly one object (``metrics.count_objects``): an
     image with a red circle and a faint second one reads as "a red circle" to the evaluator, not here."""
