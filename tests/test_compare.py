@@ -56,6 +56,10 @@ def test_compare_writes_every_file(smoke_comparison):
     stage = rows["ldm"]["stages"]["autoencoder"]
     assert stage["steps"] == 2 and 0 < stage["seconds"] <= rows["ldm"]["train_seconds"]
     assert "its autoencoder stage, 2 steps" in (out / "results.md").read_text()
+    # prompts that leave attributes out: a row per family (shapes has partial caption templates)
+    partial = (out / "results.md").read_text().split("Prompts that leave attributes out")[1].split("\n\n")[1]
+    assert partial.startswith("| family | named attributes right | shape | colour | size | position | one object |")
+    assert all(row["partial_prompts"]["templates"] == [7, 8, 9] for row in results["rows"])
     assert rows["dcgan"]["reconstruction"] is None and rows["ddpm"]["reconstruction"] is None
     for model in ("vae", "ldm"):
         ceiling = rows[model]["reconstruction"]

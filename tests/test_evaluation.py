@@ -328,7 +328,7 @@ def test_eval_command_writes_eval_json(smoke_setup, capsys, monkeypatch):
     bars = [line for line in printed.err.splitlines() if line.startswith("eval tiny: ")]
     assert any(line.startswith("eval tiny: sample: 8/8 img (100%)") for line in bars), printed.err
     assert any(line.startswith("eval tiny: features and metrics: 3/3 set (100%)") for line in bars), printed.err
-    assert any(line.startswith("eval tiny: partial prompts: 16/16 img (100%)") for line in bars), printed.err
+    assert any(line.startswith("eval tiny: partial prompts: 8/8 img (100%)") for line in bars), printed.err
     assert len(bars) == 6, bars  # three bars, two lines each: not a line per batch
     saved = json.loads((run_dir / "eval.json").read_text())
     assert saved == json.loads(json.dumps(result))

@@ -245,7 +245,7 @@ def evaluate_lab(
     precision: str = "fp32",
     fid_guidance: Optional[list[float]] = None,
     progress: bool = True,
-    partial_samples: int = 200,
+    partial_samples: int = 0,
 ) -> EvalResult:
     """Generate ``num_samples`` images from real test prompts and compare them, and real test images,
     with ``num_samples`` real training images (see the module docstring). The lab samples (and
@@ -253,7 +253,8 @@ def evaluate_lab(
     ``fid_guidance``: FID again at each of these guidance scales (a lab whose sampling takes ``guidance``).
     ``progress``: a bar while the images are sampled and one while the sets are embedded and scored
     (``lab_utils.harness.progress``: a widget in Jupyter, a bar in a terminal, a line now and then in a log).
-    ``partial_samples``: images for prompts that leave attributes out (:func:`partial_prompt_metrics`; 0: none)."""
+    ``partial_samples``: images for prompts that leave attributes out (:func:`partial_prompt_metrics`; 0: none; at
+    most ``num_samples``). ``genlab eval`` and ``genlab compare`` draw ``eval.partial_samples`` (200)."""
     from lab_utils.core.data import build_dataset
 
     started = time.perf_counter()
@@ -309,7 +310,7 @@ def evaluate_lab(
                                   reference, evaluator, targets, generated_metrics, progress, f"eval {name}: sample")
 
     partial = None
-    partial_prompts, partial_labels, named = partial_prompt_set(test_set, partial_samples, seed + 2)
+    partial_prompts, partial_labels, named = partial_prompt_set(test_set, min(partial_samples, num_samples), seed + 2)
     if partial_prompts:  # seeds of their own (seed + 2): the generated set above is drawn as before
         lab.eval()
         try:
