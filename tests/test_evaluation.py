@@ -455,9 +455,9 @@ def test_a_plain_evaluator_run_can_be_used(smoke_setup, tmp_path):
 
 
 def test_count_objects_counts_regions_not_pixels():
-    """Discs on a plain background: 0, 1, 2 and 3 objects; a speck under min_area is not one; pixels touching only
-    at a corner are one region (8-connected); a faint blob under the threshold is background; the background is
-    each image's own (a grey one, an object touching the border)."""
+    """Discs on a plain background: 0, 1, 2 and 3 objects; a speck under min_area is not one, nor is speckle noise
+    over a disc's image; pixels touching only at a corner are one region (8-connected); a faint blob under the
+    threshold is background; the background is each image's own (a grey one, an object touching the border)."""
     from lab_utils.core.metrics import count_objects
 
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
@@ -481,6 +481,9 @@ def test_count_objects_counts_regions_not_pixels():
     images[6, 2] += 1.5 * diagonal
     images[7, 0] += 0.2 * disc(20, 20, 4)  # a faint blob: 0.2 < threshold 0.25
     assert count_objects(images).tolist() == [0, 1, 2, 3, 1, 1, 1, 1]
+    speckled = images[1:2] + 0.5 * (torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) < 0.08)
+    assert count_objects(speckled).tolist() == [1]  # 8% of the pixels lit at random, as a sampler stopped early
+    assert count_objects(speckled, smooth=1, min_area=1).item() > 10  # without the blur: a crowd of specks
 
 
 def test_partial_prompts_name_what_their_template_names():

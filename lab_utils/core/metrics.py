@@ -269,15 +269,19 @@ def prompt_alignment(predicted: torch.Tensor, target: torch.Tensor, held_out_mas
     return result
 
 
-def count_objects(images: torch.Tensor, threshold: float = 0.25, min_area: int = 4) -> torch.Tensor:
+def count_objects(images: torch.Tensor, threshold: float = 0.25, min_area: int = 8, smooth: int = 3) -> torch.Tensor:
     """(B,) the number of objects in each image of ``images`` (B, C, H, W) in [-1, 1], for data that draws one object
     on a plain background (shapes, Fashion-MNIST): the 8-connected regions of at least ``min_area`` pixels that
-    differ from the background by more than ``threshold`` in some channel. The background is each image's median
-    border pixel (per channel).
+    differ from the background by more than ``threshold`` in some channel, after a ``smooth`` x ``smooth`` box blur
+    (so that the speckle a sampler leaves is not a crowd of objects; a faint blob of a few pixels' width stays one).
+    The background is each image's median border pixel (per channel).
 
     Alignment reads *which* shape an image shows, not *how many*: an image with two red circles reads as "a red
     circle". The share of images with exactly one object, beside the real images' (the ceiling), counts them."""
     b, _, h, w = images.shape
+    if smooth > 1:
+        pad = smooth // 2
+        images = nn.functional.avg_pool2d(nn.functional.pad(images, (pad,) * 4, mode="replicate"), smooth, stride=1)
     border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=2)
     background = border.median(dim=2).values[:, :, None, None]  # (B, C, 1, 1)
     mask = ((images - background).abs().amax(dim=1) > threshold).float()  # (B, H, W): object pixels
