@@ -59,6 +59,16 @@ class DataInfo:
         return cls(**state)
 
 
+@dataclass
+class Measurement:
+    """What a lab that is not generative measures of itself on real test images (:meth:`Lab.measure`): a joint
+    embedding's zero-shot accuracy and retrieval recall, say. ``genlab eval`` writes ``figures`` into eval.json and
+    prints ``summary``."""
+
+    figures: dict[str, Any]  # plain JSON types (numbers, strings, lists, dicts)
+    summary: str  # one line for the terminal
+
+
 # on_step(step, steps, estimate): after sampling step `step` of `steps`, the current estimate of the images
 # (not the progress bar: that is lab_utils.harness.progress)
 SamplingCallback = Callable[[int, int, torch.Tensor], None]
@@ -158,6 +168,9 @@ class Lab(nn.Module):
     # DistributedDataParallel must look for parameters a loss did not use (a GAN's critic update leaves
     # the generator out). A family whose every update uses every parameter sets False: cheaper.
     ddp_find_unused_parameters: ClassVar[bool] = True
+    # False: not a generative model (the evaluator, CLIP); its "samples" are blank images, and ``genlab eval`` reports
+    # what :meth:`measure` returns instead of scoring samples
+    generative: ClassVar[bool] = True
 
     def __init__(self, config: Any, data_info: DataInfo):
         super().__init__()
@@ -241,6 +254,13 @@ class Lab(nn.Module):
             raise TypeError(f"{type(self).__name__}.sample takes options=<{self.SampleOptions.__name__}> (from "
                             f"lab.sample_options({{...}})) or keywords, got {type(options).__name__}")
         return dataclasses.replace(options, **given) if given else options
+
+    def measure(self, test_set: Any, num_items: int, seed: int, batch_size: int) -> Measurement | None:
+        """What a lab that is not generative learnt, measured on ``num_items`` real items of ``test_set`` (a
+        ``CaptionedDataset``: images, captions, labels) chosen with ``seed``: a joint embedding's zero-shot
+        classification and retrieval. None (the default): nothing of its own; a generative lab is measured by its
+        samples (``genlab eval``), the evaluator by its test accuracy."""
+        return None
 
     def compile_blocker(self) -> str | None:
         """Why ``torch.compile`` cannot train this lab as configured (None: it can)."""

@@ -367,7 +367,9 @@ def eval_config(cfg: Any) -> EvalConfig:
 def evaluate_run(run_dir: str | Path | None, eval_cfg: Any = None, pretrained: str | None = None,
                  out: str | Path | None = None) -> dict[str, Any]:
     """Evaluate the run at ``run_dir`` (its EMA weights, its data config), or the shipped model ``pretrained``,
-    and write ``out`` (default ``<run_dir>/eval.json``, or ``eval-<pretrained>.json`` in the working folder)."""
+    and write ``out`` (default ``<run_dir>/eval.json``, or ``eval-<pretrained>.json`` in the working folder). A lab
+    that is not generative but measures itself (``Lab.measure``: a joint embedding, model=clip) is measured on the
+    real test images instead (:func:`measure_run`)."""
     from lab_utils.harness.devices import effective_precision, pick_device, sampling_precision
     from lab_utils.harness.zoo import load_source
 
@@ -379,6 +381,8 @@ def evaluate_run(run_dir: str | Path | None, eval_cfg: Any = None, pretrained: s
     # <run>/checkpoints/<file>.pt -> <run>; a pretrained model's figures go to the working folder
     run_path = loaded.path.parent.parent if pretrained is None else Path(".")
     out_path = Path(out) if out else run_path / ("eval.json" if pretrained is None else f"eval-{pretrained}.json")
+    if not loaded.lab.generative:  # a joint embedding (CLIP): what it measures of itself on real test images
+        return measure_run(loaded, cfg, run_path if pretrained is None else None, out_path)
     check_sample_options(loaded.lab, cfg.sample_options)  # fail early
     if cfg.fid_guidance and not takes_guidance(loaded.lab):
         raise ConfigError(f"eval.fid_guidance={list(cfg.fid_guidance)}: {loaded.cfg.model.get('name')} samples "
@@ -404,6 +408,28 @@ def evaluate_run(run_dir: str | Path | None, eval_cfg: Any = None, pretrained: s
     result.run_dir, result.checkpoint = (str(run_path) if pretrained is None else None), str(loaded.path)
     out = result.to_dict()
     out["eval_config"] = asdict(cfg)
+    write_json(out, out_path)
+    out["written_to"] = str(out_path)
+    return out
+
+
+def measure_run(loaded: Any, cfg: EvalConfig, run_path: Path | None, out_path: Path) -> dict[str, Any]:
+    """``genlab eval`` of a lab that is not generative: its own :meth:`Lab.measure` on ``eval.num_samples`` real test
+    items (``eval.seed``, ``eval.batch_size``), written to ``out_path`` beside the run, model and step. A lab that
+    measures nothing of its own is a ConfigError."""
+    from lab_utils.core.data import build_dataset
+
+    name, started = loaded.cfg.model.get("name"), time.perf_counter()
+    measurement = loaded.lab.measure(build_dataset(loaded.cfg.data, "test"), cfg.num_samples, cfg.seed,
+                                     cfg.batch_size)
+    if measurement is None:
+        raise ConfigError(f"{name} is not a generative model and measures nothing of its own; `genlab eval` "
+                          "evaluates generative models and joint embeddings (model=clip)")
+    step = int(loaded.state["trainer"]["step"])
+    out = {"model": name, "data": str(loaded.cfg.data.name), "step": step, **measurement.figures,
+           "summary": f"{name} step {step} on {loaded.cfg.data.name}: {measurement.summary}",
+           "eval_seconds": time.perf_counter() - started, "run_dir": None if run_path is None else str(run_path),
+           "checkpoint": str(loaded.path), "eval_config": asdict(cfg)}
     write_json(out, out_path)
     out["written_to"] = str(out_path)
     return out
@@ -448,6 +474,6 @@ def eval_command_main(cfg: DictConfig) -> dict[str, Any]:
     eval_cfg = eval_config(cfg.get("eval") or {})
     result = evaluate_run(str(run) if run else None, eval_cfg, None if pretrained is None else str(pretrained),
                           cfg.get("out"))
-    print(summary_line(result))
+    print(result["summary"] if "summary" in result else summary_line(result))  # a joint embedding's own line
     print(f"wrote {result.pop('written_to')}")
     return result

@@ -199,7 +199,7 @@ def load_models(config: ServeConfig, device: torch.device) -> dict[str, ServedMo
             raise CheckpointError(f"runs={config.runs}: no such folder")
         for name, run in run_folders(root).items():
             loaded = load_lab(run, device=device, ema=True)
-            if loaded.cfg.model.get("name") == "evaluator":
+            if not loaded.lab.generative:  # the evaluator, CLIP: nothing to draw
                 continue
             served[name] = ServedModel(name, "runs", loaded)
     for model in served.values():
