@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lab_utils.commands.first_stages import FirstStage, train_first_stage
+from lab_utils.core.registry import MEASURING_FAMILIES
 from lab_utils.core.schema import ConfigError, check_section
 from lab_utils.harness.cached_run import child_config
 from lab_utils.harness.run_folder import run_finished
@@ -312,7 +313,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     OmegaConf.set_struct(cfg, False)
     cfg.compare = check_section(cfg.get("compare") or {}, CompareConfig, "compare")
     models = list(cfg.models)
-    available = sorted(p.stem for p in Path(compose_root()).glob("model/*.yaml") if p.stem != "evaluator")
+    available = sorted(p.stem for p in Path(compose_root()).glob("model/*.yaml") if p.stem not in MEASURING_FAMILIES)
     unknown = [m for m in models if m not in available]
     if not models or unknown:
         raise ConfigError(f"models={models}: {'unknown ' + str(unknown) if unknown else 'empty'}; choose from {available}")

@@ -34,7 +34,12 @@ BUILTIN_LABS: dict[str, str] = {  # model._target_ -> the family it is (model.na
     "labs.latent_diffusion.LatentDiffusionLab": "ldm",
     "labs.flow.FlowLab": "flow",
     "labs.evaluator.EvaluatorLab": "evaluator",
+    "labs.clip.ClipLab": "clip",
 }
+# The families that are not generative (they draw no images): the evaluator (the measuring instrument of genlab eval)
+# and CLIP (a joint embedding, which genlab eval measures by zero-shot classification and retrieval). They are left out
+# of the zoo's, compare's and serve's lists of families.
+MEASURING_FAMILIES: tuple[str, ...] = ("evaluator", "clip")
 # Names genlab's own labs had before they moved: a checkpoint saved then still loads (as the new class).
 MOVED_LABS: dict[str, str] = {"lab_utils.evaluation.EvaluatorLab": "labs.evaluator.EvaluatorLab"}
 ENV_VAR = "GENLAB_LABS"  # comma-separated module.Class names of the user's own labs

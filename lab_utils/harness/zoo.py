@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from lab_utils.core.data.base import without_write_locations
 from lab_utils.core.lab import DataInfo, Lab
-from lab_utils.core.registry import BUILTIN_LABS, build_lab
+from lab_utils.core.registry import BUILTIN_LABS, MEASURING_FAMILIES, build_lab
 from lab_utils.harness.checkpoint import CheckpointError, LoadedLab, first_line, load_state_into
 
 FORMAT = "genlab-pretrained"
@@ -60,9 +60,10 @@ class PretrainedEntry:
 
 def family_packages(evaluator: bool = False) -> dict[str, str]:
     """model.name -> the package of genlab's own family (``ddpm`` -> ``labs.diffusion``); the generative families,
-    and with ``evaluator`` the evaluator too (it ships the measuring instrument of ``genlab eval``)."""
+    and with ``evaluator`` the evaluator too (it ships the measuring instrument of ``genlab eval``). The other
+    families that are not generative (``MEASURING_FAMILIES``: CLIP) ship nothing."""
     return {name: target.rpartition(".")[0] for target, name in BUILTIN_LABS.items()
-            if evaluator or name != "evaluator"}
+            if name not in MEASURING_FAMILIES or (evaluator and name == "evaluator")}
 
 
 def zoo_folder(package: str) -> Path:
