@@ -55,6 +55,23 @@ def test_the_loss_is_the_hand_computed_symmetric_cross_entropy():
     assert both.loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_same_caption_positives_are_the_papers_loss_when_equal_strings_embed_equally():
+    """Two items with the same caption string have the same text embedding (a deterministic text encoder): their
+    logit columns are equal, so spreading each row's target over them gives exactly the paper's loss."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(4, 3, generator=generator), dim=1)
+    texts = torch.nn.functional.normalize(torch.randn(3, 3, generator=generator), dim=1)[[0, 1, 0, 2]]  # 0 == 2
+    positives = same_caption(["a red circle", "a blue square", "a red circle", "a green circle"])
+    scale = torch.tensor(5.0)
+    multi, paper = contrastive_loss(images, texts, scale, positives), contrastive_loss(images, texts, scale)
+    assert multi.loss.item() == pytest.approx(paper.loss.item(), rel=1e-6)
+    assert multi.text_to_image.item() == pytest.approx(paper.text_to_image.item(), rel=1e-6)
+    unequal = texts.clone()
+    unequal[2] = texts[3]  # the same strings embedded apart (text dropout, say): the targets now differ
+    assert contrastive_loss(images, unequal, scale, positives).loss.item() != pytest.approx(
+        contrastive_loss(images, unequal, scale).loss.item(), rel=1e-3)
+
+
 def test_same_caption_reads_the_strings_only():
     positives = same_caption(["a red circle", "a blue square", "a red circle"])
     assert positives.tolist() == [[True, False, True], [False, True, False], [True, False, True]]

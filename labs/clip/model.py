@@ -97,6 +97,8 @@ def contrastive_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tens
     whose captions are the same string). Each row's target is then spread evenly over its positives,
     $q_{ij} = P_{ij} / \\sum_k P_{ik}$, and the CE is $-\\sum_j q_{ij} \\log \\mathrm{softmax}(\\ell_i)_j$ (a
     multi-positive target, as in SupCon, Khosla et al. 2020, eq. 2's "out" form); None: the identity, the paper's loss.
+    Where positives have equal text embeddings (the same string through a deterministic encoder) their logits are
+    equal and the two targets give the same loss.
     """
     n = len(image_embeddings)
     logits = logit_scale * image_embeddings @ text_embeddings.T  # exp(t) I_e T_e^T: (n, n), rows images
@@ -143,9 +145,13 @@ class ClipConfig:
     init_temperature: float = 0.07  # t starts at log(1 / 0.07) (Radford et al. sec. 2.5)
     max_logit_scale: float = 100.0  # t is clipped so that exp(t) <= 100 (sec. 2.5)
     # which pairs of a batch count as matches: "index" (the paper: pair i only) or "caption" (also the items whose
-    # captions are the same string: on shapes a batch of 128 holds ~10 such pairs, and "a red circle" is a true
-    # match of every red circle's caption of the same words, see conf/preset_model/clip_cpu.yaml)
-    positives: str = "caption"
+    # captions are the same string, a multi-positive target). With a deterministic text encoder (text.dropout = 0)
+    # the two are the same loss: identical strings embed identically, so their logit columns are equal and spreading
+    # a row's target over them changes nothing (tests/test_clip.py checks it). Measured: the same figures to three
+    # decimals on shapes (~7 same-string pairs in a batch of 128) and Fashion-MNIST (~135). The false negatives that
+    # remain, one item's labels worded by another template (~19 pairs a batch on shapes), cannot be told from the
+    # strings; "caption" matters only with text dropout
+    positives: str = "index"
     lr: float = 0.001  # AdamW; warm-up and grad clipping come from the trainer preset
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # beta2 0.98, as CLIP (sec. 2.5)
     weight_decay: float = 0.05  # decoupled, on conv/linear weights only (not on t, norms, biases, embeddings)
