@@ -77,7 +77,9 @@ def test_kill_and_resume_gives_the_same_numbers(tmp_path):
     script = str(TESTS / "tiny_lab.py")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     env = subprocess_env()
-    subprocess.run([sys.executable, script, str(straight)], env=env, check=True, capture_output=True, timeout=300)
+    # the uninterrupted run, beside the one to be killed (independent: each depends on its seed alone)
+    uninterrupted = subprocess.Popen([sys.executable, script, str(straight)], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
 
     proc = subprocess.Popen([sys.executable, script, str(killed), "--sleep", "0.4"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -94,6 +96,7 @@ def test_kill_and_resume_gives_the_same_numbers(tmp_path):
     done = subprocess.run([sys.executable, script, str(killed), "--resume"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read().decode()[-2000:]
     a, b = load_checkpoint(straight), load_checkpoint(killed)
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
