@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch import nn
 
 from lab_utils.commands.evaluation.cache import evaluator_from_run, get_evaluator
 from lab_utils.core.schema import ConfigError
+from lab_utils.core.plotting import write_file
 from lab_utils.core.schema import typed_section
 from lab_utils.harness.checkpoint import first_line
 from lab_utils.harness.progress import progress_bar
@@ -436,20 +436,10 @@ def measure_run(loaded: Any, cfg: EvalConfig, run_path: Path | None, out_path: P
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
-    """Atomic: a temporary file in the same folder, renamed over ``path``; a write that fails (a full disk) leaves
-    ``path`` as it was, removes the temporary file and raises the ``OSError`` with ``path`` named."""
+    """Atomic (``plotting.write_file``): a write that fails (a full disk) leaves ``path`` as it was, removes the
+    temporary file and raises the ``OSError`` with ``path`` named."""
     text = json.dumps(data, indent=2, default=_jsonable) + "\n"  # before any file is opened: a TypeError writes none
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(path, text.encode())
 
 
 def _jsonable(value: Any) -> Any:
