@@ -205,6 +205,13 @@ class Lab(nn.Module):
         """Names of submodules (``self.<name>``) whose EMA weights are used for sampling."""
         return []
 
+    def initial_modules(self) -> dict[str, str]:
+        """Submodules a new run takes from another model before its first step, ``{dotted name: source}``, where a
+        source is a run folder, a checkpoint or a shipped model's name: the harness copies in the source's submodule
+        of the same last name (its EMA weights when it has them), e.g. CLIP's ``clip.text_encoder`` into a
+        diffusion model's ``text_encoder``. A resumed run has them in its checkpoint already. None by default."""
+        return {}
+
     def batches_per_step(self) -> int:
         """Batches one ``training_step`` draws (the one it is given and each ``ctx.next_batch()``): what a budget
         of training images (``trainer.max_images``, the images steps draw) is worth in steps."""

@@ -27,6 +27,7 @@ from lab_utils.harness.checkpoint import initialize_modules
 from lab_utils.harness.devices import pick_device, speed_setup
 from lab_utils.harness.run_folder import Resume, RunFolderError, RunLock, continue_metrics, open_run, record_start
 from lab_utils.harness.trainer import Callback, Trainer, TrainResult
+from lab_utils.harness.zoo import take_module
 
 log = logging.getLogger("genlab.train")
 
@@ -82,6 +83,9 @@ def _train(cfg: DictConfig, settings: TrainerConfig, resume: str | Path | Resume
     if state is None and settings.init_from:  # a new run that starts from another run's submodules
         taken = initialize_modules(lab, settings.init_from, settings.init_modules)
         log.info("took %s from %s", ", ".join(settings.init_modules), taken)
+    if state is None:  # submodules the model takes from another one (a frozen CLIP text encoder)
+        for name, model in lab.initial_modules().items():
+            log.info("took %s from %s", name, take_module(lab, name, model))
     lab = speed_setup(lab.to(device), cfg, device)
     if dist_info.rank > 0:
         torch.manual_seed(cfg.seed + dist_info.rank)  # its own noise; the weights come from rank 0 (DDP)

@@ -237,3 +237,26 @@ def load_source(run: Any, pretrained: Any, device: str | torch.device = "cpu", e
     if pretrained is not None:
         return load(str(pretrained), device)
     return load_lab(run, device=device, ema=ema)
+
+
+def take_module(lab: Lab, name: str, source: str, device: str | torch.device = "cpu") -> Path:
+    """Copy into ``lab``'s submodule ``name`` (dotted) the weights of the submodule of the same last name in the
+    model ``source`` (a shipped model's name, or a run folder or checkpoint, with its EMA weights where it kept
+    them), strictly: every tensor, of the same shape. ``Lab.initial_modules`` says which; the source must have read
+    the same vocabulary (a token's id means the same word). Returns the file the weights came from."""
+    loaded = load(source, device) if source in entries() else load_source(source, None, device)
+    target = lab.get_submodule(name)
+    last = name.rsplit(".", 1)[-1]
+    found = [path for path, _ in loaded.lab.named_modules() if path.rsplit(".", 1)[-1] == last]
+    if len(found) != 1:
+        raise CheckpointError(f"{source} ({loaded.cfg.model.get('name', '?')}) has "
+                              f"{'no' if not found else 'more than one'} submodule {last!r} to take")
+    if list(loaded.lab.data_info.vocab) != list(lab.data_info.vocab):
+        raise CheckpointError(f"{source} read another vocabulary than this run's data ({len(loaded.lab.data_info.vocab)} "
+                              f"and {len(lab.data_info.vocab)} words): take a {last} trained on the same dataset")
+    try:
+        target.load_state_dict(loaded.lab.get_submodule(found[0]).state_dict())
+    except RuntimeError as err:
+        raise CheckpointError(f"the {last} of {source} does not fit this model's (its settings must be the "
+                              f"source's): {first_line(err, 300)}") from None
+    return loaded.path

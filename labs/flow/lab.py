@@ -78,6 +78,10 @@ class FlowConfig:
     time_scale: float = 1000.0  # the UNet sees time_scale * t: the DDPM's 0 ... T range for its sinusoidal embedding
     lr: float = 1e-3  # AdamW learning rate, as the DDPM
     text_lr: Optional[float] = None  # the text encoder's own learning rate; null = lr (see configure_optimizers)
+    # A CLIP run folder, checkpoint or shipped model (`clip`) whose text encoder this model conditions on, frozen, as
+    # Stable Diffusion conditions on CLIP's (README, "Joint embedding (CLIP)"); its model.text must be this one's.
+    # null: the text encoder is learnt with the rest, from scratch
+    text_from: Optional[str] = None
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
 
@@ -134,18 +138,25 @@ class FlowLab(Lab):
                              f"{data_info.image_size}; choose a divisor (1 = plain pixels)")
         self.tokenizer = Tokenizer(data_info.vocab, max_length=config.text.max_length)
         self.text_encoder = TextEncoder(config.text, self.tokenizer.vocab_size)
+        if config.text_from:  # the harness loads its weights at the start of a run (initial_modules)
+            self.text_encoder.freeze()
         self.unet = UNet(config.unet, data_info.channels, cond_dim=config.text.dim)
         self.image_shape = (data_info.channels, data_info.image_size, data_info.image_size)
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        if self.config.text_lr is None:
+        if self.config.text_from:  # a frozen text encoder: the UNet alone learns
+            groups = [{"params": list(self.unet.parameters())}]
+        elif self.config.text_lr is None:  # one group, as runs saved before the option have
             groups = [{"params": list(self.parameters())}]
         else:
             groups = [{"params": list(self.unet.parameters())},
                       {"params": list(self.text_encoder.parameters()), "lr": self.config.text_lr}]
         return {"model": adam(groups, lr=self.config.lr, betas=tuple(self.config.betas),
                               weight_decay=self.config.weight_decay)}
+
+    def initial_modules(self) -> dict[str, str]:
+        return {"text_encoder": self.config.text_from} if self.config.text_from else {}
 
     def ema_modules(self) -> list[str]:
         return ["unet", "text_encoder"]

@@ -144,6 +144,9 @@ class LatentDiffusionLab(Lab):
         """The training stages before the last one, by the step each ends at (``genlab compare`` reports their time)."""
         return {"autoencoder": self.config.autoencoder_steps}
 
+    def initial_modules(self) -> dict[str, str]:
+        return {f"diffusion.{name}": source for name, source in self.diffusion.initial_modules().items()}
+
     def ema_modules(self) -> list[str]:
         return ["diffusion"]  # the autoencoder is frozen after stage 1: its own weights are the final ones
 

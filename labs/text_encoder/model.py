@@ -156,6 +156,7 @@ class TextEncoder(nn.Module):
             Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
         )
         self.ln_f = nn.LayerNorm(cfg.dim)
+        self.frozen = False  # see freeze()
         self.apply(self._init_weights)
         # GPT-2 init: residual projections scaled by 1/sqrt(2 * depth), one per residual add
         for name, param in self.named_parameters():
@@ -171,6 +172,16 @@ class TextEncoder(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def freeze(self) -> "TextEncoder":
+        """Fixed weights from now on, as Stable Diffusion keeps CLIP's text encoder (Rombach et al. 2022, sec. 4.3):
+        no gradients, and eval mode even while the model around it trains (``train()`` leaves it in eval)."""
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        return super().train(mode and not self.frozen)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> TextEncoding:
         """ids: (B, L) long token ids; mask: (B, L) bool, True on real tokens (default: all real)."""
