@@ -6,6 +6,10 @@
                   the learned temperature t), ClipLab (trained by the harness)
     zero_shot.py  what it learnt, on real test images: zero-shot classification per attribute from prompts that
                   differ in one attribute, retrieval recall@1/@5 both ways (measure_embedding)
+    score.py      what a trained one reads of other images: the CLIP score and R-precision of images against their
+                  prompts (ClipScorer), for every family in ``genlab eval``, ``compare`` and ``serve``. Not imported
+                  here: ``from labs.clip.score import ClipScorer`` (so the scoring code is no part of a trained
+                  model's key, and a change to it retrains nothing)
 
     genlab train model=clip data=shapes preset=cpu
     genlab eval run=<that run>          # prints and writes the zero-shot and retrieval figures (eval.json)
