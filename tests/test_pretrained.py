@@ -20,7 +20,7 @@ from lab_utils.harness import zoo
 from lab_utils.harness.checkpoint import CheckpointError
 from lab_utils.harness.zoo import PretrainedEntry, load, load_file_lab, save_pretrained, sha256_of
 
-GENERATIVE = [name for name, entry in zoo.entries().items() if entry.family != "evaluator"]
+GENERATIVE = [name for name, entry in zoo.entries().items() if entry.generative]
 PROMPTS = 32  # test prompts per model for the alignment check (the manifest's figures use 500)
 
 
@@ -31,7 +31,7 @@ def genlab(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
 
 def test_the_zoo_ships_every_family_and_the_evaluator():
     families = {entry.family for entry in zoo.entries().values()}
-    assert families == {"dcgan", "vae", "ddpm", "ldm", "flow", "evaluator"}
+    assert families == {"dcgan", "vae", "ddpm", "ldm", "flow", "evaluator", "clip"}
     for entry in zoo.entries().values():
         assert entry.path.is_file() and entry.path.stat().st_size == entry.info["bytes"]
         assert entry.path.stat().st_size < 8 * 2**20, f"{entry.name} is larger than a few MB"
@@ -218,7 +218,7 @@ def temporary_zoo(tmp_path, monkeypatch):
     from lab_utils.commands import pretrained
 
     copies = {}
-    for package in zoo.family_packages(evaluator=True).values():
+    for package in zoo.family_packages(measuring=True).values():
         copies[package] = tmp_path / "zoo" / package
         if package in ("labs.vae", "labs.evaluator"):
             shutil.copytree(zoo.zoo_folder(package), copies[package])

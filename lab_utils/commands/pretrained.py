@@ -4,6 +4,7 @@
     genlab pretrained action=build                     # train every family with its cpu preset, then export
     genlab pretrained action=export models=[ddpm]      # export runs already trained under runs/pretrained/
     genlab pretrained action=build models=[evaluator]  # re-export the dataset's evaluator
+    genlab pretrained action=build models=[clip]       # train (or take from the cache) and ship its CLIP scorer
 
 Building a model is exactly ``genlab train model=<family> data=<dataset> preset=<preset> seed=<seed>`` into
 ``<runs>/<family>`` (a finished run there is reused), then an export: the run's EMA weights go into
@@ -13,13 +14,15 @@ the manifest entry is rewritten with the command, the run's key (``lab_utils.har
 settings and its labs' source), the code's git version, the sha256 and the figures of the file as shipped.
 
 Only what was asked is written: the models named, and the dataset's evaluator when ``models`` names it or when
-none ships with the key its settings give now (``evaluator=true``, the default). Weights and manifest change as one
+none ships with the key its settings give now (``evaluator=true``, the default), and its CLIP scorer (``clip``, named like the families,
+``lab_utils.commands.evaluation.clip_scorer``) only when ``models`` names it. Weights and manifest change as one
 step (:func:`publish`): the weights go under a new name of their own content, the manifest that names them replaces
 the old one, then the old file goes; a kill at any point leaves a zoo that loads.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -39,7 +42,7 @@ from lab_utils.harness.cached_run import run_key
 from lab_utils.harness.checkpoint import load_lab, resolve_checkpoint
 from lab_utils.harness.run_folder import code_version, run_finished
 from lab_utils.harness.zoo import (MANIFEST, entries, family_packages, load_file_lab, read_manifest,
-                                   save_pretrained, sha256_of, shipped_evaluator, zoo_folder)
+                                   save_pretrained, sha256_of, shipped_instrument, zoo_folder)
 
 log = logging.getLogger("genlab")
 
@@ -52,7 +55,9 @@ class ZooConfig:
     """``conf/pretrained.yaml``."""
 
     action: str = "list"  # list | build | export
-    models: list[str] = field(default_factory=lambda: ["dcgan", "vae", "ddpm", "ldm", "flow"])  # or evaluator
+    # families to build or export; evaluator and clip: the dataset's measuring instruments (shipped as
+    # evaluator-<dataset> and clip)
+    models: list[str] = field(default_factory=lambda: ["dcgan", "vae", "ddpm", "ldm", "flow"])
     dataset: str = "shapes"
     preset: str = "cpu"
     seed: int = 0
@@ -66,7 +71,7 @@ class ZooConfig:
     def __post_init__(self) -> None:
         if self.action not in ("list", "build", "export"):
             raise ValueError(f"action must be list, build or export, got {self.action!r}")
-        known = family_packages(evaluator=True)
+        known = family_packages(measuring=True)
         unknown = [m for m in self.models if m not in known]
         if unknown:
             raise ValueError(f"models {unknown} are not families of genlab; choose from {sorted(known)}")
@@ -90,7 +95,7 @@ def listing() -> str:
     lines = ["| name | family | dataset | parameters | file | all four seen | held out | FID (floor) | trained with |",
              "|---|---|---|---|---|---|---|---|---|"]
     for entry in shipped.values():
-        if entry.family == "evaluator":
+        if not entry.generative:
             continue
         info, figures = entry.info, entry.info.get("eval", {})
         lines.append(
@@ -103,6 +108,13 @@ def listing() -> str:
             accuracy = entry.info.get("test_accuracy", {}).get("all")
             lines.append(f"\n{entry.name}: the evaluator `genlab eval` measures with (test accuracy, all four "
                          f"attributes right: {_fmt(accuracy)}; key {entry.info.get('key')})")
+        elif entry.family == "clip":
+            zero_shot = (entry.info.get("figures") or {}).get("zero_shot", {})
+            real = (entry.info.get("prompt_match_real") or {}).get("real_held_out", {})
+            lines.append(f"\n{entry.name}: the CLIP model `genlab eval` reads the CLIP score and R-precision with "
+                         f"(zero-shot on real test images, every attribute right: {_fmt(zero_shot.get('all'))}; real "
+                         f"test images' CLIP score {_fmt(real.get('clip_score'))}, R-precision "
+                         f"{_fmt(real.get('r_precision'))}; key {entry.info.get('key')})")
     lines.append("")
     lines.append("Use one: genlab sample pretrained=<name> prompt=\"a red circle\"; genlab eval pretrained=<name>; "
                  "genlab serve")
@@ -208,15 +220,13 @@ def evaluator_missing(options: ZooConfig) -> bool:
     before ``genlab eval`` could measure)."""
     from lab_utils.commands.evaluation.cache import evaluator_config
 
-    return shipped_evaluator(options.dataset, run_key(evaluator_config({"name": options.dataset},
-                                                                      preset=options.preset))) is None
+    return shipped_instrument("evaluator", options.dataset,
+                              run_key(evaluator_config({"name": options.dataset}, preset=options.preset))) is None
 
 
 def export_evaluator(options: ZooConfig, version: str | None = None) -> dict[str, Any]:
     """Ship the dataset's evaluator (the one ``genlab eval`` uses by default: ``evaluator_preset=cpu``), float32
     (it is the measuring instrument: every figure reads its features), so a fresh machine measures at once."""
-    import json
-
     from lab_utils.commands.evaluation.cache import evaluator_config, train_evaluator
 
     cfg = evaluator_config({"name": options.dataset}, preset=options.preset)
@@ -227,7 +237,7 @@ def export_evaluator(options: ZooConfig, version: str | None = None) -> dict[str
     info = json.loads((source / "evaluator.json").read_text())
     loaded = load_lab(source, ema=True, expect_model="evaluator")
     name = f"evaluator-{options.dataset}"
-    folder = zoo_folder(family_packages(evaluator=True)["evaluator"])
+    folder = zoo_folder(family_packages(measuring=True)["evaluator"])
     scratch = save_pretrained(loaded.lab, OmegaConf.to_container(loaded.cfg, resolve=True), loaded.state["trainer"],
                               folder / f".{name}.candidate.safetensors")
     entry = {"family": "evaluator", "dataset": options.dataset, "key": key, "command": evaluator_command(options),
@@ -238,6 +248,44 @@ def export_evaluator(options: ZooConfig, version: str | None = None) -> dict[str
     entry = publish(folder, name, scratch, entry)
     log.info("%s: wrote %s (key %s, test accuracy %.3f)", name, folder / entry["file"], key,
              info["test_accuracy"]["all"])
+    return entry
+
+
+def clip_command(options: ZooConfig) -> list[str]:
+    """The ``genlab train`` arguments of the dataset's CLIP scorer (the one ``genlab eval`` uses by default)."""
+    return ["model=clip", f"data={options.dataset}", f"preset={options.preset}", "data.held_out=[]"]
+
+
+def export_clip(options: ZooConfig, version: str | None = None) -> dict[str, Any]:
+    """Ship the dataset's CLIP scorer (the one ``genlab eval`` reads the CLIP score and R-precision with when its
+    preset is ``cpu``), float32 (a measuring instrument), trained through the cache as ``genlab eval`` would train
+    it, with its figures: what it reads right on the test split (``clip.json``: zero-shot per attribute, retrieval
+    recall) and the real test images' CLIP score and R-precision as ``genlab eval`` reads them (``eval_samples``
+    images, seed 0: the ceiling every family's figure is read against)."""
+    from lab_utils.commands.evaluation.clip_scorer import (clip_cache_root, clip_scorer_config, load_clip_scorer,
+                                                           train_clip_scorer)
+    from lab_utils.commands.evaluation.evaluate import real_prompt_match
+
+    cfg = clip_scorer_config({"name": options.dataset}, preset=options.preset)
+    key = run_key(cfg)
+    source = clip_cache_root() / f"{cfg.data.name}-{key}"
+    if not (source / "clip.json").is_file():
+        train_clip_scorer(cfg, source, key)
+    info = json.loads((source / "clip.json").read_text())
+    scorer = load_clip_scorer(source)
+    ceiling = real_prompt_match(scorer, compose([f"data={options.dataset}"]).data, options.eval_samples)
+    loaded = load_lab(source, ema=True, expect_model="clip")
+    name = "clip"  # named like the families (`pretrained=clip`, `model.text_from=clip`), trained on `dataset`
+    folder = zoo_folder(family_packages(measuring=True)["clip"])
+    scratch = save_pretrained(loaded.lab, OmegaConf.to_container(loaded.cfg, resolve=True), loaded.state["trainer"],
+                              folder / f".{name}.candidate.safetensors")
+    entry = {"family": "clip", "dataset": options.dataset, "key": key, "command": clip_command(options),
+             "steps": int(loaded.state["trainer"]["step"]), "train_seconds": info.get("train_seconds"),
+             "code_version": version, "built": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+             "parameters": sum(p.numel() for p in loaded.lab.parameters()), "dtype": "float32",
+             "figures": info["figures"], "prompt_match_real": ceiling}
+    entry = publish(folder, name, scratch, entry, training_log=source / "metrics.jsonl")
+    log.info("%s: wrote %s (key %s): %s", name, folder / entry["file"], key, info.get("summary"))
     return entry
 
 
@@ -295,10 +343,16 @@ def pretrained_command_main(cfg: DictConfig) -> None:
         print(listing())
         return
     version = code_version()  # before this command writes anything into the source tree
-    models = [m for m in options.models if m != "evaluator"]
+    models = [m for m in options.models if m not in ("evaluator", "clip")]
     if "evaluator" in options.models or (options.evaluator and evaluator_missing(options)):
         entry = export_evaluator(options, version)  # first: the models' figures are read with it
         print(f"evaluator-{options.dataset}: test accuracy (all four) {entry['test_accuracy']['all']:.3f}")
+    if "clip" in options.models:
+        entry = export_clip(options, version)
+        real = entry["prompt_match_real"]["real_held_out"]
+        print(f"clip ({options.dataset}): zero-shot (every attribute) {entry['figures']['zero_shot']['all']:.3f}; real "
+              f"test images: CLIP score {real['clip_score']:.3f}, R-precision {real['r_precision']:.3f} among "
+              f"{entry['prompt_match_real']['distractors']} + 1")
     for model in models:
         if options.action == "build":
             run_dir = train_run(options, model)

@@ -57,13 +57,19 @@ class PretrainedEntry:
     def sha256(self) -> str:
         return str(self.info.get("sha256", ""))
 
+    @property
+    def generative(self) -> bool:
+        """Whether it draws images (not a measuring instrument: the evaluator, CLIP)."""
+        return self.family not in MEASURING_FAMILIES
 
-def family_packages(evaluator: bool = False) -> dict[str, str]:
-    """model.name -> the package of genlab's own family (``ddpm`` -> ``labs.diffusion``); the generative families,
-    and with ``evaluator`` the evaluator too (it ships the measuring instrument of ``genlab eval``). The other
-    families that are not generative (``MEASURING_FAMILIES``: CLIP) ship nothing."""
+
+def family_packages(measuring: bool = False) -> dict[str, str]:
+    """model.name -> the package of genlab's own family (``ddpm`` -> ``labs.diffusion``): the generative families,
+    and with ``measuring`` the measuring instruments too (``MEASURING_FAMILIES``: the evaluator of ``genlab eval``'s
+    features and alignment, and CLIP, which reads its CLIP score and R-precision; shipped as ``evaluator-<dataset>``
+    and ``clip``)."""
     return {name: target.rpartition(".")[0] for target, name in BUILTIN_LABS.items()
-            if name not in MEASURING_FAMILIES or (evaluator and name == "evaluator")}
+            if measuring or name not in MEASURING_FAMILIES}
 
 
 def zoo_folder(package: str) -> Path:
@@ -89,7 +95,7 @@ def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
 def entries() -> dict[str, PretrainedEntry]:
     """Every shipped model, by name, in the families' order (dcgan, vae, ddpm, ldm, flow ...)."""
     found: dict[str, PretrainedEntry] = {}
-    packages = family_packages(evaluator=True)
+    packages = family_packages(measuring=True)
     for family, package in sorted(packages.items(), key=lambda item: _FAMILY_ORDER.get(item[0], 99)):
         folder = zoo_folder(package)
         for name, info in read_manifest(folder).items():
@@ -99,14 +105,15 @@ def entries() -> dict[str, PretrainedEntry]:
     return found
 
 
-_FAMILY_ORDER = {"dcgan": 0, "vae": 1, "ddpm": 2, "ldm": 3, "flow": 4, "evaluator": 5}
+_FAMILY_ORDER = {"dcgan": 0, "vae": 1, "ddpm": 2, "ldm": 3, "flow": 4, "evaluator": 5, "clip": 6}
 
 
-def shipped_evaluator(dataset: str, key: str) -> PretrainedEntry | None:
-    """The shipped evaluator of ``dataset`` whose manifest key is ``key`` (``run_key`` of the settings asked for, with
-    the current source of ``labs/evaluator``), or None: no shipped evaluator was trained as they say."""
+def shipped_instrument(family: str, dataset: str, key: str) -> PretrainedEntry | None:
+    """The shipped measuring model of ``family`` (``evaluator``, ``clip``) for ``dataset`` whose manifest key is
+    ``key`` (``run_key`` of the settings asked for, with the current source of its lab), or None: none shipped was
+    trained as they say."""
     for entry in entries().values():
-        if entry.family == "evaluator" and entry.dataset == dataset and entry.info.get("key") == key:
+        if entry.family == family and entry.dataset == dataset and entry.info.get("key") == key:
             return entry
     return None
 

@@ -30,7 +30,7 @@ from lab_utils.core.config import validate
 from lab_utils.core.schema import ConfigError
 from lab_utils.harness.cached_run import child_config, run_key, train_cached
 from lab_utils.harness.run_folder import remove_stale_temporaries
-from lab_utils.harness.zoo import shipped_evaluator
+from lab_utils.harness.zoo import shipped_instrument
 from labs.evaluator import Evaluator, EvaluatorLab, predict_from_logits, real_images
 
 log = logging.getLogger("genlab.eval")
@@ -104,7 +104,7 @@ def get_evaluator(
     root = Path(cache_dir).expanduser() if cache_dir else cache_folder("evaluators")
     remove_stale_temporaries(root)  # what a killed evaluator training left (.<data>-<key>.tmp<pid>/)
     folder = root / f"{cfg.data.name}-{key}"
-    shipped = shipped_evaluator(cfg.data.name, key)
+    shipped = shipped_instrument("evaluator", cfg.data.name, key)
     if not (folder / "evaluator.json").is_file() and shipped is not None:  # the zoo's: trained with these settings
         return evaluator_from_pretrained(shipped.name, device)
     if not (folder / "evaluator.json").is_file():

@@ -12,6 +12,10 @@ and the *ceiling* of IS, precision, recall and alignment. A number without its f
 little (FID of real-vs-real at 1000 samples is far from 0). ``one_object`` is the share of images that show
 exactly one object (``metrics.count_objects``; the real ceiling is 1.0 on shapes and Fashion-MNIST): alignment
 reads which shape an image shows, and an image with a second, fainter circle still reads as "a red circle".
+The **CLIP score** and **R-precision** (``labs.clip.score``) read how well each image matches its prompt through a
+joint embedding of the dataset trained from scratch (the CLIP scorer, ``clip_scorer.py``: shipped for ``shapes``,
+trained once and cached elsewhere), so they need no attribute labels: the same prompts, images and distractors for
+every family, beside the real images with their own captions (the ceiling) and with other items' (the floor).
 
 ``genlab eval run=<dir>`` is :func:`eval_command_main`; it writes ``<run>/eval.json``.
 """
@@ -31,16 +35,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lab_utils.commands.evaluation.cache import evaluator_from_run, get_evaluator
+from lab_utils.commands.evaluation.clip_scorer import clip_scorer_from_run, get_clip_scorer, scorer_description
 from lab_utils.core.schema import ConfigError
 from lab_utils.core.plotting import write_file
 from lab_utils.core.schema import typed_section
 from lab_utils.harness.checkpoint import first_line
 from lab_utils.harness.progress import progress_bar
+from labs.clip.score import ClipScorer
 from labs.evaluator import Evaluator, predict_from_logits, quantize, real_images
 from lab_utils.commands.evaluation.sets import (  # noqa: F401 (generate, nfe_per_sample: imported from here by compare, bench)
     check_sample_options, choose_items, fid_over_guidance, generate, inception_metrics, nfe_per_sample,
-    one_object_share, partial_prompt_metrics, partial_prompt_set, partial_templates, reconstruction_metrics,
-    set_metrics, takes_guidance,
+    one_object_share, partial_prompt_metrics, partial_prompt_set, partial_templates, prompt_match_metrics,
+    reconstruction_metrics, set_metrics, takes_guidance,
 )
 
 log = logging.getLogger("genlab.eval")
@@ -72,14 +78,27 @@ class EvalConfig:
     evaluator_preset: str = "cpu"  # training budget of the evaluator when it is not cached yet
     evaluator_overrides: list[str] = field(default_factory=list)  # e.g. ["model.width=64"]
     evaluator_run: Optional[str] = None  # use this evaluator run directory instead of the cache
-    train_evaluator: bool = True  # train the evaluator when it is not cached (else: error)
-    cache_dir: Optional[str] = None  # null: $GENLAB_CACHE/evaluators or ~/.cache/genlab/evaluators
+    train_evaluator: bool = True  # train the evaluator (and the CLIP scorer) when not shipped or cached (else: error)
+    cache_dir: Optional[str] = None  # null: $GENLAB_CACHE/evaluators and $GENLAB_CACHE/clip; else there and <it>/clip
     progress: bool = True  # progress bars on stderr (sampling, features; lab_utils.harness.progress), widgets in Jupyter
     # images drawn for prompts that leave attributes out (the dataset's partial caption templates, "a red circle"):
     # named attributes right, and one object per image; 0 = not measured
     partial_samples: int = 200
+    # the CLIP score and R-precision of every set (labs.clip.score), read by the dataset's CLIP scorer: the zoo's
+    # (shapes), or trained once with clip_preset (null: evaluator_preset's) and cached beside the evaluators
+    clip_score: bool = True
+    clip_preset: Optional[str] = None
+    clip_run: Optional[str] = None  # use this `genlab train model=clip` run as the scorer instead
+    # R-precision: distractor prompts per image, its hard negatives (its caption with one attribute changed) first,
+    # then random other captions (AttnGAN: 99 random others, chance 1/100); fewer where the dataset has fewer
+    r_precision_distractors: int = 99
 
     def __post_init__(self) -> None:
+        if self.r_precision_distractors < 1:
+            raise ValueError(f"eval.r_precision_distractors must be >= 1, got {self.r_precision_distractors}")
+        if self.clip_preset is not None and self.clip_preset not in ("smoke", "cpu", "gpu"):
+            raise ValueError(f"eval.clip_preset must be null (eval.evaluator_preset's), smoke, cpu or gpu, got "
+                             f"{self.clip_preset!r}")
         if self.partial_samples < 0:
             raise ValueError(f"eval.partial_samples must be >= 0 (0: not measured), got {self.partial_samples}")
         for name in ("num_samples", "batch_size", "kid_subset_size", "kid_subsets", "pr_k", "is_splits"):
@@ -179,6 +198,10 @@ class EvalResult:
     reconstruction: Optional[dict[str, Any]] = None
     # prompts that leave attributes out ("a red circle"): named attributes right, one object (None: not measured)
     partial_prompts: Optional[dict[str, Any]] = None
+    # the CLIP scorer and the R-precision settings (distractors, hard negatives, chance), and the real images against
+    # other items' prompts (mismatched: the floor); the sets' clip_score and r_precision are in generated and
+    # real_held_out (None: not measured)
+    clip: Optional[dict[str, Any]] = None
     eval_seconds: float = 0.0
     run_dir: Optional[str] = None
     checkpoint: Optional[str] = None
@@ -206,6 +229,13 @@ def summary_line(result: dict[str, Any]) -> str:
              f"P {pair('precision', '.3f')}", f"R {pair('recall', '.3f')}", align]
     if gen.get("one_object") is not None:
         parts.append(f"one object {gen['one_object']:.1%} (real {real['one_object']:.1%})")
+    if gen.get("clip_score") is not None:
+        clip = result.get("clip") or {}
+        floor = (clip.get("mismatched") or {}).get("clip_score")
+        parts.append(f"CLIP score {pair('clip_score', '.3f')}" + (f" (mismatched {floor:.3f})" if floor is not None
+                                                                 else "")
+                     + f", R-precision {pair('r_precision', '.3f')} among {clip.get('distractors', '?')} + 1 "
+                       f"(hard negatives {pair('r_precision_hard', '.3f')})")
     if result.get("partial_prompts"):
         part = result["partial_prompts"]
         parts.append(f"partial prompts: named attributes {part['all']:.1%}, one object {part['one_object']:.1%}")
@@ -246,6 +276,8 @@ def evaluate_lab(
     fid_guidance: Optional[list[float]] = None,
     progress: bool = True,
     partial_samples: int = 0,
+    clip: Optional[ClipScorer] = None,
+    r_precision_distractors: int = 99,
 ) -> EvalResult:
     """Generate ``num_samples`` images from real test prompts and compare them, and real test images,
     with ``num_samples`` real training images (see the module docstring). The lab samples (and
@@ -254,7 +286,9 @@ def evaluate_lab(
     ``progress``: a bar while the images are sampled and one while the sets are embedded and scored
     (``lab_utils.harness.progress``: a widget in Jupyter, a bar in a terminal, a line now and then in a log).
     ``partial_samples``: images for prompts that leave attributes out (:func:`partial_prompt_metrics`; 0: none; at
-    most ``num_samples``). ``genlab eval`` and ``genlab compare`` draw ``eval.partial_samples`` (200)."""
+    most ``num_samples``). ``genlab eval`` and ``genlab compare`` draw ``eval.partial_samples`` (200).
+    ``clip``: a CLIP scorer: the CLIP score and R-precision (``r_precision_distractors`` per image) of the generated
+    and the real set (:func:`prompt_match_metrics`; distractors drawn with ``seed + 3``); None: not measured."""
     from lab_utils.core.data import build_dataset
 
     started = time.perf_counter()
@@ -303,6 +337,13 @@ def evaluate_lab(
         real_metrics = set_metrics(reference, real, targets, held_out_mask, **options)
         generated_metrics["one_object"] = one_object_share(generated_images)  # alignment does not count objects
         real_metrics["one_object"] = one_object_share(test_images)
+        prompt_match = None
+        if clip is not None:  # the same prompts and distractors for both sets
+            prompt_match = prompt_match_metrics(clip, test_set, targets, prompts, test_images, generated_images,
+                                                seed + 3, batch_size, r_precision_distractors)
+            generated_metrics.update(prompt_match.pop("generated"))
+            real_metrics.update(prompt_match.pop("real_held_out"))
+            prompt_match = {"scorer": scorer_description(clip), **prompt_match}
         bar.update()
     sweep = None
     if fid_guidance:
@@ -351,9 +392,26 @@ def evaluate_lab(
                    "num_features": evaluator.num_features, "is_classes": evaluator.num_classes,
                    "path": evaluator.info.get("path")},
         generated=generated_metrics, real_held_out=real_metrics, held_out_prompts=int(held_out_mask.sum()),
-        sample_precision=precision, fid_guidance=sweep, partial_prompts=partial,
+        sample_precision=precision, fid_guidance=sweep, partial_prompts=partial, clip=prompt_match,
         inception=inception_result, reconstruction=reconstruction, eval_seconds=time.perf_counter() - started,
     )
+
+
+def real_prompt_match(scorer: ClipScorer, data_cfg: Any, num_samples: int, seed: int = 0, batch_size: int = 250,
+                      held_out_fraction: float = 0.1, distractors: int = 99) -> dict[str, Any]:
+    """The CLIP score and R-precision of the real test images :func:`evaluate_lab` pairs with the generated ones (the
+    same ``num_samples`` items for ``seed``, the same distractors), with their own captions (the ceiling) and with
+    other items' (the floor): what every family's figures read against, without a generative model (the zoo's
+    manifest of a CLIP scorer records them)."""
+    from lab_utils.core.data import build_dataset
+
+    test_set = build_dataset(data_cfg, "test")
+    test_idx = choose_items(num_samples, len(test_set), seed + 1, test_set.held_out_mask, held_out_fraction)
+    targets = test_set.labels[test_idx]  # (n, A), as evaluate_lab chooses them
+    prompts = [test_set.describe(labels, template=0) for labels in targets]
+    measured = prompt_match_metrics(scorer, test_set, targets, prompts, real_images(test_set, test_idx), None,
+                                    seed + 3, batch_size, distractors)
+    return {"num_samples": num_samples, "seed": seed, **measured}
 
 
 def eval_config(cfg: Any) -> EvalConfig:
@@ -397,13 +455,14 @@ def evaluate_run(run_dir: str | Path | None, eval_cfg: Any = None, pretrained: s
         evaluator = get_evaluator(loaded.cfg.data, [*cfg.evaluator_overrides, *quiet], cfg.evaluator_preset,
                                   cfg.cache_dir, device, train_if_missing=cfg.train_evaluator)
     inception = InceptionFeatures(cfg.inception_weights).to(device) if cfg.features == "inception" else None
+    scorer = clip_scorer(loaded.cfg.data, cfg, device)
     result = evaluate_lab(
         loaded.lab, loaded.cfg.data, evaluator, cfg.num_samples, cfg.seed, cfg.batch_size, cfg.sample_options,
         device, kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets, pr_k=cfg.pr_k,
         is_splits=cfg.is_splits, held_out_fraction=cfg.held_out_fraction, inception=inception,
         model_name=loaded.cfg.model.get("name"), step=int(loaded.state["trainer"]["step"]),
         precision=precision, fid_guidance=cfg.fid_guidance, progress=cfg.progress,
-        partial_samples=cfg.partial_samples,
+        partial_samples=cfg.partial_samples, clip=scorer, r_precision_distractors=cfg.r_precision_distractors,
     )
     result.run_dir, result.checkpoint = (str(run_path) if pretrained is None else None), str(loaded.path)
     out = result.to_dict()
@@ -411,6 +470,19 @@ def evaluate_run(run_dir: str | Path | None, eval_cfg: Any = None, pretrained: s
     write_json(out, out_path)
     out["written_to"] = str(out_path)
     return out
+
+
+def clip_scorer(data_cfg: Any, cfg: EvalConfig, device: torch.device) -> Optional[ClipScorer]:
+    """The CLIP scorer ``eval`` asks for: ``eval.clip_run``'s, or the dataset's (``get_clip_scorer``: the zoo's, the
+    cache's or trained once with ``eval.clip_preset``, else ``eval.evaluator_preset``); None with
+    ``eval.clip_score=false``."""
+    if not cfg.clip_score:
+        return None
+    if cfg.clip_run:
+        return clip_scorer_from_run(cfg.clip_run, device=device)
+    quiet = [] if cfg.progress else ["trainer.progress=false"]  # a scorer trained here shows no bar either
+    return get_clip_scorer(data_cfg, quiet, cfg.clip_preset or cfg.evaluator_preset, cfg.cache_dir, device,
+                           train_if_missing=cfg.train_evaluator)
 
 
 def measure_run(loaded: Any, cfg: EvalConfig, run_path: Path | None, out_path: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from lab_utils.core.metrics import (count_objects, fid, inception_score, kid, pr
 from lab_utils.core.schema import ConfigError
 from lab_utils.harness.devices import autocast_for
 from lab_utils.harness.progress import progress_bar
+from labs.clip.score import ClipScorer, Distractors, distractor_prompts
 from labs.evaluator import Evaluator, EvaluatorOutput, dequantize, joint_log_probs, predict_from_logits, quantize
 
 # ------------------------------------------------------------------------------------ sets
@@ -198,6 +199,42 @@ def one_object_share(images: torch.Tensor) -> float:
     """The share of ``images`` (N, C, H, W) uint8 that show exactly one object (``metrics.count_objects``): an
     image with a red circle and a faint second one reads as "a red circle" to the evaluator, not here."""
     return (count_objects(images.float() / 127.5 - 1.0) == 1).float().mean().item()
+
+
+def prompt_match_metrics(scorer: ClipScorer, dataset: Any, targets: torch.Tensor, prompts: list[str],
+                         real: torch.Tensor, generated: Optional[torch.Tensor], seed: int, batch_size: int,
+                         distractors: int) -> dict[str, Any]:
+    """The CLIP score and R-precision (``labs.clip.score``) of ``generated`` (uint8, image i drawn for ``prompts[i]``,
+    the canonical caption of ``targets[i]``) and of the ``real`` images with their own captions (the ceiling), with
+    the same distractors for both (``distractors`` per item, its hard negatives first; drawn with ``seed``); and the
+    real images against other items' prompts (``mismatched``, a derangement: each image with the next prompt that
+    differs from its own), the floor. ``generated`` None: the real figures alone (the zoo's manifest)."""
+    sets = distractor_prompts(dataset, targets, distractors, seed)
+    embedded = scorer.embed_images(real, batch_size)  # (N, D), read once for both
+    out: dict[str, Any] = {"distractors": sets.count, "hard_negatives": sets.hard,
+                           "chance": 1 / (sets.count + 1), "chance_hard": 1 / (sets.hard + 1),
+                           "real_held_out": scorer.prompt_match(real, prompts, sets, batch_size, embedded).summary()}
+    other = mismatched_order(prompts)
+    if other is not None:
+        shuffled = Distractors([sets.prompts[j] for j in other], sets.hard)
+        out["mismatched"] = scorer.prompt_match(real, [prompts[j] for j in other], shuffled, batch_size,
+                                                embedded).summary()
+    if generated is not None:
+        out["generated"] = scorer.prompt_match(generated, prompts, sets, batch_size).summary()
+    return out
+
+
+def mismatched_order(prompts: list[str]) -> Optional[list[int]]:
+    """For each item i, the first item j after it (cyclically) whose prompt differs from its own: a pairing of every
+    image with a caption not its own. None when every prompt is the same."""
+    n = len(prompts)
+    order = []
+    for i in range(n):
+        j = next(((i + k) % n for k in range(1, n) if prompts[(i + k) % n] != prompts[i]), None)
+        if j is None:
+            return None
+        order.append(j)
+    return order
 
 
 def inception_metrics(reference: tuple[torch.Tensor, torch.Tensor], other: tuple[torch.Tensor, torch.Tensor],
