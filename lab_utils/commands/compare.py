@@ -7,7 +7,8 @@ settings for every family (``lab_utils.commands.evaluation``). Every family samp
 defaults (``Lab.SampleOptions``: e.g. ``model.sampling`` of the DDPM, DDIM-25 on ``preset=cpu``), the
 same as its training grids, ``genlab sample`` and ``genlab eval``. Writes into ``out``:
 
-    results.json, results.md   one row per family: size, budget spent, speed, metrics beside real data
+    results.json, results.md   one row per family: size, budget spent, speed, metrics beside real data (the CLIP
+                               score and R-precision too, with the real images' ceiling and mismatched floor rows)
     samples.png                the same prompts (rows) and seeds (columns) for every family
     curves.png                 training losses and KID against training time
     <family>/                  each family's run directory (config, checkpoints, metrics, eval.json)
@@ -161,8 +162,8 @@ def evaluate_family(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], flo
     if cfg.reuse and path.exists():
         previous = json.loads(path.read_text())
         if ((previous.get("step"), previous.get("num_samples"), previous.get("seed"),
-             (previous.get("fid_guidance") or {}).get("guidance"))
-                == (step, settings["num_samples"], cfg.seed, settings.get("fid_guidance"))):
+             (previous.get("fid_guidance") or {}).get("guidance"), "clip_score" in previous.get("generated", {}))
+                == (step, settings["num_samples"], cfg.seed, settings.get("fid_guidance"), True)):
             return previous, 0.0
     started = time.perf_counter()
     result = evaluate_run(run_dir, settings)
@@ -222,6 +223,10 @@ def results_row(model: str, state: dict[str, Any], evaluation: dict[str, Any], n
                                          "real": all_correct(real["alignment"], split)}
     # the share of images that show exactly one object (absent from evaluations made before it was measured)
     metrics["one_object"] = {"generated": generated.get("one_object"), "real": real.get("one_object")}
+    # how well each image matches its prompt through the CLIP scorer (labs.clip.score): the same prompts, images and
+    # distractors for every family; the real images with their own captions are the ceiling
+    for key in ("clip_score", "r_precision", "r_precision_hard"):
+        metrics[key] = {"generated": generated.get(key), "real": real.get(key)}
     return {
         "model": model, "parameters": n_params, "steps": counters["step"],
         "train_seconds": counters["train_seconds"], "images_seen": counters["images_seen"],
@@ -235,6 +240,9 @@ def results_row(model: str, state: dict[str, Any], evaluation: dict[str, Any], n
         "alignment_per_attribute": dict(generated["alignment"].get("per_attribute", {})),
         # prompts that leave attributes out ("a red circle"): named attributes right, one object (None: none)
         "partial_prompts": evaluation.get("partial_prompts"),
+        # the CLIP scorer, the distractors per image, chance, and the real images' figures against other items'
+        # prompts (mismatched: the floor); None: not measured
+        "clip": evaluation.get("clip"),
         # a family that encodes and decodes: its reconstructions of the real images, the ceiling of its decoder
         "reconstruction": None if not evaluation.get("reconstruction") else {
             "psnr": evaluation["reconstruction"]["psnr"], "fid": evaluation["reconstruction"]["fid"],
@@ -277,9 +285,10 @@ def stage_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines + ceilings)
 
 
+# the prompt-following metrics side by side: CLIP score and R-precision (any dataset), then attribute alignment
 COLUMNS = [("FID", "fid", 3), ("KID", "kid_mean", 2), ("IS", "inception_score", 3), ("precision", "precision", 2),
-           ("recall", "recall", 2), ("align seen", "alignment_seen", 2), ("align held-out", "alignment_held_out", 2),
-           ("one object", "one_object", 2)]
+           ("recall", "recall", 2), ("CLIP score", "clip_score", 3), ("R-precision", "r_precision", 2),
+           ("align seen", "alignment_seen", 2), ("align held-out", "alignment_held_out", 2), ("one object", "one_object", 2)]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -302,7 +311,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def compare(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole comparison described by ``cfg`` (composed ``conf/compare.yaml``); returns results.json's content."""
-    from lab_utils.commands.evaluation import get_evaluator
+    from lab_utils.commands.evaluation import get_clip_scorer, get_evaluator
+    from lab_utils.commands.evaluation.clip_scorer import scorer_description
     from lab_utils.core.plotting import comparison_grid, training_curves
     from lab_utils.harness.checkpoint import load_lab
     from lab_utils.harness.devices import pick_device
@@ -328,6 +338,9 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     quiet = [] if cfg.get("progress", True) else ["trainer.progress=false"]  # (not part of the evaluator's key)
     evaluator = get_evaluator(cfg.data, quiet, preset=cfg.compare.evaluator_preset, device=device)
     stages["evaluator"] = time.perf_counter() - tick
+    tick = time.perf_counter()  # the CLIP scorer: shipped (shapes), cached, or trained here once (evaluations reuse it)
+    scorer = get_clip_scorer(cfg.data, quiet, preset=cfg.compare.evaluator_preset, device=device)
+    stages["clip scorer"] = time.perf_counter() - tick
 
     rows, curves, blocks = [], {"loss": {}, "KID": {}}, {}
     prompts = None
@@ -362,10 +375,11 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     results = {"data": cfg.data.name, "preset": cfg.preset_name, "budget": OmegaConf.to_container(cfg.compare),
                "evaluation": evaluation_settings, "evaluator": {"key": evaluator.key,
                                                                 "test_accuracy": evaluator.test_accuracy},
+               "clip_scorer": scorer_description(scorer),
                "rows": rows, "stage_seconds": stages}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     table, attributes, stages_and_ceilings = markdown_table(rows), attribute_table(rows), stage_text(rows)
-    partial = partial_table(rows)
+    partial, prompt_match = partial_table(rows), prompt_match_table(rows)
     guidance = guidance_text(rows)
     (out_dir / "results.md").write_text(
         f"# genlab compare: {title}\n\nBudget per family: {budget_text(cfg.compare, rows)}. "
@@ -375,6 +389,8 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         f"{table}\n\n"
         + (f"Alignment per attribute (share of images showing each attribute their prompt names; real images "
            f"score ~1, chance is 1 / the number of values):\n\n{attributes}\n\n" if attributes else "")
+        + (f"Prompt match through the CLIP scorer (labs/clip, trained from scratch on {cfg.data.name}; "
+           f"{prompt_match_note(rows)}):\n\n{prompt_match}\n\n" if prompt_match else "")
         + (f"Prompts that leave attributes out (\"a red circle\": the dataset's partial caption templates; the "
            f"share with every named attribute right, per attribute, and the share of images showing one object, "
            f"where real images show one):\n\n{partial}\n\n" if partial else "")
@@ -386,6 +402,8 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     print(table)
     if attributes:
         print("\nalignment per attribute:\n" + attributes)
+    if prompt_match:
+        print("\nprompt match (CLIP score, R-precision):\n" + prompt_match)
     if partial:
         print("\nprompts that leave attributes out:\n" + partial)
     if stages_and_ceilings:
@@ -421,6 +439,42 @@ def attribute_table(rows: list[dict[str, Any]]) -> str:
         values = row.get("alignment_per_attribute", {})
         lines.append(f"| {row['model']} | " + " | ".join(fmt(values.get(name), 2) for name in names) + " |")
     return "\n".join(lines)
+
+
+def prompt_match_table(rows: list[dict[str, Any]]) -> str:
+    """The CLIP score and R-precision of each family, then the real test images with their own captions (the
+    ceiling) and with other items' captions (mismatched: the floor) and chance, read by one scorer on the same prompts
+    and distractors (the rows' real figures are one set's: the first family's are shown)."""
+    measured = [row for row in rows if row.get("clip") and row["metrics"].get("clip_score", {}).get("generated")
+                is not None]
+    if not measured:
+        return ""
+    lines = ["| images | CLIP score (mean cosine) | R-precision | R-precision, hard negatives |", "|---|---|---|---|"]
+    for row in measured:
+        metric = row["metrics"]
+        lines.append(f"| {row['model']} | {fmt(metric['clip_score']['generated'], 3)} | "
+                     f"{fmt(metric['r_precision']['generated'], 2)} | {fmt(metric['r_precision_hard']['generated'], 2)} |")
+    first, clip = measured[0]["metrics"], measured[0]["clip"]
+    lines.append(f"| real test images, own captions (ceiling) | {fmt(first['clip_score']['real'], 3)} | "
+                 f"{fmt(first['r_precision']['real'], 2)} | {fmt(first['r_precision_hard']['real'], 2)} |")
+    floor = clip.get("mismatched")
+    if floor:
+        lines.append(f"| real test images, other items' captions (floor) | {fmt(floor['clip_score'], 3)} | "
+                     f"{fmt(floor['r_precision'], 2)} | {fmt(floor['r_precision_hard'], 2)} |")
+    lines.append(f"| chance | - | {fmt(clip['chance'], 2)} | {fmt(clip['chance_hard'], 2)} |")
+    return "\n".join(lines)
+
+
+def prompt_match_note(rows: list[dict[str, Any]]) -> str:
+    """What the prompt-match table's columns are, with the scorer's distractor counts and key."""
+    clip = next(row["clip"] for row in rows if row.get("clip"))
+    zero_shot = (clip.get("scorer") or {}).get("zero_shot") or {}
+    reads = ", ".join(f"{name} {value:.2f}" for name, value in zero_shot.items())
+    return (f"the mean cosine of each image's embedding with its prompt's; R-precision, the share of images whose "
+            f"prompt ranks first among it and {clip['distractors']} distractors, its {clip['hard_negatives']} hard "
+            f"negatives (its caption with one attribute changed) first, then random other captions; the same prompts "
+            f"and distractors for every row; scorer {(clip.get('scorer') or {}).get('key')}"
+            + (f", zero-shot on real test images {reads}" if reads else ""))
 
 
 def partial_table(rows: list[dict[str, Any]]) -> str:

@@ -232,10 +232,10 @@ def summary_line(result: dict[str, Any]) -> str:
     if gen.get("clip_score") is not None:
         clip = result.get("clip") or {}
         floor = (clip.get("mismatched") or {}).get("clip_score")
-        parts.append(f"CLIP score {pair('clip_score', '.3f')}" + (f" (mismatched {floor:.3f})" if floor is not None
-                                                                 else "")
-                     + f", R-precision {pair('r_precision', '.3f')} among {clip.get('distractors', '?')} + 1 "
-                       f"(hard negatives {pair('r_precision_hard', '.3f')})")
+        real_floor = f", mismatched {floor:.3f}" if floor is not None else ""
+        parts.append(f"CLIP score {gen['clip_score']:.3f} (real {real['clip_score']:.3f}{real_floor}), R-precision "
+                     f"{pair('r_precision', '.3f')} among {clip.get('distractors', '?')} + 1, hard negatives "
+                     f"{pair('r_precision_hard', '.3f')}")
     if result.get("partial_prompts"):
         part = result["partial_prompts"]
         parts.append(f"partial prompts: named attributes {part['all']:.1%}, one object {part['one_object']:.1%}")
