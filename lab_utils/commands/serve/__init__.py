@@ -52,7 +52,7 @@ def check_names(config: ServeConfig) -> None:
     from lab_utils.harness.checkpoint import CheckpointError
     from lab_utils.harness.zoo import entries
 
-    available = [name for name, entry in entries().items() if entry.family != "evaluator"]
+    available = [name for name, entry in entries().items() if entry.generative]
     unknown = [name for name in config.models if name not in available]
     if unknown:
         raise CheckpointError(f"models: no pretrained model {unknown[0]!r}; the zoo has {', '.join(available) or 'none'} "

@@ -21,6 +21,10 @@ its own ``torch.Generator``, draws ``n`` images of its prompt in one batch exact
 A prompt longer than a model's tokenizer reads (``max_prompt_tokens``) is cut there, and the answer says so:
 ``ignored_words`` in the JSON and the stream's events, ``X-Genlab-Ignored-Words`` beside the PNG.
 
+Each image is scored against the prompt by the model's CLIP scorer (``ServedModel.scorer``): ``clip_scores`` in the
+JSON and the stream's ``done`` event, ``X-Genlab-Clip-Scores`` beside the PNG (null, or empty, where the model's
+dataset has no scorer). The score reads the quantised pixels the PNG holds, after the drawing is timed.
+
 The request's sampling fields are built from the ``SampleOptions`` dataclasses of genlab's families and of the
 served models (their types, bounds, choices and help; :func:`lab_utils.commands.serve.models.option_schema`), so a
 family's new option is offered, checked and documented here without an edit.
@@ -196,6 +200,7 @@ class Generation:
     images: torch.Tensor  # (n, C, H, W) in [-1, 1]
     seconds: float
     options: dict[str, Any]  # every sampling option as used (the request's, then the model's defaults)
+    clip_scores: Optional[list[float]] = None  # (n,) cos(image, prompt) in the CLIP scorer's space (None: no scorer)
 
 
 def b64_png(images: torch.Tensor) -> str:
@@ -256,7 +261,12 @@ def run_generation(model: ServedModel, prompt: str, n: int, seed: int, options: 
             raise
         except ValueError as err:  # an option value the family refuses
             raise ServeError(422, f"model {model.name!r}: {err}") from None
-        return Generation(images=images.float().cpu(), seconds=time.perf_counter() - started, options=asdict(options))
+        seconds = time.perf_counter() - started
+        images = images.float().cpu()
+        scores = None
+        if model.scorer is not None:  # the PNG's pixels (quantised) against the prompt as typed
+            scores = [round(float(score), 4) for score in model.scorer.cosines(images, [prompt] * n)]
+        return Generation(images=images, seconds=seconds, options=asdict(options), clip_scores=scores)
 
 
 @dataclass
@@ -296,6 +306,8 @@ RESULT_HEADERS = {  # beside the PNG (and the JSON, which says the same in its f
     "X-Genlab-Unknown-Words": "words of the prompt the model does not know (read as [UNK]), comma-separated",
     "X-Genlab-Ignored-Words": "words of the prompt past the model's `max_prompt_tokens`, which it did not read, "
                               "comma-separated (empty: it read the whole prompt)",
+    "X-Genlab-Clip-Scores": "each image's CLIP score against the prompt (the cosine of their embeddings in the lab's "
+                            "CLIP model of the dataset), comma-separated, in the images' order (empty: no scorer)",
 }
 
 
@@ -381,7 +393,7 @@ def create_app(config: ServeConfig, models: dict[str, ServedModel]) -> FastAPI:
         return GenerateResult(model=checked.model.name, family=checked.model.family, prompt=body.prompt, n=body.n,
                               seed=body.seed, options=done.options, seconds=round(done.seconds, 4),
                               unknown_words=checked.unknown_words, ignored_words=checked.ignored_words,
-                              image=b64_png(done.images),
+                              clip_scores=done.clip_scores, image=b64_png(done.images),
                               images=[b64_png(done.images[i:i + 1]) for i in range(len(done.images))])
 
     too_long = f"the generation took longer than {limits.timeout_s:g} s"
@@ -420,7 +432,8 @@ def create_app(config: ServeConfig, models: dict[str, ServedModel]) -> FastAPI:
             raise ServeError(504, f"{too_long}; ask for fewer images or steps") from None
         headers = {"X-Genlab-Seconds": f"{done.seconds:.4f}", "X-Genlab-Options": json.dumps(done.options),
                    "X-Genlab-Unknown-Words": ",".join(checked.unknown_words),
-                   "X-Genlab-Ignored-Words": ",".join(checked.ignored_words)}  # RESULT_HEADERS
+                   "X-Genlab-Ignored-Words": ",".join(checked.ignored_words),
+                   "X-Genlab-Clip-Scores": ",".join(f"{score:.4f}" for score in done.clip_scores or [])}  # RESULT_HEADERS
         accept = request.headers.get("accept", "")
         wants_json = body.format == "json" or (body.format is None and "application/json" in accept
                                                and "image/png" not in accept)

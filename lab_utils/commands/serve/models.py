@@ -5,6 +5,10 @@ runs (``runs=<folder>``: every run folder under it with a ``checkpoints/last.pt`
 the folder, e.g. ``shapes/ddpm/2026-12-03_10-00-00``). A request names a model; the name is looked up in the
 table built here, and nothing a client sends is ever used as a path.
 
+Each model's images are scored against the prompt by the CLIP scorer of its dataset (``labs.clip.score``: the zoo's
+``clip``, or one cached by an evaluation; none is trained at start): the cosine of image and prompt in the
+lab's joint embedding, the per-image CLIP score of ``genlab eval``.
+
 A model's sampling options, their types, bounds, choices and help come from its family's ``SampleOptions``
 dataclass (:func:`option_schema`), capped by the server's :class:`Limits` of the same name; the server names no
 family's options, and refuses to start on an option it cannot bound.
@@ -20,11 +24,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from omegaconf import OmegaConf
 
+from lab_utils.commands.evaluation.clip_scorer import find_clip_scorer
 from lab_utils.core.lab import Lab, option_kind
 from lab_utils.harness.checkpoint import LoadedLab, load_lab
 from lab_utils.harness.zoo import entries
 from lab_utils.harness.zoo import load as load_pretrained
+from labs.clip.score import ClipScorer
 from labs.text_encoder.tokenizer import Tokenizer
 
 log = logging.getLogger("genlab")
@@ -84,6 +91,8 @@ class ServeConfig:
     device: str = "cpu"
     threads: Optional[int] = None  # torch's intra-op threads (None: torch's default)
     batch_size: int = 64  # as `genlab sample`'s: the same request gives the same pixels as the command
+    # score each image against its prompt with the CLIP scorer of the model's dataset (the zoo's or a cached one)
+    clip_score: bool = True
     limits: Limits = field(default_factory=Limits)
     connections: Connections = field(default_factory=Connections)
 
@@ -105,6 +114,7 @@ class ServedModel:
     source: str  # "zoo" or "runs"
     loaded: LoadedLab
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time on this model
+    scorer: Optional[ClipScorer] = None  # scores its images against the prompt (None: no CLIP score)
 
     @property
     def lab(self):
@@ -135,7 +145,15 @@ class ServedModel:
                 "options": options, "example_prompts": list(info.prompts),
                 "vocabulary": [word for word in info.vocab if not word.startswith("[")],
                 "live_preview": type(self.lab).sample_with_progress is not Lab.sample_with_progress,
-                "max_prompt_tokens": self.max_prompt_tokens}
+                "max_prompt_tokens": self.max_prompt_tokens, **self.describe_scorer()}
+
+    def describe_scorer(self) -> dict[str, Any]:
+        """Which CLIP model scores this model's images, and what the dataset's real images score with it (their
+        own captions, as ``genlab eval`` reads them; known for a shipped scorer)."""
+        if self.scorer is None:
+            return {"clip_scorer": None, "clip_score_real": None}
+        real = ((self.scorer.info.get("prompt_match_real") or {}).get("real_held_out") or {}).get("clip_score")
+        return {"clip_scorer": self.scorer.info.get("name") or f"cached {self.scorer.key}", "clip_score_real": real}
 
 
 REQUEST_FIELDS = ("prompt", "model", "n", "seed", "format")  # a request's own fields; every other is an option
@@ -190,7 +208,7 @@ def load_models(config: ServeConfig, device: torch.device) -> dict[str, ServedMo
     served: dict[str, ServedModel] = {}
     available = entries()
     for name in config.models:
-        if name not in available or available[name].family == "evaluator":
+        if name not in available or not available[name].generative:
             raise CheckpointError(f"models: no pretrained model {name!r}; the zoo has {', '.join(available) or 'none'}")
         served[name] = ServedModel(name, "zoo", load_pretrained(name, device))
     if config.runs:
@@ -202,7 +220,20 @@ def load_models(config: ServeConfig, device: torch.device) -> dict[str, ServedMo
             if not loaded.lab.generative:  # the evaluator, CLIP: nothing to draw
                 continue
             served[name] = ServedModel(name, "runs", loaded)
+    if config.clip_score:
+        attach_scorers(served, device)
     for model in served.values():
-        log.info("serving %s (%s, %s, step %s)", model.name, model.family, model.source,
-                 model.loaded.state.get("trainer", {}).get("step"))
+        log.info("serving %s (%s, %s, step %s; CLIP score: %s)", model.name, model.family, model.source,
+                 model.loaded.state.get("trainer", {}).get("step"), model.describe_scorer()["clip_scorer"])
     return served
+
+
+def attach_scorers(served: dict[str, ServedModel], device: torch.device) -> None:
+    """Give each model the CLIP scorer of its data config (one per distinct config, shared: scoring only reads it)."""
+    scorers: dict[str, Optional[ClipScorer]] = {}
+    for model in served.values():
+        data = OmegaConf.to_container(model.loaded.cfg.data, resolve=True)
+        ident = repr(sorted(data.items()))
+        if ident not in scorers:
+            scorers[ident] = find_clip_scorer(model.loaded.cfg.data, device)
+        model.scorer = scorers[ident]

@@ -75,6 +75,12 @@ class ModelInfo(_Body):
     max_prompt_tokens: Optional[int] = Field(
         description="the most tokens of a prompt the model reads, [CLS] included (one token per word after it); "
                     "words past them are ignored and listed in `ignored_words`. null: it reads no prompt")
+    clip_scorer: Optional[str] = Field(
+        description="the CLIP model (labs/clip, trained from scratch on the model's dataset) that scores its images "
+                    "against the prompt: a zoo name, or `cached <key>`. null: none, and `clip_scores` is null")
+    clip_score_real: Optional[float] = Field(
+        description="the mean CLIP score of the dataset's real test images with their own captions under that scorer "
+                    "(the ceiling `genlab eval` reports), where known")
 
 
 class ServerLimits(_Body):
@@ -93,6 +99,9 @@ class ModelList(_Body):
 OptionValue = Union[int, float, str, bool, None]
 IGNORED_WORDS = ("the prompt's words past the model's `max_prompt_tokens`, which it did not read (the prompt was "
                  "cut there); empty: it read the whole prompt")
+CLIP_SCORES = ("each image's CLIP score against the prompt, in the images' order: the cosine similarity of the image's "
+               "and the prompt's embeddings in the CLIP model of the dataset (`clip_scorer` of GET /models), in [-1, 1] "
+               "(Hessel et al.'s CLIPScore is 2.5 max(cos, 0), torchmetrics' 100 max(cos, 0)); null: no scorer")
 
 
 class GenerateResult(_Body):
@@ -108,6 +117,7 @@ class GenerateResult(_Body):
     seconds: float = Field(description="time spent drawing (without the queue)")
     unknown_words: list[str] = Field(description="words of the prompt the model does not know (read as [UNK])")
     ignored_words: list[str] = Field(description=IGNORED_WORDS)
+    clip_scores: Optional[list[float]] = Field(description=CLIP_SCORES)
     image: str = Field(description="base64 PNG: the n images side by side")
     images: list[str] = Field(description="base64 PNG of each image")
 

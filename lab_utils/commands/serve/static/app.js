@@ -100,7 +100,8 @@ function card(model) {
   element.className = "card";
   element.dataset.model = model.name;
   element.innerHTML = `<h3></h3><div class="family"></div><div class="how"></div><div class="images"></div>
-    <progress max="1" value="0"></progress><div class="status">waiting</div><div class="settings"></div>`;
+    <progress max="1" value="0"></progress><div class="status">waiting</div><div class="clip"></div>
+    <div class="settings"></div>`;
   element.querySelector("h3").textContent = model.name;
   element.querySelector(".family").textContent =
     `${model.family} · ${model.dataset} · ${(model.parameters / 1e6).toFixed(2)}M parameters`;
@@ -114,6 +115,23 @@ function showImages(element, images) {
   box.style.setProperty("--columns", Math.min(images.length, 2));
   while (box.children.length < images.length) box.append(Object.assign(document.createElement("img"), { alt: "" }));
   images.forEach((data, i) => { box.children[i].src = `data:image/png;base64,${data}`; });
+}
+
+// Each image's CLIP score against the prompt (the cosine of their embeddings in the lab's CLIP model of the
+// dataset, GET /models' clip_scorer), under the images and as each image's tooltip, beside the dataset's real
+// images' mean score with their own captions where the server knows it.
+function showClipScores(model, element, scores) {
+  const line = element.querySelector(".clip");
+  if (!scores) { line.textContent = "no CLIP score (no CLIP model for this dataset)"; return; }
+  const images = element.querySelectorAll(".images img");
+  scores.forEach((score, i) => { if (images[i]) images[i].title = `CLIP score ${score.toFixed(3)}`; });
+  const mean = scores.reduce((sum, score) => sum + score, 0) / scores.length;
+  const real = model.clip_score_real == null ? "" : `; real images ${model.clip_score_real.toFixed(2)}`;
+  line.textContent = `CLIP score vs the prompt: ${scores.map((score) => score.toFixed(2)).join(", ")} ` +
+    `(mean ${mean.toFixed(2)}${real})`;
+  line.title = `cosine of each image and the prompt in ${model.clip_scorer}, the lab's CLIP model of ` +
+    `${model.dataset}: 1 is a perfect match, ~0 an unrelated prompt`;
+  element.dataset.clipScores = scores.join(",");
 }
 
 async function readEvents(response, onEvent) {
@@ -169,6 +187,7 @@ async function draw(model, element) {
       bar.value = 1;
       const waited = (performance.now() - started) / 1000;
       status.textContent = `done in ${data.seconds.toFixed(2)} s (${waited.toFixed(1)} s with the queue)`;
+      showClipScores(model, element, data.clip_scores);
       element.dataset.done = "true";
     } else if (event === "error") {
       status.textContent = `${data.status}: ${data.detail}`;
