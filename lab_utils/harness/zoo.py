@@ -251,7 +251,10 @@ def take_module(lab: Lab, name: str, source: str, device: str | torch.device = "
     model ``source`` (a shipped model's name, or a run folder or checkpoint, with its EMA weights where it kept
     them), strictly: every tensor, of the same shape. ``Lab.initial_modules`` says which; the source must have read
     the same vocabulary (a token's id means the same word). Returns the file the weights came from."""
-    loaded = load(source, device) if source in entries() else load_source(source, None, device)
+    try:
+        loaded = load(source, device) if source in entries() else load_source(source, None, device)
+    except CheckpointError as err:
+        raise CheckpointError(f"cannot take the {name} from {source!r} (e.g. model.text_from): {err}") from None
     target = lab.get_submodule(name)
     last = name.rsplit(".", 1)[-1]
     found = [path for path, _ in loaded.lab.named_modules() if path.rsplit(".", 1)[-1] == last]
