@@ -48,6 +48,8 @@ def test_compare_writes_every_file(smoke_comparison):
         for key in ("fid", "kid_mean", "inception_score", "precision", "recall", "alignment_seen"):
             assert set(row["metrics"][key]) == {"generated", "real"}
         assert row["metrics"]["fid"]["real"] < row["metrics"]["fid"]["generated"]  # 8 steps: far from real
+        assert row["metrics"]["clip_score"]["real"] is not None and row["clip"]["distractors"] == 99  # CLIP score
+    assert "| real test images, own captions (ceiling) |" in (out / "results.md").read_text()
     nfe = {row["model"]: row["nfe_per_sample"] for row in results["rows"]}
     assert nfe["dcgan"] == nfe["vae"] == 1 and nfe["ddpm"] == nfe["ldm"] == nfe["flow"] > 1  # the same sampler settings
     assert "| ddpm |" in stdout and "| ldm |" in stdout and "| family |" in stdout  # the table is printed

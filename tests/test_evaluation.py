@@ -445,7 +445,7 @@ def test_a_plain_evaluator_run_can_be_used(smoke_setup, tmp_path):
                    f"out={evaluator_run}", "data.held_out=[]"]))  # `genlab train model=evaluator ...`
     assert not (evaluator_run / "evaluator.json").exists()
     cfg = compose([f"run={run_dir}", "eval.num_samples=8", "eval.kid_subsets=2", f"eval.evaluator_run={evaluator_run}",
-                   "eval.device=cpu"], config_name="eval", check=False)
+                   "eval.device=cpu", "eval.clip_score=false"], config_name="eval", check=False)  # the evaluator alone
     result = eval_command_main(cfg)
     info = json.loads((evaluator_run / "evaluator.json").read_text())  # accuracy measured on first use
     assert result["evaluator"]["key"] == info["key"] and result["evaluator"]["test_accuracy"] == info["test_accuracy"]

@@ -35,7 +35,7 @@ from lab_utils.core.data import words as split_words
 from lab_utils.core.lab import Lab
 from lab_utils.core.plotting import tiles
 from lab_utils.harness.checkpoint import LoadedLab
-from lab_utils.harness.zoo import load
+from lab_utils.harness.zoo import find, load
 from labs.vae.lab import VAESampleOptions
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -312,6 +312,44 @@ def test_stream_reports_progress_then_the_same_image(client):
     refused = client.post("/generate-image/stream", json={**body, "steps": 1000})
     assert refused.status_code == 422 and refused.json()["field"] == "steps"
     documented(client, refused)  # the stream's 422 is this API's one-line body, not FastAPI's list
+
+
+def test_each_image_is_scored_against_the_prompt(models):
+    """A model served with its dataset's CLIP scorer (the zoo's `clip`, which `genlab serve` attaches to every model
+    of shapes) answers each image's CLIP score: in the JSON, the PNG's header and the stream's `done` event, the
+    scorer's cosines of the very pixels returned with the prompt; GET /models names the scorer and the real images'
+    score; a model without a scorer answers null."""
+    from lab_utils.commands.evaluation.clip_scorer import clip_scorer_from_pretrained
+    from lab_utils.commands.serve import load_models
+
+    scorer = clip_scorer_from_pretrained("clip")
+    served_models = {"vae": ServedModel("vae", "zoo", models["vae"].loaded, scorer=scorer), "ddpm": models["ddpm"]}
+    with api(ServeConfig(models=list(served_models), limits=LIMITS), served_models) as client:
+        body = {"prompt": "a large red circle at the top left", "model": "vae", "n": 3, "seed": 2}
+        answer = client.post("/generate-image", json={**body, "format": "json"})
+        documented(client, answer)
+        scores = answer.json()["clip_scores"]
+        shown = torch.stack([torch.from_numpy(pixels(base64.b64decode(image))).permute(2, 0, 1)
+                             for image in answer.json()["images"]])  # (3, 3, 32, 32) uint8, as a client sees them
+        assert scores == pytest.approx(scorer.cosines(shown, [body["prompt"]] * 3).tolist(), abs=1e-4)
+        elsewhere = scorer.cosines(shown, ["a small blue square at the bottom right"] * 3)
+        assert min(scores) > float(elsewhere.max()) + 0.2  # the shipped VAE draws its prompt; another reads far lower
+        png = client.post("/generate-image", json=body)
+        assert [float(value) for value in png.headers["x-genlab-clip-scores"].split(",")] == pytest.approx(scores,
+                                                                                                         abs=1e-4)
+        with client.stream("POST", "/generate-image/stream", json=body) as response:
+            events = sse_events("".join(response.iter_text()))
+        documented(client, response, events)
+        assert events[-1][0] == "done" and events[-1][1]["clip_scores"] == scores
+        listed = {model["name"]: model for model in client.get("/models").json()["models"]}
+        real = find("clip").info["prompt_match_real"]["real_held_out"]["clip_score"]
+        assert listed["vae"]["clip_scorer"] == "clip" and listed["vae"]["clip_score_real"] == pytest.approx(real)
+        assert listed["ddpm"]["clip_scorer"] is None and listed["ddpm"]["clip_score_real"] is None
+        unscored = client.post("/generate-image", json={**body, "model": "ddpm", "steps": 2, "format": "json"})
+        assert unscored.json()["clip_scores"] is None and unscored.headers["x-genlab-clip-scores"] == ""
+    # `genlab serve` attaches the zoo's scorer to the shipped models (their data is the scorer's), unless told not to
+    assert load_models(ServeConfig(models=["vae"]), torch.device("cpu"))["vae"].scorer.info["name"] == "clip"
+    assert load_models(ServeConfig(models=["vae"], clip_score=False), torch.device("cpu"))["vae"].scorer is None
 
 
 # ------------------------------------------------------------------------------------ the queue and the timeout
@@ -603,6 +641,8 @@ def test_the_page_in_a_real_browser(live_server, tmp_path):
             assert images.count() == 4  # the page's default n
             assert all(images.nth(i).get_attribute("src").startswith("data:image/png;base64,") for i in range(4))
             assert "steps=30" in card.locator(".settings").inner_text()
+            assert card.locator(".clip").inner_text().startswith("CLIP score vs the prompt: ")  # one per image
+            assert len(card.get_attribute("data-clip-scores").split(",")) == 4
         shot = tmp_path / "serve.png"
         page.screenshot(path=str(shot), full_page=True)
         if os.environ.get("GENLAB_SCREENSHOT"):
