@@ -42,6 +42,7 @@ def test_a_model_conditions_on_clips_text_encoder_frozen(clip_run, tmp_path, mod
     steps.append("trainer.sample_every=0")  # no grids: the weights are the point
     train(compose([f"model={model}", "data=shapes", "preset=smoke", f"out={run}", f"model.{'diffusion.' * (model == 'ldm')}"
                    f"text_from={clip_run}", *steps]))
+    assert f"took {text_path} from {clip_run / 'checkpoints' / 'last.pt'}" in (run / "train.log").read_text()
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     for weights in (state["model"], state["ema"]):  # the live weights and their average: CLIP's, unchanged
         for name, tensor in expected.items():

@@ -80,12 +80,13 @@ def _train(cfg: DictConfig, settings: TrainerConfig, resume: str | Path | Resume
     train_set = distributed.in_turn(lambda: build_dataset(cfg.data, "train"), dist_info)
     data_info = DataInfo.from_dict(state["data_info"]) if state else train_set.data_info()
     lab = build_lab(cfg, data_info)
+    taken_from: list[str] = []  # what the new run took from other runs, for train.log
     if state is None and settings.init_from:  # a new run that starts from another run's submodules
         taken = initialize_modules(lab, settings.init_from, settings.init_modules)
-        log.info("took %s from %s", ", ".join(settings.init_modules), taken)
+        taken_from.append(f"took {', '.join(settings.init_modules)} from {taken}")
     if state is None:  # submodules the model takes from another one (a frozen CLIP text encoder)
         for name, model in lab.initial_modules().items():
-            log.info("took %s from %s", name, take_module(lab, name, model))
+            taken_from.append(f"took {name} from {take_module(lab, name, model)}")
     lab = speed_setup(lab.to(device), cfg, device)
     if dist_info.rank > 0:
         torch.manual_seed(cfg.seed + dist_info.rank)  # its own noise; the weights come from rank 0 (DDP)
@@ -108,6 +109,8 @@ def _train(cfg: DictConfig, settings: TrainerConfig, resume: str | Path | Resume
                      source.run_dir if source else None)
         continue_metrics(source.run_dir if source else None, run_dir, trainer.step)
     with file_log(run_dir / "train.log") if dist_info.is_main else contextlib.nullcontext():
+        for line in taken_from:
+            log.info("%s", line)
         if state is not None:
             log.info("resumed %s at step %d (%d process(es); the checkpoint was written by %d)%s", source.checkpoint,
                      trainer.step, dist_info.world_size, state["trainer"].get("world_size", 1),
