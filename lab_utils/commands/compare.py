@@ -384,8 +384,10 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     (out_dir / "results.md").write_text(
         f"# genlab compare: {title}\n\nBudget per family: {budget_text(cfg.compare, rows)}. "
         f"Each metric: generated (real held-out images at the same count: the floor for FID/KID, the ceiling "
-        f"for IS, precision, recall and alignment). {cfg.compare.eval_samples} images per set. KID is the mean "
-        f"over subsets. Alignment: share of images whose every prompted attribute the evaluator recovers.\n\n"
+        f"for IS, precision, recall, CLIP score, R-precision and alignment). {cfg.compare.eval_samples} images per "
+        f"set. KID is the mean over subsets. CLIP score: the mean cosine of image and prompt embeddings; R-precision: "
+        f"the share of images whose prompt ranks first among it and its distractors (the CLIP scorer's; table below). "
+        f"Alignment: share of images whose every prompted attribute the evaluator recovers.\n\n"
         f"{table}\n\n"
         + (f"Alignment per attribute (share of images showing each attribute their prompt names; real images "
            f"score ~1, chance is 1 / the number of values):\n\n{attributes}\n\n" if attributes else "")
