@@ -1,10 +1,11 @@
 """Every bad input, through the real `genlab` entry point: exit code 1, one line that says what was wrong and
 how to fix it, no traceback, and every file that existed before byte-identical afterwards.
 
-The table below is run as real subprocesses (`python -m genlab ...`), a few at a time, once per module; each
-case then asserts on its own result. Files that come from outside (checkpoints, dataset files) include
-hostile ones: a checkpoint naming a module that lies beside it, a checkpoint holding pickled code, a CIFAR
-batch with a ``__reduce__`` payload. Each would leave a marker file if its code ran.
+The table below is run once per module, each case a real process that runs the `genlab` console script, forked
+from one that imported torch and the CLI once (tests/forked_cli.py); each case then asserts on its own result.
+Files that come from outside (checkpoints, dataset files) include hostile ones: a checkpoint naming a module that
+lies beside it, a checkpoint holding pickled code, a CIFAR batch with a ``__reduce__`` payload. Each would leave a
+marker file if its code ran.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,6 +30,7 @@ import torch
 from filelock import FileLock
 
 from conftest import GENLAB, TESTS, subprocess_env
+from forked_cli import run_genlab_many
 
 MARKER = "CODE_RAN"  # what a hostile file's payload creates
 
@@ -236,14 +237,12 @@ def results(tmp_path_factory, runs) -> dict[str, Case]:
             case.setup(folder, runs)
         cases[case.id] = (case, folder, snapshot(folder))
 
-    def run(item):
-        case, folder, _ = item
-        args = [a.format(case=folder, ddpm=runs["ddpm"], vae=runs["vae"]) for a in case.args]
-        case.result = genlab(*args, cwd=folder / case.cwd if case.cwd else folder)
-        return case
-
-    with ThreadPoolExecutor(max_workers=4) as pool:  # subprocesses that mostly import and refuse: more than the cores
-        list(pool.map(run, cases.values()))
+    invocations = [([a.format(case=folder, ddpm=runs["ddpm"], vae=runs["vae"]) for a in case.args],
+                    folder / case.cwd if case.cwd else folder) for case, folder, _ in cases.values()]
+    # each case a process of its own that runs the console script, forked from one that imported torch once
+    done = run_genlab_many(GENLAB[0], invocations, tmp_path_factory.mktemp("bad_inputs_output"), subprocess_env())
+    for (case, _, _), result in zip(cases.values(), done):
+        case.result = result
     for case, folder, before in cases.values():
         case.unchanged = snapshot(folder) == before and not (folder / MARKER).exists()
     while HELD_LOCKS:
