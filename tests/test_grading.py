@@ -16,12 +16,15 @@ import os
 import subprocess
 
 import shutil
+import threading
 import time
 
 import nbformat
 import pytest
 
 from conftest import GENLAB, REPO
+from forked_cli import run_genlab_many
+
 POINTS = {"attention": 2, "kl_divergence": 1}
 
 IMPORTS = """\
@@ -73,10 +76,11 @@ STUDENTS = {
     "half": notebook(IMPORTS, ATTENTION_RIGHT, KL_WRONG, CHECKS,
                      points={"attention": 100, "kl_divergence": 100}),  # its own points are not read
     "calls_reference": notebook(IMPORTS, ATTENTION_REFERENCE, KL_RIGHT, CHECKS),
-    "slow": notebook(IMPORTS, KL_RIGHT, "check_kl_divergence(kl)", "import time\ntime.sleep(60)",
+    # named to be graded first (students go in name order): its 15 s limit passes while the others run
+    "asleep": notebook(IMPORTS, KL_RIGHT, "check_kl_divergence(kl)", "import time\ntime.sleep(60)",
                      ATTENTION_RIGHT + "check_attention(attention)"),
 }
-EXPECTED = {"full": 3, "empty": 0, "ticks": 0, "half": 2, "calls_reference": 1, "slow": 0}  # slow: the checks run after the notebook
+EXPECTED = {"full": 3, "empty": 0, "ticks": 0, "half": 2, "calls_reference": 1, "asleep": 0}  # asleep: the checks run after the notebook
 
 
 
@@ -181,15 +185,36 @@ def graded(tmp_path_factory) -> dict:
     nbformat.write(students["full"], submissions / "full" / "graded_fixture_copy.ipynb")  # handed in twice
     (submissions / "unreadable").mkdir()
     (submissions / "unreadable" / "graded_fixture.ipynb").write_text("{not json")
-    result = subprocess.run([*GENLAB, "grade", str(submissions), f"out={out}",  # key=value, as every command
-                             f"solutions={solutions}", "time_limit=15", "jobs=2", "--memory-limit", "3"],
-                            # each notebook but the slow one needs ~2 s on 2 cores: 15 s ends the slow one sooner
-                            capture_output=True, text=True, cwd=root, timeout=900,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "GENLAB_TEST_SECRET": SECRET})
-    assert result.returncode == 0, result.stderr
+    # each notebook but `asleep` needs ~2 s on 2 cores: 15 s ends it sooner; three at once, as it mostly sleeps
+    grader = subprocess.Popen([*GENLAB, "grade", str(submissions), f"out={out}",  # key=value, as every command
+                               f"solutions={solutions}", "time_limit=15", "jobs=3", "--memory-limit", "3"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "GENLAB_TEST_SECRET": SECRET})
+    output = {"stdout": [], "stderr": []}
+    graded_at = {}  # student -> when the grader reported their notebook graded (its sandbox gone)
+
+    def read(name: str) -> None:
+        for line in getattr(grader, name):
+            output[name].append(line)
+            if name == "stderr" and line.startswith("graded "):
+                graded_at.setdefault(line.split()[1].split("/")[0], time.monotonic())
+
+    readers = [threading.Thread(target=read, args=(name,), daemon=True) for name in output]
+    for reader in readers:
+        reader.start()
+    try:
+        grader.wait(timeout=900)
+    finally:
+        grader.kill()
+        for reader in readers:
+            reader.join(timeout=60)
+    stdout, stderr = "".join(output["stdout"]), "".join(output["stderr"])
+    assert grader.returncode == 0, stderr
     grades_text = (out / "grades.json").read_text()
-    time.sleep(5)  # the background process's time to strike, had it survived
-    return {"stdout": result.stdout, "json": json.loads(grades_text),
+    # the background process's time to strike, had it survived: it sleeps 4 s; wait until 10 s after its notebook's
+    # sandbox ended (graded second, it has mostly passed while the others ran)
+    time.sleep(max(0.0, graded_at["background"] + 10 - time.monotonic()))
+    return {"stdout": stdout, "json": json.loads(grades_text),
             "grades_kept": (out / "grades.json").read_text() == grades_text,
             "csv": list(csv.DictReader(open(out / "grades.csv", encoding="utf-8"))),
             "outside": outside.read_text(),
@@ -219,8 +244,8 @@ def test_per_exercise_results_say_why(graded):
     assert rows[("ticks", "attention")]["status"] == "failed", "printed ticks count for nothing"
     for name in ("calls_reference", "sdpa_builtin", "sdpa_ops", "code_copy", "source_reloaded", "patch_during_check"):
         assert "calls" in rows[(name, "attention")]["detail"], (name, rows[(name, "attention")]["detail"])
-    assert rows[("slow", "kl_divergence")]["status"] == "not run"
-    assert rows[("slow", "attention")]["status"] == "not run"
+    assert rows[("asleep", "kl_divergence")]["status"] == "not run"
+    assert rows[("asleep", "attention")]["status"] == "not run"
     assert rows[("unreadable", "")]["status"] == "not graded"
     assert "not a readable notebook" in rows[("unreadable", "")]["detail"]
 
@@ -235,10 +260,10 @@ def test_the_sandbox_keeps_the_grader_and_other_files_out_of_reach(graded):
     problems = notebooks["outside"][0]["problems"]
     assert any("MemoryError" in problem for problem in problems), problems
     assert any("the secret" in problem for problem in problems) is False, problems
-    assert any("time limit of 15 s" in problem for problem in notebooks["slow"][0]["problems"])
+    assert any("time limit of 15 s" in problem for problem in notebooks["asleep"][0]["problems"])
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_ARGUMENTS = [
     (["/no/such/folder"], "no notebook or folder"),
     (["README.md"], "is not a notebook"),
     (["tests", "--time-limit", "0"], "time_limit must be a positive"),
@@ -250,10 +275,20 @@ def test_the_sandbox_keeps_the_grader_and_other_files_out_of_reach(graded):
     (["tests", "full=maybe"], "full=maybe: full is true or false"),
     (["tests", "--solutions", "/no/such"], "no solutions folder"),
     (["conf"], "no notebooks (.ipynb) under conf"),
-])
-def test_bad_arguments_are_one_line(args, message):
-    result = subprocess.run([*GENLAB, "grade", *args], capture_output=True, text=True,
-                            cwd=REPO, timeout=60)
+]
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory) -> list[subprocess.CompletedProcess]:
+    """Each bad command line a process of its own that runs the `genlab` console script, forked from one that
+    imported the CLI and torch once (tests/forked_cli.py)."""
+    return run_genlab_many(GENLAB[0], [(["grade", *args], REPO) for args, _ in BAD_ARGUMENTS],
+                           tmp_path_factory.mktemp("refused"), dict(os.environ))
+
+
+@pytest.mark.parametrize("index", range(len(BAD_ARGUMENTS)), ids=[" ".join(args) for args, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_one_line(refused, index):
+    result, message = refused[index], BAD_ARGUMENTS[index][1]
     assert result.returncode == 1
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (REPO / "grades").exists()
