@@ -1,4 +1,4 @@
-"""Shared test set-up: a private dataset cache, the tests folder importable, and few threads."""
+"""Shared test set-up: a private dataset cache, the tests folder importable, and one thread."""
 
 from __future__ import annotations
 
@@ -53,10 +53,31 @@ def cifar(root: Path, split: str = "train", **overrides):
     return build_dataset({"name": "cifar10", "root": str(root), **overrides}, split)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_everywhere():
+    """One torch thread in this process and in every process it starts (OMP_NUM_THREADS, which `subprocess_env`
+    and a plain subprocess call pass on): the suite's models are tiny, and two threads on two cores that other work
+    shares spend their time in OpenMP's barriers (on a busy machine tests/test_diffusion.py took 233 s with two, 49 s
+    with one; its CPU time 128 s against 21 s). In-process and subprocess computations keep the same thread count,
+    as they had before (both two). A test that needs another count says so (OMP_NUM_THREADS= in its env)."""
+    import torch
+
+    previous_env, previous = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+    if previous_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = previous_env
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): one thread avoids
-    OpenMP's synchronisation cost (large on a busy machine)."""
+    OpenMP's synchronisation cost (large on a busy machine). The session holds one thread already
+    (``_one_thread_everywhere``); this keeps a module at one should a test before it have changed the count."""
     import torch
 
     previous = torch.get_num_threads()
@@ -82,6 +103,6 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a `genlab`/python subprocess: the tests folder on PYTHONPATH."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("OMP_NUM_THREADS", "1")  # the session's count (_one_thread_everywhere)
     env.update(extra)
     return env

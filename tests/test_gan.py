@@ -21,7 +21,6 @@ from labs.gan import (
 )
 from labs.text_encoder import TextEncoderConfig
 
-torch.set_num_threads(2)
 
 def tiny_config(**changes) -> DCGANConfig:
     cfg = DCGANConfig(
