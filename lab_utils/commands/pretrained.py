@@ -211,8 +211,11 @@ def export(options: ZooConfig, model: str, run_dir: Path, version: str | None = 
 
 
 def evaluator_command(options: ZooConfig) -> list[str]:
-    """The ``genlab train`` arguments of the dataset's evaluator (the one ``genlab eval`` uses by default)."""
-    return ["model=evaluator", f"data={options.dataset}", f"preset={options.preset}", "data.held_out=[]"]
+    """The ``genlab train`` arguments of the dataset's evaluator (the one ``genlab eval`` uses by default: the
+    dataset's own preset file where it has one, ``data.held_out=[]`` where the data holds combinations out)."""
+    from lab_utils.commands.evaluation.cache import evaluator_command as command
+
+    return command({"name": options.dataset}, options.preset)
 
 
 def evaluator_missing(options: ZooConfig) -> bool:

@@ -5,6 +5,10 @@
     evaluator_config    the evaluator's training config, a child of the run's data (``child_config``)
     evaluator_from_run  the evaluator of a plain ``genlab train model=evaluator`` run
 
+A dataset whose evaluator needs other settings than the preset's (Fashion-MNIST: a longer, decayed schedule with
+flips) has its own preset file, ``conf/preset_model/evaluator_<preset>_<data>.yaml``, chosen in place of
+``evaluator_<preset>.yaml`` (:func:`dataset_preset_override`); a dataset without one (shapes) composes as before.
+
 The cache is ``lab_utils.harness.cached_run``'s: keyed by ``run_key`` (data but not where it lives, model
 config, trainer settings, seed and the source of ``labs/evaluator``), so any change retrains. Layout:
 ``$GENLAB_CACHE/evaluators/<data.name>-<key>/`` (default ``~/.cache/genlab``) is a normal run directory
@@ -19,6 +23,7 @@ import json
 import logging
 import os
 from dataclasses import fields
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lab_utils.core.cache_folder import cache_folder
-from lab_utils.core.config import validate
+from lab_utils.core.config import CONFIG_MODULE, validate
 from lab_utils.core.schema import ConfigError
 from lab_utils.harness.cached_run import child_config, run_key, train_cached
 from lab_utils.harness.run_folder import remove_stale_temporaries
@@ -69,15 +74,33 @@ def evaluator_data_config(data_cfg: Any) -> dict[str, Any]:
     return data
 
 
+def dataset_preset_override(data_name: Any, preset: str) -> list[str]:
+    """``["preset_model=evaluator_<preset>_<data>"]`` where ``conf/preset_model/`` has that file (the dataset's own
+    evaluator settings at this budget, in place of ``evaluator_<preset>.yaml``), else ``[]``: the preset as it is."""
+    name = f"evaluator_{preset}_{data_name}"
+    return [f"preset_model={name}"] if (files(CONFIG_MODULE) / "preset_model" / f"{name}.yaml").is_file() else []
+
+
+def evaluator_command(data_cfg: Any, preset: str = "cpu") -> list[str]:
+    """The ``genlab train`` arguments that train the evaluator ``get_evaluator`` uses for ``data_cfg`` at ``preset``
+    (the zoo's manifest records them): the dataset's own preset file if it has one, every combination seen."""
+    data = evaluator_data_config(data_cfg)
+    name = data.get("name")
+    return ["model=evaluator", f"data={name}", f"preset={preset}", *dataset_preset_override(name, preset),
+            *(["data.held_out=[]"] if "held_out" in data else [])]
+
+
 def evaluator_config(data_cfg: Any, overrides: Sequence[str] = (), preset: str = "cpu",
                      device: str = "cpu") -> DictConfig:
     """The validated training config of the evaluator for ``data_cfg`` (what ``genlab train model=evaluator`` runs):
-    the preset's, with ``overrides``, then the run's data values (they win over the preset's) and ``device``
-    (unless an override names ``trainer.device``)."""
+    the preset's (the dataset's own preset file where it has one: :func:`dataset_preset_override`), with
+    ``overrides``, then the run's data values (they win over the preset's) and ``device`` (unless an override names
+    ``trainer.device``)."""
     data = evaluator_data_config(data_cfg)
     user = {item.partition("=")[0].lstrip("+") for item in overrides}
     trainer = {} if "trainer.device" in user else {"trainer": {"device": str(device)}}
-    return child_config(["model=evaluator", f"data={data.get('name')}", f"preset={preset}", *overrides],
+    own = [] if "preset_model" in user else dataset_preset_override(data.get("name"), preset)
+    return child_config(["model=evaluator", f"data={data.get('name')}", f"preset={preset}", *own, *overrides],
                         {"data": data, **trainer})
 
 
