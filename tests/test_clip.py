@@ -175,6 +175,7 @@ def test_a_smoke_run_trains_and_genlab_eval_measures_it(tmp_path, monkeypatch, c
     run = tmp_path / "run"
     result = train(compose(["model=clip", "data=shapes", "preset=smoke", f"out={run}"]))
     assert result.step == 4 and (run / "checkpoints" / "last.pt").exists()
+    assert not list(run.glob("samples/*.png"))  # not generative: no grids of blank images
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"loss/loss", "stats/logit_scale", "stats/image_to_text", "stats/text_to_image"} <= set(row)
     lab = load_lab(run).lab

@@ -390,6 +390,7 @@ class Trainer:
         progress = TrainingProgress(enabled=tcfg.progress and main, start=self.budget_used(),
                                     desc=f"train {self.cfg.model.name}")
         window, last_row, last_grid_step = LogWindow(self.step), {}, -1
+        draws = getattr(self.lab, "generative", True)  # a lab that is not generative (CLIP, the evaluator) has no grids to draw
         # With several processes every one must stop at the same step: the step and image budgets
         # agree by construction, a time budget is decided by rank 0 and broadcast. Reading the broadcast
         # flag on the host is a host-device sync, so rank 0's clock is consulted only every log_every steps,
@@ -417,7 +418,7 @@ class Trainer:
                 else:  # steps and images only: the same on every process, no communication
                     done = self.budget_used(clock=False) >= 1.0
                 log_now = self.step % tcfg.log_every == 0 or done
-                grid_now = bool(tcfg.sample_every) and self.step % tcfg.sample_every == 0
+                grid_now = draws and bool(tcfg.sample_every) and self.step % tcfg.sample_every == 0
                 save_now = self.step % tcfg.checkpoint_every == 0 or done
                 callbacks_now = not done and any(c.due(self.step, seconds_before, self.train_seconds)
                                                  for c in self.callbacks)
@@ -439,7 +440,7 @@ class Trainer:
                     self.save()
             progress.close()
             if main:
-                if last_grid_step != self.step:
+                if draws and last_grid_step != self.step:
                     self.write_samples()
                 self.run_callbacks(final=True)
         finally:
