@@ -106,8 +106,8 @@ def listing() -> str:
     for entry in shipped.values():
         if entry.family == "evaluator":
             accuracy = entry.info.get("test_accuracy", {}).get("all")
-            lines.append(f"\n{entry.name}: the evaluator `genlab eval` measures with (test accuracy, all four "
-                         f"attributes right: {_fmt(accuracy)}; key {entry.info.get('key')})")
+            lines.append(f"\n{entry.name}: the evaluator `genlab eval` measures {entry.dataset} with (test accuracy, "
+                         f"every attribute right: {_fmt(accuracy)}; key {entry.info.get('key')})")
         elif entry.family == "clip":
             zero_shot = (entry.info.get("figures") or {}).get("zero_shot", {})
             real = (entry.info.get("prompt_match_real") or {}).get("real_held_out", {})
@@ -244,8 +244,8 @@ def export_evaluator(options: ZooConfig, version: str | None = None) -> dict[str
     scratch = save_pretrained(loaded.lab, OmegaConf.to_container(loaded.cfg, resolve=True), loaded.state["trainer"],
                               folder / f".{name}.candidate.safetensors")
     entry = {"family": "evaluator", "dataset": options.dataset, "key": key, "command": evaluator_command(options),
-             "steps": int(loaded.state["trainer"]["step"]), "code_version": version,
-             "built": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+             "steps": int(loaded.state["trainer"]["step"]), "train_seconds": info.get("train_seconds"),
+             "code_version": version, "built": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
              "parameters": sum(p.numel() for p in loaded.lab.parameters()), "dtype": "float32",
              "test_accuracy": info["test_accuracy"], "test_images": info.get("test_images")}
     entry = publish(folder, name, scratch, entry)
@@ -349,7 +349,7 @@ def pretrained_command_main(cfg: DictConfig) -> None:
     models = [m for m in options.models if m not in ("evaluator", "clip")]
     if "evaluator" in options.models or (options.evaluator and evaluator_missing(options)):
         entry = export_evaluator(options, version)  # first: the models' figures are read with it
-        print(f"evaluator-{options.dataset}: test accuracy (all four) {entry['test_accuracy']['all']:.3f}")
+        print(f"evaluator-{options.dataset}: test accuracy (every attribute) {entry['test_accuracy']['all']:.3f}")
     if "clip" in options.models:
         entry = export_clip(options, version)
         real = entry["prompt_match_real"]["real_held_out"]
