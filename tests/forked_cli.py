@@ -2,19 +2,21 @@
 
     python tests/forked_cli.py <plan.json> <results folder>
 
-Each refused input is a real process that runs the real ``genlab`` console script: its exit status, its stdout and
-its stderr are what a user sees. What costs is not the refusal but the start: importing torch, Hydra and the CLI,
+Each refused input is a real process that runs the real ``genlab`` command: its exit status, its stdout and its
+stderr are what a user sees. What costs is not the refusal but the start: importing torch, Hydra and the CLI,
 seconds for each of dozens of cases. This driver imports them once, then forks a child per invocation, and the child
-becomes what the console script would be: the invocation's working folder, ``sys.argv`` and ``sys.path[0]`` (the
-script's folder, not the working folder: a module lying beside a hostile checkpoint is not importable), stdout and
-stderr on files of their own, the script run as ``__main__``, and the interpreter's exit (the status of
-``sys.exit``, a traceback and status 1 for an uncaught exception, atexit handlers, stdio flushed: see
+becomes what ``genlab ...`` (the console script) or ``python -m lab_utils.commands.cli ...`` would be: the
+invocation's working folder, ``sys.argv``, ``sys.path[0]`` (the script's folder, not the working folder: a module
+lying beside a hostile checkpoint is not importable; for ``-m``, the working folder, as Python puts it there), stdout
+and stderr on files of their own, the script or module run as ``__main__`` (a ``-m`` module's preloaded copy is
+dropped first, as a fresh ``python -m`` has none), and the interpreter's exit (the status of ``sys.exit``, a
+traceback and status 1 for an uncaught exception, atexit handlers, stdio flushed: see
 :func:`_exit_as_the_interpreter_would`).
 
 The driver runs no torch operation before it forks: a child cannot use an OpenMP thread pool its parent started.
-The plan is a JSON list of ``{"args": [...], "cwd": "..."}``; the results folder gets ``<i>.stdout``, ``<i>.stderr``
-and ``status.json`` (the exit status of each, as subprocess reports it: negative for a signal).
-:func:`run_genlab_many` is the test side: a ``subprocess.CompletedProcess`` per invocation.
+The plan is a JSON list of ``{"command": [...], "args": [...], "cwd": "..."}``; the results folder gets
+``<i>.stdout``, ``<i>.stderr`` and ``status.json`` (the exit status of each, as subprocess reports it: negative for
+a signal). :func:`run_genlab_many` is the test side: a ``subprocess.CompletedProcess`` per invocation.
 """
 
 from __future__ import annotations
@@ -33,18 +35,20 @@ PRELOAD = ["torch", "omegaconf", "hydra", "lab_utils.commands.cli", "lab_utils.h
            "lab_utils.commands.grading"]
 
 
-def run_genlab_many(script: str, invocations: list[tuple[list[str], Path]], results: Path, env: dict[str, str],
-                    timeout: float = 900) -> list[subprocess.CompletedProcess]:
-    """``script`` (the ``genlab`` console script) run with each ``(args, cwd)``, as ``subprocess.run(...,
-    capture_output=True, text=True)`` would report it; ``results`` is an empty folder for the outputs."""
+def run_genlab_many(command: list[str], invocations: list[tuple[list[str], Path]], results: Path,
+                    env: dict[str, str], timeout: float = 900) -> list[subprocess.CompletedProcess]:
+    """``command`` (``[<the genlab console script>]`` or ``[sys.executable, "-m", <module>]``) run with each ``(args,
+    cwd)``, as ``subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True)`` would report
+    it; ``results`` is an empty folder for the outputs."""
+    assert len(command) == 1 or (len(command) == 3 and command[1] == "-m"), command
     results.mkdir(parents=True, exist_ok=True)
     plan = results / "plan.json"
-    plan.write_text(json.dumps([{"args": [script, *args], "cwd": str(cwd)} for args, cwd in invocations]))
+    plan.write_text(json.dumps([{"command": command, "args": args, "cwd": str(cwd)} for args, cwd in invocations]))
     driver = subprocess.run([sys.executable, __file__, str(plan), str(results)], env=env, stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=timeout)
     assert driver.returncode == 0, driver.stderr[-3000:]
     status = json.loads((results / "status.json").read_text())
-    return [subprocess.CompletedProcess(args, status[index], (results / f"{index}.stdout").read_text(),
+    return [subprocess.CompletedProcess([*command, *args], status[index], (results / f"{index}.stdout").read_text(),
                                         (results / f"{index}.stderr").read_text())
             for index, (args, _) in enumerate(invocations)]
 
@@ -123,7 +127,14 @@ if __name__ == "__main__":
         target = os.open(results_folder / f"{child['index']}.{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)
         os.close(target)
-    script = child["args"][0]
-    sys.argv = list(child["args"])
-    sys.path[0] = os.path.dirname(os.path.realpath(script))
-    _exit_as_the_interpreter_would(lambda: runpy.run_path(script, run_name="__main__"))
+    if len(child["command"]) == 1:  # genlab ...: the console script
+        script = child["command"][0]
+        sys.argv = [script, *child["args"]]
+        sys.path[0] = os.path.dirname(os.path.realpath(script))
+        _exit_as_the_interpreter_would(lambda: runpy.run_path(script, run_name="__main__"))
+    else:  # python -m <module> ...
+        module = child["command"][2]
+        sys.modules.pop(module, None)
+        sys.argv = [module, *child["args"]]  # run_module puts the module's file first, as python -m does
+        sys.path[0] = os.getcwd()
+        _exit_as_the_interpreter_would(lambda: runpy.run_module(module, run_name="__main__", alter_sys=True))

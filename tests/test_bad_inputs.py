@@ -240,7 +240,7 @@ def results(tmp_path_factory, runs) -> dict[str, Case]:
     invocations = [([a.format(case=folder, ddpm=runs["ddpm"], vae=runs["vae"]) for a in case.args],
                     folder / case.cwd if case.cwd else folder) for case, folder, _ in cases.values()]
     # each case a process of its own that runs the console script, forked from one that imported torch once
-    done = run_genlab_many(GENLAB[0], invocations, tmp_path_factory.mktemp("bad_inputs_output"), subprocess_env())
+    done = run_genlab_many(GENLAB, invocations, tmp_path_factory.mktemp("bad_inputs_output"), subprocess_env())
     for (case, _, _), result in zip(cases.values(), done):
         case.result = result
     for case, folder, before in cases.values():

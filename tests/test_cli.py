@@ -1,7 +1,12 @@
-"""The `genlab` command as a user runs it (subprocesses), including from an installed wheel."""
+"""The `genlab` command as a user runs it (subprocesses), including from an installed wheel.
+
+The command lines of :data:`COMMAND_LINES` run once per module, each a process of its own (``python -m
+lab_utils.commands.cli ...``) forked from one that imported torch and the CLI once (tests/forked_cli.py); their tests
+then assert on their results."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, subprocess_env
+from forked_cli import run_genlab_many
 
 GENLAB = [sys.executable, "-m", "lab_utils.commands.cli"]
 
@@ -16,6 +22,30 @@ GENLAB = [sys.executable, "-m", "lab_utils.commands.cli"]
 def genlab(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
     return subprocess.run([*GENLAB, *args], cwd=cwd, env=env or subprocess_env(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+# name -> (arguments, whether it runs in its own folder); "{folder}" is that folder (else the suite's working folder)
+COMMAND_LINES = {
+    "train-help": (["train", "--help"], False),
+    "cfg-job": (["train", "preset=smoke", "trainer.steps=3", "--cfg", "job"], False),
+    "data-grid": (["data", "data=shapes", "data.subset=40", "n=16", "out={folder}/grid.png"], True),
+    "missing-data": (["data", "data=fashion_mnist", "data.root={folder}", "data.system_dirs=[]"], True),
+    "bad-config-value": (["train", "preset=smoke", "trainer.steps=0"], False),
+    "missing-run": (["sample", "run={folder}/nothing"], True),
+    "sweep": (["-m", "sample", "pretrained=vae", "prompt=a red circle, small", "seed=0,1", "n=1,1000",
+               "out=grid.png"], True),
+}
+
+
+@pytest.fixture(scope="module")
+def command_lines(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """name -> (its result, its folder)."""
+    folders = {name: tmp_path_factory.mktemp(name) for name in COMMAND_LINES}
+    invocations = [([arg.replace("{folder}", str(folders[name])) for arg in args],
+                    folders[name] if own_folder else Path(os.getcwd()))
+                   for name, (args, own_folder) in COMMAND_LINES.items()]
+    results = run_genlab_many(GENLAB, invocations, tmp_path_factory.mktemp("command_lines"), subprocess_env())
+    return {name: (result, folders[name]) for name, result in zip(COMMAND_LINES, results)}
 
 
 def test_usage_lists_commands():
@@ -27,42 +57,42 @@ def test_usage_lists_commands():
     assert bad.returncode == 2 and "unknown command 'frobnicate'" in bad.stderr
 
 
-def test_train_help_lists_groups_and_choices():
-    out = genlab("train", "--help")
+def test_train_help_lists_groups_and_choices(command_lines):
+    out, _ = command_lines["train-help"]
     assert out.returncode == 0, out.stderr
     for word in ("model", "data", "preset", "ddpm", "shapes", "fashion_mnist", "smoke", "cpu", "gpu"):
         assert word in out.stdout
 
 
-def test_cfg_job_prints_resolved_config():
-    out = genlab("train", "preset=smoke", "trainer.steps=3", "--cfg", "job")
+def test_cfg_job_prints_resolved_config(command_lines):
+    out, _ = command_lines["cfg-job"]
     assert out.returncode == 0, out.stderr
     assert "steps: 3" in out.stdout and "name: ddpm" in out.stdout
 
 
-def test_data_command_writes_grid_and_prints_facts(tmp_path):
-    out = genlab("data", "data=shapes", "data.subset=40", "n=16", f"out={tmp_path / 'grid.png'}")
+def test_data_command_writes_grid_and_prints_facts(command_lines):
+    out, tmp_path = command_lines["data-grid"]
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "grid.png").stat().st_size > 1000
     assert "40 images of 3x32x32" in out.stdout
     assert "colour" in out.stdout and "caption vocabulary" in out.stdout
 
 
-def test_missing_data_fails_with_one_clear_message(tmp_path):
-    out = genlab("data", "data=fashion_mnist", f"data.root={tmp_path}", "data.system_dirs=[]")
+def test_missing_data_fails_with_one_clear_message(command_lines):
+    out, _ = command_lines["missing-data"]
     assert out.returncode == 1
     assert "genlab: error:" in out.stderr and "Traceback" not in out.stderr
     assert "download=true" in out.stderr and "apt-get install dataset-fashion-mnist" in out.stderr
 
 
-def test_bad_config_value_fails_clearly():
-    out = genlab("train", "preset=smoke", "trainer.steps=0")
+def test_bad_config_value_fails_clearly(command_lines):
+    out, _ = command_lines["bad-config-value"]
     assert out.returncode == 1
     assert "steps must be positive" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_sample_from_missing_run_fails_clearly(tmp_path):
-    out = genlab("sample", f"run={tmp_path / 'nothing'}")
+def test_sample_from_missing_run_fails_clearly(command_lines):
+    out, _ = command_lines["missing-run"]
     assert out.returncode == 1 and "no such run directory" in out.stderr
 
 
@@ -192,12 +222,11 @@ def test_a_prompt_is_free_text_as_written():
         assert list(cfg.prompt) == ["a", "b c"]
 
 
-def test_sweep_jobs_write_their_own_outputs_and_survive_an_error(tmp_path):
+def test_sweep_jobs_write_their_own_outputs_and_survive_an_error(command_lines):
     """genlab -m: a job per value; each job's output has its number (never shared), nothing of Hydra's is left in
     the working folder, and a job's user error is its line while the other jobs run (exit 1 at the end). The prompt
     with a comma is one prompt, not a sweep."""
-    out = genlab("-m", "sample", "pretrained=vae", "prompt=a red circle, small", "seed=0,1", "n=1,1000",
-                 "out=grid.png", cwd=tmp_path)
+    out, tmp_path = command_lines["sweep"]
     assert out.returncode == 1
     assert sorted(path.name for path in tmp_path.iterdir()) == ["grid-0.png", "grid-2.png"]
     assert (tmp_path / "grid-0.png").read_bytes() != (tmp_path / "grid-2.png").read_bytes()  # seeds 0 and 1

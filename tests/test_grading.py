@@ -282,7 +282,7 @@ BAD_ARGUMENTS = [
 def refused(tmp_path_factory) -> list[subprocess.CompletedProcess]:
     """Each bad command line a process of its own that runs the `genlab` console script, forked from one that
     imported the CLI and torch once (tests/forked_cli.py)."""
-    return run_genlab_many(GENLAB[0], [(["grade", *args], REPO) for args, _ in BAD_ARGUMENTS],
+    return run_genlab_many(GENLAB, [(["grade", *args], REPO) for args, _ in BAD_ARGUMENTS],
                            tmp_path_factory.mktemp("refused"), dict(os.environ))
 
 
