@@ -23,7 +23,8 @@ from lab_utils.commands.serve import Limits, ServeConfig, ServedModel, create_ap
 from lab_utils.core.lab import SampleOptions, option
 from lab_utils.core.plotting import tiles
 from lab_utils.harness.checkpoint import LoadedLab, load_lab
-from test_cli import genlab
+from forked_cli import run_genlab_many
+from test_cli import GENLAB
 from tiny_lab import ContrastLab, ContrastSampleOptions, TinyConfig, TinyLab, tiny_config
 
 PROMPT = "a red circle"
@@ -64,13 +65,15 @@ def test_the_one_parser_reads_the_new_option(contrast_run):
 def test_genlab_sample_checks_and_passes_the_new_option(contrast_run, tmp_path):
     env = subprocess_env(GENLAB_LABS="tiny_lab.ContrastLab")  # the user's own lab, named by the user's environment
     common = ["sample", f"run={contrast_run}", f"prompt={PROMPT}", "n=2", "layout=tiles", "device=cpu"]
-    bad = genlab(*common, "contrast=5", f"out={tmp_path / 'bad.png'}", env=env)
+    # three processes of `python -m lab_utils.commands.cli`, forked from one that imported torch once
+    bad, *done = run_genlab_many(GENLAB, [([*common, *extra, f"out={tmp_path / name}"], Path.cwd()) for name, extra in
+                                          (("bad.png", ["contrast=5"]), ("half.png", ["contrast=0.5"]),
+                                           ("default.png", []))], tmp_path / "processes", env)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     errors = [line for line in bad.stderr.splitlines() if line.startswith("genlab: error:")]
     assert errors == ["genlab: error: model tiny: sampling.contrast must be a finite number in [0, 2], got 5.0"]
     assert not (tmp_path / "bad.png").exists()
-    for name, extra in (("half.png", ["contrast=0.5"]), ("default.png", [])):
-        out = genlab(*common, *extra, f"out={tmp_path / name}", env=env)
+    for out in done:
         assert out.returncode == 0, out.stderr[-2000:]
     half, default = (np.asarray(Image.open(tmp_path / name).convert("RGB")) for name in ("half.png", "default.png"))
     assert not np.array_equal(half, default)  # the value reached the sampler
