@@ -44,9 +44,15 @@ def run_genlab_many(command: list[str], invocations: list[tuple[list[str], Path]
     results.mkdir(parents=True, exist_ok=True)
     plan = results / "plan.json"
     plan.write_text(json.dumps([{"command": command, "args": args, "cwd": str(cwd)} for args, cwd in invocations]))
-    driver = subprocess.run([sys.executable, __file__, str(plan), str(results)], env=env, stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=timeout)
-    assert driver.returncode == 0, driver.stderr[-3000:]
+    driver = subprocess.Popen([sys.executable, __file__, str(plan), str(results)], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = driver.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(driver.pid, 9)  # the driver and its children (a session of their own), should one hang
+        driver.wait()
+        raise
+    assert driver.returncode == 0, stderr[-3000:]
     status = json.loads((results / "status.json").read_text())
     return [subprocess.CompletedProcess([*command, *args], status[index], (results / f"{index}.stdout").read_text(),
                                         (results / f"{index}.stderr").read_text())
