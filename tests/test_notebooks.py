@@ -47,7 +47,7 @@ def test_the_first_notebook_exists():
 # Notebooks that load the shipped model by default (GENLAB_PRETRAINED unset) run that way here too; the ones that
 # train by default run as they are.
 LOADS_BY_DEFAULT = {"02_vae", "04_text_conditioning"}
-TRAINS_BY_DEFAULT = ["01_gan", "03_diffusion", "06_latent_diffusion"]
+TRAINS_BY_DEFAULT = ["01_gan", "03_diffusion", "06_latent_diffusion", "07_joint_embedding"]
 # The other way of 01, 03 and 06 (GENLAB_PRETRAINED=1) is not in the suite, for time (~130 s in all on 2 cores; 03
 # alone ~85 s: its sampling cells then draw with the full 1.5M-parameter DDPM): run it by hand, e.g.
 # GENLAB_SMOKE=1 GENLAB_PRETRAINED=1 .venv/bin/jupyter nbconvert --to notebook --execute notebooks/03_diffusion.ipynb
