@@ -240,18 +240,28 @@ def export_evaluator(options: ZooConfig, version: str | None = None) -> dict[str
     info = json.loads((source / "evaluator.json").read_text())
     loaded = load_lab(source, ema=True, expect_model="evaluator")
     name = f"evaluator-{options.dataset}"
-    folder = zoo_folder(family_packages(measuring=True)["evaluator"])
-    scratch = save_pretrained(loaded.lab, OmegaConf.to_container(loaded.cfg, resolve=True), loaded.state["trainer"],
-                              folder / f".{name}.candidate.safetensors")
-    entry = {"family": "evaluator", "dataset": options.dataset, "key": key, "command": evaluator_command(options),
-             "steps": int(loaded.state["trainer"]["step"]), "train_seconds": info.get("train_seconds"),
-             "code_version": version, "built": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-             "parameters": sum(p.numel() for p in loaded.lab.parameters()), "dtype": "float32",
-             "test_accuracy": info["test_accuracy"], "test_images": info.get("test_images")}
-    entry = publish(folder, name, scratch, entry)
-    log.info("%s: wrote %s (key %s, test accuracy %.3f)", name, folder / entry["file"], key,
+    entry = publish_instrument(loaded, name, options, key, evaluator_command(options), version,
+                               {"train_seconds": info.get("train_seconds"), "test_accuracy": info["test_accuracy"],
+                                "test_images": info.get("test_images")})
+    log.info("%s: wrote %s (key %s, test accuracy %.3f)", name,
+             zoo_folder(family_packages(measuring=True)["evaluator"]) / entry["file"], key,
              info["test_accuracy"]["all"])
     return entry
+
+
+def publish_instrument(loaded: Any, name: str, options: ZooConfig, key: str, command: list[str], version: str | None,
+                       figures: dict[str, Any], training_log: Path | None = None) -> dict[str, Any]:
+    """Ship a measuring model (the evaluator, the CLIP scorer) in float32 with the manifest entry both have (its
+    family, dataset, key, command, steps, code version, size) and its own ``figures``; what :func:`publish` returns."""
+    family = loaded.cfg.model.name
+    folder = zoo_folder(family_packages(measuring=True)[family])
+    scratch = save_pretrained(loaded.lab, OmegaConf.to_container(loaded.cfg, resolve=True), loaded.state["trainer"],
+                              folder / f".{name}.candidate.safetensors")
+    entry = {"family": family, "dataset": options.dataset, "key": key, "command": command,
+             "steps": int(loaded.state["trainer"]["step"]), "code_version": version, "built": time.strftime("%Y-%m-%d"),
+             "torch": torch.__version__, "parameters": sum(p.numel() for p in loaded.lab.parameters()),
+             "dtype": "float32", **figures}
+    return publish(folder, name, scratch, entry, training_log=training_log)
 
 
 def clip_command(options: ZooConfig) -> list[str]:
@@ -265,8 +275,8 @@ def export_clip(options: ZooConfig, version: str | None = None) -> dict[str, Any
     it, with its figures: what it reads right on the test split (``clip.json``: zero-shot per attribute, retrieval
     recall) and the real test images' CLIP score and R-precision as ``genlab eval`` reads them (``eval_samples``
     images, seed 0: the ceiling every family's figure is read against)."""
-    from lab_utils.commands.evaluation.clip_scorer import (clip_cache_root, clip_scorer_config, load_clip_scorer,
-                                                           train_clip_scorer)
+    from lab_utils.commands.evaluation.clip_scorer import clip_cache_root, clip_scorer_config, train_clip_scorer
+    from labs.clip.score import ClipScorer
     from lab_utils.commands.evaluation.evaluate import real_prompt_match
 
     cfg = clip_scorer_config({"name": options.dataset}, preset=options.preset)
@@ -275,20 +285,15 @@ def export_clip(options: ZooConfig, version: str | None = None) -> dict[str, Any
     if not (source / "clip.json").is_file():
         train_clip_scorer(cfg, source, key)
     info = json.loads((source / "clip.json").read_text())
-    scorer = load_clip_scorer(source)
+    loaded = load_lab(source, ema=True, expect_model="clip")  # once: the scorer and the shipped weights
+    scorer = ClipScorer(loaded.lab, key=key)
     ceiling = real_prompt_match(scorer, compose([f"data={options.dataset}"]).data, options.eval_samples)
-    loaded = load_lab(source, ema=True, expect_model="clip")
     name = "clip"  # named like the families (`pretrained=clip`, `model.text_from=clip`), trained on `dataset`
-    folder = zoo_folder(family_packages(measuring=True)["clip"])
-    scratch = save_pretrained(loaded.lab, OmegaConf.to_container(loaded.cfg, resolve=True), loaded.state["trainer"],
-                              folder / f".{name}.candidate.safetensors")
-    entry = {"family": "clip", "dataset": options.dataset, "key": key, "command": clip_command(options),
-             "steps": int(loaded.state["trainer"]["step"]), "train_seconds": info.get("train_seconds"),
-             "code_version": version, "built": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-             "parameters": sum(p.numel() for p in loaded.lab.parameters()), "dtype": "float32",
-             "figures": info["figures"], "prompt_match_real": ceiling}
-    entry = publish(folder, name, scratch, entry, training_log=source / "metrics.jsonl")
-    log.info("%s: wrote %s (key %s): %s", name, folder / entry["file"], key, info.get("summary"))
+    entry = publish_instrument(loaded, name, options, key, clip_command(options), version,
+                               {"train_seconds": info.get("train_seconds"), "figures": info["figures"],
+                                "prompt_match_real": ceiling}, training_log=source / "metrics.jsonl")
+    log.info("%s: wrote %s (key %s): %s", name, zoo_folder(family_packages(measuring=True)["clip"]) / entry["file"], key,
+             info.get("summary"))
     return entry
 
 
